@@ -1,0 +1,40 @@
+//! The topic-name rule shared by every RPC: 1..=255 ASCII characters of
+//! `[A-Za-z0-9._-]`.
+
+/// The rule, as told to clients when a name breaks it.
+pub const TOPIC_NAME_RULE: &str =
+    "topic names are 1 to 255 characters of [A-Za-z0-9._-]";
+
+/// Checks a topic name; the error text names the rule and the offending name.
+pub fn validate_topic_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = name.chars().take(64).collect();
+        Err(format!("invalid topic name {shown:?}: {TOPIC_NAME_RULE}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_allowed_alphabet() {
+        assert!(validate_topic_name("orders.v1_EU-west").is_ok());
+        assert!(validate_topic_name(&"a".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn rejects_everything_else() {
+        for bad in ["", "a b", "a/b", "é", "a*", &"a".repeat(256)] {
+            let err = validate_topic_name(bad).unwrap_err();
+            assert!(err.contains("[A-Za-z0-9._-]"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Sluice: a durable, gRPC-native message broker.
+//!
+//! Layering (every arrow points down): `server` wires threads together;
+//! `reactor` owns sockets and drives HTTP/2 + gRPC; `grpc` is pure framing and
+//! status handling; `broker` is the sans-IO state machine (topics,
+//! subscriptions, credit, cursors, redelivery); `storage` owns SQLite.
+
+pub mod broker;
+pub mod config;
+pub mod grpc;
+pub mod proto;
+pub mod reactor;
+pub mod server;
+pub mod storage;
