@@ -1,1 +1,237 @@
-//! Placeholder
+//! Command line and environment: `sluice [serve] [FLAGS]`. Every flag has an
+//! environment variable (`--data-dir` ↔ `SLUICE_DATA_DIR`); a flag wins over
+//! its variable, which wins over the default. Bad input is one line naming
+//! the flag (the caller exits 2).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub host: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub log_level: Option<String>,
+    pub max_message_bytes: usize,
+    pub commit_max_messages: usize,
+    pub commit_max_bytes: usize,
+    pub writer_queue: usize,
+    pub heartbeat_interval: Duration,
+    pub max_connections: usize,
+    pub max_concurrent_streams: u32,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            host: "127.0.0.1".into(),
+            port: 50051,
+            data_dir: PathBuf::from("./sluice-data"),
+            log_level: None,
+            max_message_bytes: 4 << 20,
+            commit_max_messages: 10_000,
+            commit_max_bytes: 16 << 20,
+            writer_queue: 4096,
+            heartbeat_interval: Duration::from_secs(5),
+            max_connections: 1024,
+            max_concurrent_streams: 256,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Serve(ServeConfig),
+    Help,
+    Version,
+}
+
+pub const USAGE: &str = "\
+sluice — a durable, gRPC-native message broker
+
+USAGE:
+    sluice [serve] [OPTIONS]
+
+OPTIONS (each also read from the environment variable shown):
+    --host HOST                  address to listen on [SLUICE_HOST] (default 127.0.0.1)
+    --port PORT                  TCP port, 0 picks a free one [SLUICE_PORT] (default 50051)
+    --data-dir DIR               where the database lives [SLUICE_DATA_DIR] (default ./sluice-data)
+    --log-level LEVEL            error|warn|info|debug|trace or an env_logger filter
+                                 [SLUICE_LOG_LEVEL, else RUST_LOG] (default info)
+    --max-message-bytes N        largest gRPC message accepted [SLUICE_MAX_MESSAGE_BYTES] (default 4194304)
+    --commit-max-messages N      most messages in one group commit [SLUICE_COMMIT_MAX_MESSAGES] (default 10000)
+    --commit-max-bytes N         most payload bytes in one group commit [SLUICE_COMMIT_MAX_BYTES] (default 16777216)
+    --writer-queue N             requests queued for the writer before publishers are held back
+                                 [SLUICE_WRITER_QUEUE] (default 4096)
+    --heartbeat-interval DUR     heartbeat on idle Subscribe streams, 0 disables [SLUICE_HEARTBEAT_INTERVAL] (default 5s)
+    --max-connections N          connections served at once [SLUICE_MAX_CONNECTIONS] (default 1024)
+    --max-concurrent-streams N   HTTP/2 streams per connection [SLUICE_MAX_CONCURRENT_STREAMS] (default 256)
+    --shutdown-grace DUR         how long SIGTERM waits for in-flight calls [SLUICE_SHUTDOWN_GRACE] (default 5s)
+    -h, --help                   print this help
+    -V, --version                print the version
+
+DUR is a number with a unit: ms, s, m, h or d (e.g. 500ms, 5s, 7d).
+";
+
+/// Parses a duration such as `500ms`, `5s`, `10m`, `1h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 10m, 1h or 7d"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.saturating_mul(1_000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
+        "" if n == 0 => 0,
+        _ => return Err(format!("{s:?} is not a duration like 500ms, 5s, 10m, 1h or 7d")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
+    v.trim().parse().map_err(|_| format!("invalid value {v:?} for {flag}: expected a non-negative whole number"))
+}
+
+fn positive(flag: &str, v: &str) -> Result<usize, String> {
+    match number::<usize>(flag, v)? {
+        0 => Err(format!("invalid value {v:?} for {flag}: must be at least 1")),
+        n => Ok(n),
+    }
+}
+
+/// Applies one setting given by name (flag without dashes).
+fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
+    let flag = format!("--{name}");
+    match name {
+        "host" => {
+            if v.is_empty() {
+                return Err("invalid value \"\" for --host".into());
+            }
+            cfg.host = v.into()
+        }
+        "port" => cfg.port = number(&flag, v)?,
+        "data-dir" => {
+            if v.is_empty() {
+                return Err("invalid value \"\" for --data-dir".into());
+            }
+            cfg.data_dir = v.into()
+        }
+        "log-level" => cfg.log_level = Some(v.into()),
+        "max-message-bytes" => cfg.max_message_bytes = positive(&flag, v)?,
+        "commit-max-messages" => cfg.commit_max_messages = positive(&flag, v)?,
+        "commit-max-bytes" => cfg.commit_max_bytes = positive(&flag, v)?,
+        "writer-queue" => cfg.writer_queue = positive(&flag, v)?,
+        "heartbeat-interval" => cfg.heartbeat_interval = parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?,
+        "max-connections" => cfg.max_connections = positive(&flag, v)?,
+        "max-concurrent-streams" => {
+            cfg.max_concurrent_streams = u32::try_from(positive(&flag, v)?).map_err(|_| format!("{flag} is too large"))?
+        }
+        "shutdown-grace" => cfg.shutdown_grace = parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?,
+        _ => return Err(format!("unknown option --{name}")),
+    }
+    Ok(())
+}
+
+const SETTINGS: &[&str] = &[
+    "host",
+    "port",
+    "data-dir",
+    "log-level",
+    "max-message-bytes",
+    "commit-max-messages",
+    "commit-max-bytes",
+    "writer-queue",
+    "heartbeat-interval",
+    "max-connections",
+    "max-concurrent-streams",
+    "shutdown-grace",
+];
+
+fn env_name(setting: &str) -> String {
+    format!("SLUICE_{}", setting.replace('-', "_").to_uppercase())
+}
+
+/// Parses the arguments (without the program name) and the environment.
+pub fn parse(args: impl IntoIterator<Item = OsString>, env: impl Fn(&str) -> Option<String>) -> Result<Command, String> {
+    use lexopt::prelude::*;
+    let mut cfg = ServeConfig::default();
+    for name in SETTINGS {
+        if let Some(v) = env(&env_name(name)) {
+            apply(&mut cfg, name, &v).map_err(|e| format!("{e} (from {})", env_name(name)))?;
+        }
+    }
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut seen_command = false;
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long(name) if SETTINGS.contains(&name) => {
+                let name = name.to_string();
+                let v = parser.value().map_err(|e| e.to_string())?;
+                let v = v.into_string().map_err(|_| format!("invalid value for --{name}: not UTF-8"))?;
+                apply(&mut cfg, &name, &v)?;
+            }
+            Value(v) if !seen_command && v == "serve" => seen_command = true,
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    Ok(Command::Serve(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<OsString> {
+        a.iter().map(OsString::from).collect()
+    }
+
+    fn serve(a: &[&str], env: &[(&str, &str)]) -> Result<ServeConfig, String> {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        match parse(args(a), |k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))? {
+            Command::Serve(c) => Ok(c),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = serve(&[], &[]).unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 50051));
+        assert_eq!(c.max_message_bytes, 4 << 20);
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn flags_beat_env_which_beats_defaults() {
+        let c = serve(&["serve", "--port", "7000"], &[("SLUICE_PORT", "6000"), ("SLUICE_DATA_DIR", "/d")]).unwrap();
+        assert_eq!(c.port, 7000);
+        assert_eq!(c.data_dir, PathBuf::from("/d"));
+        let c = serve(&["--heartbeat-interval=250ms"], &[]).unwrap();
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn bad_input_names_the_flag() {
+        assert!(serve(&["--port", "x"], &[]).unwrap_err().contains("--port"));
+        assert!(serve(&["--bogus"], &[]).unwrap_err().contains("bogus"));
+        assert!(serve(&[], &[("SLUICE_PORT", "99999")]).unwrap_err().contains("SLUICE_PORT"));
+        assert!(serve(&["--shutdown-grace", "5 parsecs"], &[]).unwrap_err().contains("--shutdown-grace"));
+        assert!(serve(&["serve", "serve"], &[]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+}

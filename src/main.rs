@@ -1,1 +1,46 @@
-fn main(){}
+//! The `sluice` binary: parses the command line and runs the daemon.
+
+use std::process::ExitCode;
+
+use sluice::config::{self, Command, USAGE};
+
+fn init_logging(level: Option<&str>) {
+    let mut builder = match level {
+        Some(l) => {
+            let mut b = env_logger::Builder::new();
+            b.parse_filters(l);
+            b
+        }
+        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")),
+    };
+    builder.format_timestamp_millis().init();
+}
+
+fn main() -> ExitCode {
+    let parsed = config::parse(std::env::args_os().skip(1), |k| std::env::var(k).ok());
+    match parsed {
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            eprintln!("Try 'sluice --help'.");
+            ExitCode::from(2)
+        }
+        Ok(Command::Help) => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Ok(Command::Version) => {
+            println!("sluice {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Ok(Command::Serve(cfg)) => {
+            init_logging(cfg.log_level.as_deref());
+            match sluice::server::run(&cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,104 @@
-//! server
+//! `serve`: opens storage, loads the broker's state, starts the writer and
+//! reader threads, binds the listener and runs the reactor on this thread
+//! until a shutdown signal; then lets the writer finish and joins it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::net::TcpListener;
+use mio::Poll;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::broker::{Broker, BrokerConfig};
+use crate::config::ServeConfig;
+use crate::reactor::connection::H2Settings;
+use crate::reactor::task::ReadyQueue;
+use crate::reactor::{Reactor, ReactorConfig, StorageLinks, WAKER};
+use crate::storage::{self, reader, schema, writer};
+
+pub fn run(cfg: &ServeConfig) -> Result<(), String> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("cannot create data dir {}: {e}", cfg.data_dir.display()))?;
+    let conn = schema::open_writer(&cfg.data_dir)
+        .map_err(|e| format!("cannot open database in {}: {e}", cfg.data_dir.display()))?;
+    let state = schema::load_state(&conn).map_err(|e| format!("cannot load state: {e}"))?;
+    log::info!(
+        "recovered {} topics, {} consumer groups, last sequence {} from {}",
+        state.topics.len(),
+        state.groups.len(),
+        state.last_seq,
+        cfg.data_dir.display()
+    );
+    let mut broker = Broker::new(BrokerConfig {
+        heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+        ..BrokerConfig::default()
+    });
+    broker.set_last_sequence(state.last_seq);
+    for t in state.topics {
+        broker.load_topic(t, state.last_seq);
+    }
+    for (topic, g) in state.groups {
+        broker.load_group(&topic, g);
+    }
+
+    let poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
+    let waker = mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("cannot create waker: {e}"))?;
+    let queue = ReadyQueue::new(waker);
+    let wake: storage::Wake = {
+        let q = queue.clone();
+        Arc::new(move || q.wake_poll())
+    };
+
+    let (outcome_tx, outcome_rx) = crossbeam_channel::bounded(cfg.writer_queue * 2);
+    let group_commit =
+        writer::GroupCommitConfig { max_messages: cfg.commit_max_messages, max_bytes: cfg.commit_max_bytes };
+    let writer = writer::spawn(conn, group_commit, cfg.writer_queue, outcome_tx, wake.clone())
+        .map_err(|e| format!("cannot start writer: {}", e.message))?;
+    let (page_tx, page_rx) = crossbeam_channel::bounded(1024);
+    let dir = cfg.data_dir.clone();
+    let readers = reader::spawn(1, move || schema::open_reader(&dir), 1024, page_tx, wake)
+        .map_err(|e| format!("cannot start reader: {}", e.message))?;
+
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let sock_addr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+        .map_err(|e| format!("invalid listen address {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("invalid listen address {addr}"))?;
+    let listener = TcpListener::bind(sock_addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot install signal handlers: {e}"))?;
+
+    let reactor = Reactor::new(
+        poll,
+        queue,
+        listener,
+        signals,
+        broker,
+        StorageLinks { writer: writer.requests, outcomes: outcome_rx, reader: readers.requests, pages: page_rx },
+        ReactorConfig {
+            h2: H2Settings {
+                max_concurrent_streams: cfg.max_concurrent_streams,
+                stream_window: 256 * 1024,
+                max_message_bytes: cfg.max_message_bytes,
+            },
+            max_connections: cfg.max_connections,
+            shutdown_grace: cfg.shutdown_grace,
+        },
+    )
+    .map_err(|e| format!("cannot start reactor: {e}"))?;
+    log::info!("sluice {} listening on {local} (started in {:?})", env!("CARGO_PKG_VERSION"), started.elapsed());
+    let result = reactor.run();
+    // The reactor dropped its senders: the writer commits what it has queued
+    // and exits; then the readers.
+    if writer.thread.join().is_err() {
+        return Err("writer thread panicked".into());
+    }
+    for t in readers.threads {
+        let _ = t.join();
+    }
+    result.map_err(|e| format!("reactor failed: {e}"))?;
+    log::info!("shutdown complete");
+    Ok(())
+}

@@ -1,1 +1,427 @@
-//! reactor
+//! The reactor: one mio thread that owns the listener and every connection,
+//! drives HTTP/2 (h2) by polling its futures with our own wakers, applies
+//! storage replies to the broker core, carries out the core's actions, and
+//! keeps the timers (heartbeats, redelivery, shutdown) as its poll timeout.
+//!
+//! It never blocks: a full writer queue parks requests (publishers wait for
+//! their replies, bounded by HTTP/2 stream limits) while every stream's
+//! upstream is still read, so a Subscribe stream's credits and acks always
+//! get through.
+
+pub mod connection;
+pub mod io;
+pub mod rpc;
+pub mod subscribe;
+pub mod task;
+pub mod unary;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::ErrorKind;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use mio::net::TcpListener;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook_mio::v1_0::Signals;
+
+use self::connection::{Call, Connection, H2Settings};
+use self::io::SocketIo;
+use self::task::{ReadyQueue, TaskId};
+use crate::broker::{Action, Broker};
+use crate::grpc::Status;
+use crate::storage::reader::{Page, PageRequest};
+use crate::storage::writer::{WriteOutcome, WriteRequest};
+
+pub const LISTENER: Token = Token(0);
+pub const WAKER: Token = Token(1);
+pub const SIGNALS: Token = Token(2);
+const FIRST_CONN: usize = 3;
+/// Rounds of task polling per loop turn, so IO events are not starved.
+const TASK_ROUNDS: usize = 32;
+
+/// Monotonic and wall time, handed to the broker core.
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    pub fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+    pub fn wall_ms(&self) -> i64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    }
+    fn instant_of(&self, ms: u64) -> Instant {
+        self.start + Duration::from_millis(ms)
+    }
+}
+
+/// State every call handler may touch.
+pub struct Shared {
+    pub broker: Broker,
+    writer: Sender<WriteRequest>,
+    /// Writer requests waiting for room in its queue (at most one per call).
+    parked: VecDeque<WriteRequest>,
+    /// Call uid -> (connection token, slot).
+    pub routes: HashMap<u64, (usize, usize)>,
+    pub max_message_bytes: usize,
+    pub clock: Clock,
+    pub shutting_down: bool,
+    uid: u64,
+    /// Cursor writes coalesced per group until the writer has room.
+    cursors: HashMap<(Arc<str>, Arc<str>), (u64, i64)>,
+}
+
+impl Shared {
+    pub fn next_uid(&mut self) -> u64 {
+        self.uid += 1;
+        self.uid
+    }
+
+    /// Sends a request to the writer, or parks it (in order) if it is full.
+    pub fn submit(&mut self, req: WriteRequest) {
+        if !self.parked.is_empty() {
+            self.parked.push_back(req);
+            return;
+        }
+        match self.writer.try_send(req) {
+            Ok(()) => {}
+            Err(TrySendError::Full(req)) | Err(TrySendError::Disconnected(req)) => self.parked.push_back(req),
+        }
+    }
+
+    fn flush_parked(&mut self) {
+        while let Some(req) = self.parked.pop_front() {
+            if let Err(TrySendError::Full(req) | TrySendError::Disconnected(req)) = self.writer.try_send(req) {
+                self.parked.push_front(req);
+                return;
+            }
+        }
+        if !self.cursors.is_empty() {
+            let cursors: Vec<_> = self.cursors.drain().collect();
+            for ((topic, group), (sequence, acked_at_ms)) in cursors {
+                self.submit(WriteRequest::SetCursor { topic, group, sequence, acked_at_ms });
+            }
+        }
+    }
+
+    pub fn writer_backlog(&self) -> usize {
+        self.writer.len() + self.parked.len()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ReactorConfig {
+    pub h2: H2Settings,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// Channels to and from the storage threads.
+pub struct StorageLinks {
+    pub writer: Sender<WriteRequest>,
+    pub outcomes: Receiver<WriteOutcome>,
+    pub reader: Sender<PageRequest>,
+    pub pages: Receiver<Page>,
+}
+
+pub struct Reactor {
+    poll: Poll,
+    listener: Option<TcpListener>,
+    signals: Signals,
+    conns: HashMap<usize, Connection>,
+    next_token: usize,
+    queue: Arc<ReadyQueue>,
+    shared: Shared,
+    outcomes: Receiver<WriteOutcome>,
+    pages: Receiver<Page>,
+    reader: Sender<PageRequest>,
+    fetches: VecDeque<PageRequest>,
+    config: ReactorConfig,
+    shutdown_deadline: Option<Instant>,
+}
+
+impl Reactor {
+    /// Builds the reactor. Must run on the thread that will call `run`.
+    pub fn new(
+        poll: Poll,
+        queue: Arc<ReadyQueue>,
+        mut listener: TcpListener,
+        mut signals: Signals,
+        broker: Broker,
+        links: StorageLinks,
+        config: ReactorConfig,
+    ) -> std::io::Result<Self> {
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        Ok(Reactor {
+            poll,
+            listener: Some(listener),
+            signals,
+            conns: HashMap::new(),
+            next_token: FIRST_CONN,
+            queue,
+            shared: Shared {
+                broker,
+                writer: links.writer,
+                parked: VecDeque::new(),
+                routes: HashMap::new(),
+                max_message_bytes: config.h2.max_message_bytes,
+                clock: Clock { start: Instant::now() },
+                shutting_down: false,
+                uid: 0,
+                cursors: HashMap::new(),
+            },
+            outcomes: links.outcomes,
+            pages: links.pages,
+            reader: links.reader,
+            fetches: VecDeque::new(),
+            config,
+            shutdown_deadline: None,
+        })
+    }
+
+    /// Runs until a signal asks for shutdown and in-flight work is done.
+    pub fn run(mut self) -> std::io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut ids = Vec::new();
+        loop {
+            let timeout = if self.queue.is_empty() { self.next_timeout() } else { Some(Duration::ZERO) };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    SIGNALS => {
+                        let got: Vec<i32> = self.signals.pending().collect();
+                        if !got.is_empty() {
+                            self.begin_shutdown(&got);
+                        }
+                    }
+                    Token(t) => {
+                        if let Some(c) = self.conns.get(&t) {
+                            c.schedule();
+                        }
+                    }
+                }
+            }
+            self.drain_storage();
+            let now = self.shared.clock.now_ms();
+            self.shared.broker.tick(now);
+            self.apply_actions();
+            self.run_tasks(&mut ids);
+            self.shared.flush_parked();
+            self.flush_fetches();
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.conns.is_empty() && self.shared.parked.is_empty() {
+                    log::info!("shutdown: all connections closed");
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    log::warn!("shutdown: grace period over, closing {} connections", self.conns.len());
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let broker = self.shared.broker.next_deadline().map(|ms| self.shared.clock.instant_of(ms));
+        let at = match (broker, self.shutdown_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        at.map(|at| at.saturating_duration_since(now))
+    }
+
+    fn accept(&mut self) {
+        let Some(listener) = self.listener.as_ref() else { return };
+        loop {
+            match listener.accept() {
+                Ok((mut stream, peer)) => {
+                    if self.conns.len() >= self.config.max_connections {
+                        log::warn!("refusing connection from {peer}: --max-connections ({}) reached", self.config.max_connections);
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let token = self.next_token;
+                    self.next_token += 1;
+                    if let Err(e) =
+                        self.poll.registry().register(&mut stream, Token(token), Interest::READABLE | Interest::WRITABLE)
+                    {
+                        log::warn!("cannot register connection from {peer}: {e}");
+                        continue;
+                    }
+                    log::debug!("conn {token}: accepted from {peer}");
+                    let conn = Connection::new(token, SocketIo { stream }, &self.config.h2, self.queue.clone());
+                    conn.schedule();
+                    self.conns.insert(token, conn);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drain_storage(&mut self) {
+        while let Ok(outcome) = self.outcomes.try_recv() {
+            match outcome {
+                WriteOutcome::Appended { token, result } => {
+                    if let Ok(a) = &result {
+                        self.shared.broker.on_committed(&a.topic, a.created_at_ms, &a.messages);
+                    }
+                    if let Some(&(conn, slot)) = self.shared.routes.get(&token) {
+                        if let Some(c) = self.conns.get_mut(&conn) {
+                            if let Some(Call::Unary(call)) = c.call_mut(slot, token) {
+                                call.complete(rpc::reply_for_append(call.method(), &result));
+                            }
+                            c.schedule_slot(slot);
+                        }
+                    }
+                }
+                WriteOutcome::CursorSaved { topic, group, sequence, ordinal } => {
+                    self.shared.broker.set_cursor_ordinal(&topic, &group, sequence, ordinal);
+                }
+            }
+        }
+        while let Ok(page) = self.pages.try_recv() {
+            self.shared.broker.on_page(page.sub, page.fetch, page.messages, page.end);
+        }
+    }
+
+    /// Carries out what the broker core asked for.
+    fn apply_actions(&mut self) {
+        while let Some(action) = self.shared.broker.pop_action() {
+            match action {
+                Action::Wake(sub) => {
+                    if let Some(&(conn, slot)) = self.shared.routes.get(&sub) {
+                        if let Some(c) = self.conns.get(&conn) {
+                            c.schedule_slot(slot);
+                        }
+                    }
+                }
+                Action::Fetch(f) => self.fetches.push_back(PageRequest {
+                    sub: f.sub,
+                    fetch: f.id,
+                    topic: f.topic,
+                    from: f.from,
+                    limit: f.limit,
+                }),
+                Action::PersistCursor { topic, group, sequence, acked_at_ms } => {
+                    self.shared.cursors.insert((topic, group), (sequence, acked_at_ms));
+                }
+                Action::CreateTopic { topic, created_at_ms } => {
+                    self.shared.submit(WriteRequest::CreateTopic { topic, created_at_ms });
+                }
+                Action::End { sub, reason } => {
+                    self.with_subscription(sub, |call, _| call.ended_by_broker(reason));
+                }
+                Action::Heartbeat { sub, latest_seq } => {
+                    let wall = self.shared.clock.wall_ms();
+                    self.with_subscription(sub, |call, _| call.heartbeat(wall, latest_seq));
+                }
+            }
+        }
+    }
+
+    fn with_subscription(&mut self, sub: u64, f: impl FnOnce(&mut subscribe::SubscribeCall, &mut Shared)) {
+        let Some(&(conn, slot)) = self.shared.routes.get(&sub) else { return };
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if let Some(Call::Subscribe(call)) = c.call_mut(slot, sub) {
+            f(call, &mut self.shared);
+        }
+        c.schedule_slot(slot);
+    }
+
+    fn flush_fetches(&mut self) {
+        while let Some(req) = self.fetches.pop_front() {
+            match self.reader.try_send(req) {
+                Ok(()) => {}
+                Err(TrySendError::Full(req)) | Err(TrySendError::Disconnected(req)) => {
+                    self.fetches.push_front(req);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn run_tasks(&mut self, ids: &mut Vec<TaskId>) {
+        let mut dead = Vec::new();
+        for _ in 0..TASK_ROUNDS {
+            ids.clear();
+            self.queue.take(ids);
+            if ids.is_empty() {
+                break;
+            }
+            for id in ids.iter() {
+                let Some(conn) = self.conns.get_mut(&id.conn) else { continue };
+                let shared = &mut self.shared;
+                let outcome = catch_unwind(AssertUnwindSafe(|| match id.slot {
+                    None => conn.poll(shared),
+                    Some(slot) => conn.poll_slot(slot, shared),
+                }));
+                if outcome.is_err() {
+                    log::error!("conn {}: panic while serving it; dropping the connection", id.conn);
+                    dead.push(id.conn);
+                } else if conn.is_closed() {
+                    dead.push(id.conn);
+                }
+                self.apply_actions();
+            }
+        }
+        for token in dead {
+            self.close(token);
+        }
+    }
+
+    fn close(&mut self, token: usize) {
+        let Some(mut conn) = self.conns.remove(&token) else { return };
+        let _ = self.poll.registry().deregister(&mut SourceFd(&conn.fd()));
+        let shared = &mut self.shared;
+        if catch_unwind(AssertUnwindSafe(|| conn.teardown(shared))).is_err() {
+            log::error!("conn {token}: panic while tearing it down");
+        }
+        log::debug!("conn {token}: closed");
+        self.apply_actions();
+    }
+
+    fn begin_shutdown(&mut self, signals: &[i32]) {
+        if self.shutdown_deadline.is_some() {
+            log::warn!("second shutdown signal: exiting now");
+            self.shutdown_deadline = Some(Instant::now());
+            return;
+        }
+        log::info!("shutdown: signal {signals:?}, draining {} connections", self.conns.len());
+        self.shared.shutting_down = true;
+        self.shutdown_deadline = Some(Instant::now() + self.config.shutdown_grace);
+        if let Some(mut listener) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        for conn in self.conns.values_mut() {
+            conn.start_drain();
+            let mut slots = Vec::new();
+            for (uid, slot, call) in conn.calls_mut() {
+                if let Call::Subscribe(s) = call {
+                    s.forget(uid, &mut self.shared);
+                    s.finish(Status::unavailable("server is shutting down"));
+                    slots.push(slot);
+                }
+            }
+            for slot in slots {
+                conn.schedule_slot(slot);
+            }
+        }
+    }
+}

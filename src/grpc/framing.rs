@@ -1,0 +1,131 @@
+//! Length-prefixed gRPC messages: a 1-byte compressed flag, a 4-byte
+//! big-endian length, then the message. A message may span DATA frames and a
+//! frame may hold several; the length is checked before the body is buffered.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+const PREFIX: usize = 5;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// The declared length exceeds the limit.
+    TooLarge { declared: usize, limit: usize },
+    /// The compressed flag is set (no supported encoding was negotiated).
+    Compressed,
+    /// A flag value other than 0 or 1.
+    BadFlag(u8),
+}
+
+/// Reassembles messages from DATA chunks.
+#[derive(Debug)]
+pub struct MessageDecoder {
+    buf: BytesMut,
+    limit: usize,
+}
+
+impl MessageDecoder {
+    pub fn new(limit: usize) -> Self {
+        MessageDecoder { buf: BytesMut::new(), limit }
+    }
+
+    /// Adds a DATA chunk.
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The next complete message, if one is buffered. Errors as soon as the
+    /// prefix is readable, before the body arrives.
+    pub fn next_message(&mut self) -> Result<Option<Bytes>, FrameError> {
+        if self.buf.len() < PREFIX {
+            return Ok(None);
+        }
+        let flag = self.buf[0];
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        match flag {
+            0 => {}
+            1 => return Err(FrameError::Compressed),
+            other => return Err(FrameError::BadFlag(other)),
+        }
+        if len > self.limit {
+            return Err(FrameError::TooLarge { declared: len, limit: self.limit });
+        }
+        if self.buf.len() < PREFIX + len {
+            self.buf.reserve(PREFIX + len - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(PREFIX);
+        Ok(Some(self.buf.split_to(len).freeze()))
+    }
+
+    /// Bytes of an incomplete message still buffered.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// Frames one protobuf message.
+pub fn encode_message<M: prost::Message>(message: &M) -> Bytes {
+    let len = message.encoded_len();
+    let mut out = BytesMut::with_capacity(PREFIX + len);
+    out.put_u8(0);
+    out.put_u32(len as u32);
+    // Encoding into a buffer reserved for exactly `len` bytes cannot fail.
+    let _ = message.encode(&mut out);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut v = vec![0];
+        v.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn reassembles_across_chunks_and_splits_packed_frames() {
+        let mut d = MessageDecoder::new(100);
+        let mut wire = frame(b"hello");
+        wire.extend(frame(b""));
+        wire.extend(frame(b"world!"));
+        for byte in wire.chunks(3) {
+            d.push(byte);
+        }
+        assert_eq!(d.next_message().unwrap().unwrap(), &b"hello"[..]);
+        assert_eq!(d.next_message().unwrap().unwrap(), &b""[..]);
+        assert_eq!(d.next_message().unwrap().unwrap(), &b"world!"[..]);
+        assert_eq!(d.next_message().unwrap(), None);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn rejects_an_oversized_length_before_the_body() {
+        let mut d = MessageDecoder::new(10);
+        d.push(&[0, 0, 0, 0, 11]);
+        assert_eq!(d.next_message(), Err(FrameError::TooLarge { declared: 11, limit: 10 }));
+    }
+
+    #[test]
+    fn rejects_compressed_and_bad_flags() {
+        let mut d = MessageDecoder::new(10);
+        d.push(&[1, 0, 0, 0, 1, 0]);
+        assert_eq!(d.next_message(), Err(FrameError::Compressed));
+        let mut d = MessageDecoder::new(10);
+        d.push(&[7, 0, 0, 0, 1, 0]);
+        assert_eq!(d.next_message(), Err(FrameError::BadFlag(7)));
+    }
+
+    #[test]
+    fn encodes_with_the_prefix() {
+        let m = crate::proto::CreditGrant { credits: 5 };
+        let bytes = encode_message(&m);
+        assert_eq!(&bytes[..5], &[0, 0, 0, 0, 2]);
+        let mut d = MessageDecoder::new(10);
+        d.push(&bytes);
+        let body = d.next_message().unwrap().unwrap();
+        assert_eq!(<crate::proto::CreditGrant as prost::Message>::decode(body).unwrap(), m);
+    }
+}

@@ -1,0 +1,234 @@
+//! Request-header checks, method routing, and the response HEADERS and
+//! trailers a gRPC server sends (including Trailers-Only error responses).
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+
+use super::status::{percent_encode, Code, Status};
+
+/// The methods of `sluice.v1.Sluice`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Publish,
+    BatchPublish,
+    ListTopics,
+    Subscribe,
+    GetTopicStats,
+    DeleteTopic,
+    DeleteConsumerGroup,
+    ResetCursor,
+}
+
+impl Method {
+    pub fn from_path(path: &str) -> Option<Method> {
+        let method = path.strip_prefix("/sluice.v1.Sluice/")?;
+        Some(match method {
+            "Publish" => Method::Publish,
+            "BatchPublish" => Method::BatchPublish,
+            "ListTopics" => Method::ListTopics,
+            "Subscribe" => Method::Subscribe,
+            "GetTopicStats" => Method::GetTopicStats,
+            "DeleteTopic" => Method::DeleteTopic,
+            "DeleteConsumerGroup" => Method::DeleteConsumerGroup,
+            "ResetCursor" => Method::ResetCursor,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Publish => "Publish",
+            Method::BatchPublish => "BatchPublish",
+            Method::ListTopics => "ListTopics",
+            Method::Subscribe => "Subscribe",
+            Method::GetTopicStats => "GetTopicStats",
+            Method::DeleteTopic => "DeleteTopic",
+            Method::DeleteConsumerGroup => "DeleteConsumerGroup",
+            Method::ResetCursor => "ResetCursor",
+        }
+    }
+}
+
+/// Message encodings this server accepts.
+pub const ACCEPT_ENCODING: &str = "identity";
+
+/// What a well-formed gRPC request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallInfo {
+    pub method: Method,
+    pub timeout: Option<Duration>,
+}
+
+/// Why a request is refused before any message is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a gRPC request at all: a plain HTTP status.
+    Http(StatusCode, &'static str),
+    /// A gRPC request that fails with a status (sent Trailers-Only).
+    Grpc(Status),
+}
+
+/// Checks a request's headers and routes it.
+pub fn check_request<B>(req: &Request<B>) -> Result<CallInfo, Refusal> {
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let is_grpc = content_type == "application/grpc"
+        || content_type.starts_with("application/grpc+proto")
+        || content_type.starts_with("application/grpc;");
+    if !is_grpc {
+        return Err(Refusal::Http(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content-type must be application/grpc"));
+    }
+    if req.method() != http::Method::POST {
+        return Err(Refusal::Http(StatusCode::METHOD_NOT_ALLOWED, "gRPC requests use POST"));
+    }
+    if let Some(enc) = req.headers().get("grpc-encoding") {
+        let enc = enc.to_str().unwrap_or("?");
+        if enc != "identity" {
+            return Err(Refusal::Grpc(Status::unimplemented(format!(
+                "grpc-encoding {enc:?} is not supported; accepted: {ACCEPT_ENCODING}"
+            ))));
+        }
+    }
+    let path = req.uri().path();
+    let Some(method) = Method::from_path(path) else {
+        return Err(Refusal::Grpc(Status::unimplemented(format!("unknown method {path}"))));
+    };
+    let timeout = match req.headers().get("grpc-timeout") {
+        None => None,
+        Some(v) => Some(parse_timeout(v.to_str().unwrap_or("")).ok_or_else(|| {
+            Refusal::Grpc(Status::invalid_argument(format!("malformed grpc-timeout {v:?}")))
+        })?),
+    };
+    Ok(CallInfo { method, timeout })
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).
+pub fn parse_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// HEADERS that open a successful response.
+pub fn response_headers() -> Response<()> {
+    let mut r = Response::new(());
+    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    r.headers_mut().insert("grpc-accept-encoding", HeaderValue::from_static(ACCEPT_ENCODING));
+    r
+}
+
+fn put_status(map: &mut HeaderMap, status: &Status) {
+    map.insert("grpc-status", HeaderValue::from_static(status.code.as_str()));
+    if !status.message.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(&status.message)) {
+            map.insert("grpc-message", v);
+        }
+    }
+}
+
+/// Trailers that end a response.
+pub fn trailers(status: &Status) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    put_status(&mut map, status);
+    map
+}
+
+/// A Trailers-Only response: one HEADERS frame carrying the status.
+pub fn trailers_only(status: &Status) -> Response<()> {
+    let mut r = response_headers();
+    put_status(r.headers_mut(), status);
+    r
+}
+
+/// A plain HTTP error response for requests that are not gRPC.
+pub fn http_refusal(code: StatusCode, why: &str) -> Response<()> {
+    let mut r = Response::new(());
+    *r.status_mut() = code;
+    r.headers_mut().insert("grpc-status", HeaderValue::from_static(Code::Unknown.as_str()));
+    if let Ok(v) = HeaderValue::from_str(why) {
+        r.headers_mut().insert("grpc-message", v);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(path: &str, ct: &str) -> Request<()> {
+        Request::builder().method("POST").uri(path).header("content-type", ct).body(()).unwrap()
+    }
+
+    #[test]
+    fn routes_known_methods() {
+        let info = check_request(&req("/sluice.v1.Sluice/Publish", "application/grpc")).unwrap();
+        assert_eq!(info.method, Method::Publish);
+        let info = check_request(&req("/sluice.v1.Sluice/Subscribe", "application/grpc+proto")).unwrap();
+        assert_eq!(info.method, Method::Subscribe);
+    }
+
+    #[test]
+    fn refuses_unknown_methods_and_non_grpc() {
+        match check_request(&req("/sluice.v1.Sluice/Nope", "application/grpc")) {
+            Err(Refusal::Grpc(s)) => assert_eq!(s.code, Code::Unimplemented),
+            other => panic!("{other:?}"),
+        }
+        match check_request(&req("/sluice.v1.Sluice/Publish", "application/json")) {
+            Err(Refusal::Http(code, _)) => assert_eq!(code, StatusCode::UNSUPPORTED_MEDIA_TYPE),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_unsupported_encodings() {
+        let r = Request::builder()
+            .method("POST")
+            .uri("/sluice.v1.Sluice/Publish")
+            .header("content-type", "application/grpc")
+            .header("grpc-encoding", "snappy")
+            .body(())
+            .unwrap();
+        match check_request(&r) {
+            Err(Refusal::Grpc(s)) => {
+                assert_eq!(s.code, Code::Unimplemented);
+                assert!(s.message.contains("identity"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_timeouts() {
+        assert_eq!(parse_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_timeout("123456789S"), None);
+        assert_eq!(parse_timeout("5x"), None);
+        assert_eq!(parse_timeout("S"), None);
+    }
+
+    #[test]
+    fn trailers_carry_status_and_encoded_message() {
+        let t = trailers(&Status::new(Code::NotFound, "no such topic: ü"));
+        assert_eq!(t["grpc-status"], "5");
+        assert_eq!(t["grpc-message"], "no such topic: %C3%BC");
+    }
+}

@@ -1,0 +1,101 @@
+//! gRPC status codes and the `grpc-message` percent-encoding.
+
+use std::fmt;
+
+/// The canonical gRPC status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Code {
+    Ok = 0,
+    Cancelled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        // Decimal text as it goes in `grpc-status`.
+        const TEXT: [&str; 17] =
+            ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"];
+        TEXT[self as usize]
+    }
+}
+
+/// A status with its human-readable message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Status {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Status { code, message: message.into() }
+    }
+    pub fn ok() -> Self {
+        Status::new(Code::Ok, "")
+    }
+    pub fn invalid_argument(m: impl Into<String>) -> Self {
+        Status::new(Code::InvalidArgument, m)
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Status::new(Code::Internal, m)
+    }
+    pub fn unavailable(m: impl Into<String>) -> Self {
+        Status::new(Code::Unavailable, m)
+    }
+    pub fn unimplemented(m: impl Into<String>) -> Self {
+        Status::new(Code::Unimplemented, m)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+/// Percent-encodes a `grpc-message` value: bytes outside printable ASCII,
+/// and `%` itself, become `%XX` (the gRPC over HTTP/2 spec).
+pub fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for &b in message.as_bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_only_what_the_spec_requires() {
+        assert_eq!(percent_encode("plain text: ok"), "plain text: ok");
+        assert_eq!(percent_encode("100%\n"), "100%25%0A");
+        assert_eq!(percent_encode("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn codes_are_their_numbers() {
+        assert_eq!(Code::ResourceExhausted.as_str(), "8");
+        assert_eq!(Code::Unauthenticated.as_str(), "16");
+    }
+}

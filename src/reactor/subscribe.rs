@@ -1,0 +1,281 @@
+//! `SubscribeCall`: one Subscribe stream. Upstream messages (Init, credit,
+//! acks, nacks) are read and applied to the broker as they arrive — reading
+//! never stops, so credits and acks can't be starved. Downstream, a delivery
+//! is pulled from the broker only while the stream has HTTP/2 send capacity;
+//! at most one encoded message waits for capacity, nothing more.
+
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use prost::Message;
+
+use super::unary::frame_status;
+use super::Shared;
+use crate::broker::{Delivery, EndReason, Start, SubscribeRequest};
+use crate::grpc::headers::trailers;
+use crate::grpc::{encode_message, Code, MessageDecoder, Status};
+use crate::proto::{self, subscribe_downstream, subscribe_upstream};
+
+pub struct SubscribeCall {
+    /// `None` once the client half-closed (it may still receive).
+    recv: Option<RecvStream>,
+    send: SendStream<Bytes>,
+    decoder: MessageDecoder,
+    initialised: bool,
+    /// Bytes of one downstream message not yet handed to h2.
+    pending: Option<Bytes>,
+    /// A heartbeat or stream error, sent before further deliveries.
+    control: Option<Bytes>,
+    /// Once set, the stream ends with this status after `control`.
+    end: Option<Status>,
+}
+
+fn encode_delivery(d: Delivery) -> Bytes {
+    let m = &d.message;
+    encode_message(&proto::SubscribeDownstream {
+        response: Some(subscribe_downstream::Response::Delivery(proto::MessageDelivery {
+            message_id: m.id.to_string(),
+            sequence: m.sequence,
+            payload: m.payload.clone(),
+            attributes: m.attributes.clone(),
+            timestamp: m.timestamp_ms,
+            delivery_count: d.delivery_count,
+        })),
+    })
+}
+
+impl SubscribeCall {
+    pub fn new(recv: RecvStream, send: SendStream<Bytes>, max_message: usize) -> Self {
+        SubscribeCall {
+            recv: Some(recv),
+            send,
+            decoder: MessageDecoder::new(max_message),
+            initialised: false,
+            pending: None,
+            control: None,
+            end: None,
+        }
+    }
+
+    /// Queues a heartbeat unless something is already waiting to go out.
+    pub fn heartbeat(&mut self, wall_ms: i64, latest_seq: u64) {
+        if self.control.is_none() && self.pending.is_none() && self.end.is_none() {
+            self.control = Some(encode_message(&proto::SubscribeDownstream {
+                response: Some(subscribe_downstream::Response::Heartbeat(proto::Heartbeat {
+                    timestamp: wall_ms,
+                    latest_seq,
+                })),
+            }));
+        }
+    }
+
+    /// The broker ended this subscription.
+    pub fn ended_by_broker(&mut self, reason: EndReason) {
+        let (code, message, status) = match reason {
+            EndReason::TakenOver => {
+                (None, "", Status::new(Code::Aborted, "another consumer subscribed with the same topic and group"))
+            }
+            EndReason::TopicDeleted => (Some("TOPIC_DELETED"), "the topic was deleted", Status::ok()),
+            EndReason::GroupDeleted => (Some("GROUP_DELETED"), "the consumer group was deleted", Status::ok()),
+        };
+        self.initialised = false; // the broker already forgot it
+        self.finish(status);
+        if let Some(code) = code {
+            self.control = Some(encode_message(&proto::SubscribeDownstream {
+                response: Some(subscribe_downstream::Response::Error(proto::StreamError {
+                    code: code.into(),
+                    message: message.into(),
+                })),
+            }));
+        }
+    }
+
+    /// Ends the stream with `status` (after whatever is half-sent).
+    pub fn finish(&mut self, status: Status) {
+        if self.end.is_none() {
+            self.end = Some(status);
+        }
+        self.recv = None;
+        self.control = None;
+    }
+
+    /// Drives the stream; true once it is finished and can be dropped.
+    /// `release` is called when the broker must forget the subscription.
+    pub fn poll(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) -> bool {
+        if let Poll::Ready(reason) = self.send.poll_reset(cx) {
+            log::debug!("sub {uid}: stream reset by the client ({reason:?})");
+            self.forget(uid, shared);
+            return true;
+        }
+        self.read(uid, shared, cx);
+        match self.write(uid, shared, cx) {
+            Ok(done) => {
+                if done {
+                    self.forget(uid, shared);
+                }
+                done
+            }
+            Err(()) => {
+                self.forget(uid, shared);
+                true
+            }
+        }
+    }
+
+    /// Tells the broker this stream is gone (idempotent).
+    pub fn forget(&mut self, uid: u64, shared: &mut Shared) {
+        if self.initialised {
+            self.initialised = false;
+            shared.broker.unsubscribe(uid);
+        }
+    }
+
+    fn read(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) {
+        while let Some(recv) = self.recv.as_mut() {
+            match recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let _ = recv.flow_control().release_capacity(chunk.len());
+                    self.decoder.push(&chunk);
+                    loop {
+                        match self.decoder.next_message() {
+                            Ok(Some(body)) => {
+                                if let Err(status) = self.on_message(body, uid, shared) {
+                                    self.forget(uid, shared);
+                                    self.finish(status);
+                                    return;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                self.forget(uid, shared);
+                                self.finish(frame_status(e));
+                                return;
+                            }
+                        }
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    log::debug!("sub {uid}: upstream failed: {e}");
+                    self.forget(uid, shared);
+                    self.finish(Status::new(Code::Cancelled, "stream reset"));
+                    return;
+                }
+                Poll::Ready(None) => {
+                    // Half-closed: no more credit will come, but what was
+                    // granted is still delivered.
+                    self.recv = None;
+                    if !self.initialised && self.end.is_none() {
+                        self.finish(Status::invalid_argument("stream closed before SubscriptionInit"));
+                    }
+                }
+                Poll::Pending => return,
+            }
+        }
+    }
+
+    fn on_message(&mut self, body: Bytes, uid: u64, shared: &mut Shared) -> Result<(), Status> {
+        let up = proto::SubscribeUpstream::decode(body)
+            .map_err(|e| Status::internal(format!("failed to decode SubscribeUpstream: {e}")))?;
+        let Some(request) = up.request else {
+            return if self.initialised {
+                Ok(())
+            } else {
+                Err(Status::invalid_argument("the first message must be SubscriptionInit"))
+            };
+        };
+        if !self.initialised {
+            let subscribe_upstream::Request::Init(init) = request else {
+                return Err(Status::invalid_argument("the first message must be SubscriptionInit"));
+            };
+            let start = match proto::InitialPosition::try_from(init.initial_position) {
+                Ok(proto::InitialPosition::Latest) => Start::Latest,
+                Ok(proto::InitialPosition::Earliest) => Start::Earliest,
+                Ok(proto::InitialPosition::Offset) => Start::Offset(init.offset),
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown initial_position {}",
+                        init.initial_position
+                    )))
+                }
+            };
+            let group = match proto::SubscriptionMode::try_from(init.mode) {
+                Ok(proto::SubscriptionMode::ConsumerGroup) => Some(init.consumer_group),
+                Ok(proto::SubscriptionMode::Browse) => None,
+                Err(_) => return Err(Status::invalid_argument(format!("unknown mode {}", init.mode))),
+            };
+            let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
+            shared
+                .broker
+                .subscribe(uid, SubscribeRequest { topic: init.topic.clone(), group, start }, now, wall)
+                .map_err(Status::invalid_argument)?;
+            self.initialised = true;
+            log::debug!("sub {uid}: subscribed to {} (consumer {:?})", init.topic, init.consumer_id);
+            return Ok(());
+        }
+        let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
+        match request {
+            subscribe_upstream::Request::Init(_) => {
+                return Err(Status::invalid_argument("SubscriptionInit may be sent only once per stream"))
+            }
+            subscribe_upstream::Request::Credit(c) => shared.broker.grant(uid, c.credits),
+            subscribe_upstream::Request::Ack(a) => shared.broker.ack(uid, &a.message_id, wall),
+            subscribe_upstream::Request::Nack(n) => {
+                shared.broker.nack(uid, &n.message_id, n.redelivery_delay_ms, now)
+            }
+            subscribe_upstream::Request::BatchAck(b) => {
+                shared.broker.ack_many(uid, b.message_ids.iter().map(String::as_str), wall)
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what capacity allows. Ok(true) once the stream has ended.
+    fn write(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) -> Result<bool, ()> {
+        loop {
+            if self.pending.is_none() {
+                self.pending = self.control.take();
+            }
+            if self.pending.is_none() && self.end.is_none() && self.initialised {
+                self.pending = shared.broker.next_delivery(uid, shared.clock.now_ms()).map(encode_delivery);
+            }
+            let Some(mut bytes) = self.pending.take() else { break };
+            let room = capacity(&mut self.send, bytes.len(), cx)?;
+            if room == 0 {
+                self.pending = Some(bytes);
+                return Ok(false);
+            }
+            let now = bytes.split_to(room.min(bytes.len()));
+            if !bytes.is_empty() {
+                self.pending = Some(bytes);
+            }
+            self.send.send_data(now, false).map_err(|_| ())?;
+        }
+        if let Some(status) = self.end.take() {
+            let _ = self.send.send_trailers(trailers(&status));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+/// Send capacity available for up to `need` bytes; 0 means wait (the waker
+/// is registered). Err when the stream is gone.
+fn capacity(send: &mut SendStream<Bytes>, need: usize, cx: &mut Context<'_>) -> Result<usize, ()> {
+    loop {
+        let have = send.capacity();
+        if have >= need {
+            return Ok(have);
+        }
+        send.reserve_capacity(need);
+        let have = send.capacity();
+        if have > 0 {
+            return Ok(have);
+        }
+        match send.poll_capacity(cx) {
+            Poll::Ready(Some(Ok(_))) => continue,
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => return Err(()),
+            Poll::Pending => return Ok(0),
+        }
+    }
+}

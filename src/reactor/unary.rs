@@ -1,0 +1,146 @@
+//! `UnaryCall`: one request message in, one response (or a status) out.
+//! Reads the length-prefixed request, hands it to the method's handler, and
+//! sends HEADERS + DATA + trailers once the answer is ready (for Publish:
+//! after the writer's commit returned). Errors before that go Trailers-Only.
+
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+
+use super::rpc::{self, Handled};
+use super::Shared;
+use crate::grpc::headers::{response_headers, trailers, trailers_only, Method};
+use crate::grpc::{FrameError, MessageDecoder, Status};
+
+enum State {
+    Reading,
+    /// Submitted to the writer; `complete` will move it on.
+    Waiting,
+    Reply(Result<Bytes, Status>),
+    Done,
+}
+
+pub struct UnaryCall {
+    method: Method,
+    recv: Option<RecvStream>,
+    respond: SendResponse<Bytes>,
+    decoder: MessageDecoder,
+    state: State,
+}
+
+/// The status for a framing error on a request stream.
+pub fn frame_status(e: FrameError) -> Status {
+    match e {
+        FrameError::TooLarge { declared, limit } => Status::new(
+            crate::grpc::Code::ResourceExhausted,
+            format!("received message larger than max ({declared} vs. {limit})"),
+        ),
+        FrameError::Compressed => {
+            Status::internal("compressed flag set but no grpc-encoding was negotiated for the request")
+        }
+        FrameError::BadFlag(f) => Status::internal(format!("invalid compressed-flag byte {f} in message prefix")),
+    }
+}
+
+impl UnaryCall {
+    pub fn new(method: Method, recv: RecvStream, respond: SendResponse<Bytes>, max_message: usize) -> Self {
+        UnaryCall { method, recv: Some(recv), respond, decoder: MessageDecoder::new(max_message), state: State::Reading }
+    }
+
+    pub fn method(&self) -> Method {
+        self.method
+    }
+
+    /// The writer answered (or failed) this call's submission.
+    pub fn complete(&mut self, reply: Result<Bytes, Status>) {
+        if matches!(self.state, State::Waiting) {
+            self.state = State::Reply(reply);
+        }
+    }
+
+    /// Drives the call; true once it is finished and can be dropped.
+    pub fn poll(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) -> bool {
+        if let State::Reading = self.state {
+            self.read(uid, shared, cx);
+        }
+        if matches!(self.state, State::Waiting) {
+            // A client that gives up does not undo a durable write; only
+            // notice it so the slot is freed once the reply is dropped.
+            if let Poll::Ready(_) = self.respond.poll_reset(cx) {
+                log::debug!("call {uid}: client reset the stream while waiting for the commit");
+            }
+        }
+        if let State::Reply(_) = self.state {
+            if let State::Reply(reply) = std::mem::replace(&mut self.state, State::Done) {
+                self.send(reply);
+            }
+        }
+        matches!(self.state, State::Done)
+    }
+
+    fn read(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) {
+        let Some(recv) = self.recv.as_mut() else { return };
+        loop {
+            match recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let _ = recv.flow_control().release_capacity(chunk.len());
+                    self.decoder.push(&chunk);
+                    match self.decoder.next_message() {
+                        Ok(None) => continue,
+                        Ok(Some(body)) => {
+                            // One message is the whole request: stop reading.
+                            self.recv = None;
+                            self.state = match rpc::handle_unary(self.method, body, uid, shared) {
+                                Handled::Reply(r) => State::Reply(r),
+                                Handled::Submitted => State::Waiting,
+                            };
+                            return;
+                        }
+                        Err(e) => {
+                            self.recv = None;
+                            self.state = State::Reply(Err(frame_status(e)));
+                            return;
+                        }
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    log::debug!("call {uid}: request stream failed: {e}");
+                    self.recv = None;
+                    self.state = State::Done;
+                    return;
+                }
+                Poll::Ready(None) => {
+                    self.recv = None;
+                    let why = if self.decoder.buffered() > 0 {
+                        "request ended inside a message"
+                    } else {
+                        "request ended without a message"
+                    };
+                    self.state = State::Reply(Err(Status::internal(format!("{} {why}", self.method.name()))));
+                    return;
+                }
+                Poll::Pending => return,
+            }
+        }
+    }
+
+    fn send(&mut self, reply: Result<Bytes, Status>) {
+        match reply {
+            Ok(body) => match self.respond.send_response(response_headers(), false) {
+                Ok(mut stream) => {
+                    let _ = stream.send_data(body, false);
+                    let _ = stream.send_trailers(trailers(&Status::ok()));
+                }
+                Err(e) => log::debug!("response not sent: {e}"),
+            },
+            Err(status) => {
+                if status.code != crate::grpc::Code::Ok {
+                    log::debug!("{} failed: {status}", self.method.name());
+                }
+                let _ = self.respond.send_response(trailers_only(&status), true);
+            }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Opening the database: pragmas, versioned migrations (`PRAGMA
+//! user_version`), and loading the state the broker starts from.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use crate::broker::{GroupView, TopicView};
+
+/// Schema migrations, applied in order; `user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: topics, messages (sequence = rowid), cursors.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE TABLE topics (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        last_ordinal INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE TABLE messages (
+        seq INTEGER PRIMARY KEY,
+        topic_id INTEGER NOT NULL,
+        ordinal INTEGER NOT NULL,
+        ts INTEGER NOT NULL,
+        payload BLOB NOT NULL,
+        attributes BLOB
+     );
+     CREATE INDEX messages_by_topic ON messages(topic_id);
+     CREATE TABLE cursors (
+        topic_id INTEGER NOT NULL,
+        grp TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        ordinal INTEGER NOT NULL DEFAULT 0,
+        acked_at INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (topic_id, grp)
+     ) WITHOUT ROWID;
+     INSERT INTO meta (key, value) VALUES ('last_seq', 0);",
+];
+
+pub const DB_FILE: &str = "sluice.db";
+
+fn tune(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "cache_size", -1024)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(())
+}
+
+/// Opens (creating if needed) the write connection and migrates the schema.
+pub fn open_writer(dir: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(dir.join(DB_FILE))?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version == 0 {
+        // Must precede the first table to take effect.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    }
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    tune(&conn)?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        log::info!("storage: applied schema migration {}", i + 1);
+    }
+    Ok(conn)
+}
+
+/// Opens a read-only connection for a reader thread.
+pub fn open_reader(dir: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        dir.join(DB_FILE),
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    tune(&conn)?;
+    Ok(conn)
+}
+
+/// What the broker needs to know at start-up.
+#[derive(Debug, Default)]
+pub struct LoadedState {
+    pub last_seq: u64,
+    pub topics: Vec<TopicView>,
+    pub groups: Vec<(String, GroupView)>,
+}
+
+/// Reads topics, their first/last messages and the group cursors.
+pub fn load_state(conn: &Connection) -> rusqlite::Result<LoadedState> {
+    let last_seq: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'last_seq'", [], |r| r.get(0))?;
+    let mut state = LoadedState { last_seq: last_seq as u64, ..Default::default() };
+    let mut topics = conn.prepare("SELECT id, name, created_at, last_ordinal FROM topics ORDER BY name")?;
+    let mut edge = conn.prepare(
+        "SELECT seq, ordinal, ts FROM messages WHERE seq = (SELECT min(seq) FROM messages WHERE topic_id = ?1)
+         UNION ALL
+         SELECT seq, ordinal, ts FROM messages WHERE seq = (SELECT max(seq) FROM messages WHERE topic_id = ?1)",
+    )?;
+    let rows: Vec<(i64, String, i64, i64)> = topics
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<Result<_, _>>()?;
+    for (id, name, created_at, last_ordinal) in rows {
+        let ends: Vec<(i64, i64, i64)> =
+            edge.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+        let (first, last) = match ends.as_slice() {
+            [f, l] => (*f, *l),
+            _ => ((0, last_ordinal + 1, 0), (0, last_ordinal, 0)),
+        };
+        state.topics.push(TopicView {
+            name: name.as_str().into(),
+            created_at_ms: created_at,
+            first_seq: first.0 as u64,
+            first_ordinal: first.1 as u64,
+            first_ts: first.2,
+            last_seq: last.0 as u64,
+            last_ordinal: last_ordinal as u64,
+            last_ts: last.2,
+        });
+    }
+    let mut cursors = conn.prepare(
+        "SELECT t.name, c.grp, c.seq, c.ordinal, c.acked_at FROM cursors c JOIN topics t ON t.id = c.topic_id",
+    )?;
+    state.groups = cursors
+        .query_map([], |r| {
+            let topic: String = r.get(0)?;
+            let group: String = r.get(1)?;
+            Ok((
+                topic,
+                GroupView {
+                    name: group.as_str().into(),
+                    cursor: r.get::<_, i64>(2)? as u64,
+                    cursor_ordinal: r.get::<_, i64>(3)? as u64,
+                    last_ack_ms: r.get(4)?,
+                },
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(state)
+}
+
+/// The id of a topic, if it exists.
+pub fn topic_id(conn: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
+    conn.query_row("SELECT id FROM topics WHERE name = ?1", [name], |r| r.get(0)).optional()
+}
