@@ -112,7 +112,7 @@ pub fn read_page(conn: &Connection, req: &PageRequest) -> rusqlite::Result<Page>
     drop(rows);
     drop(stmt);
     let end = if !cut && messages.len() < req.limit as usize {
-        let last: i64 = tx.query_row("SELECT value FROM meta WHERE key = 'last_seq'", [], |r| r.get(0))?;
+        let last: i64 = tx.query_row("SELECT coalesce(max(seq), 0) FROM messages", [], |r| r.get(0))?;
         Some(last as u64)
     } else {
         None

@@ -9,7 +9,10 @@ use crate::broker::{GroupView, TopicView};
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[
-    // 1: topics, messages (sequence = rowid), cursors.
+    // 1: topics, messages (sequence = rowid), cursors. A commit writes only the
+    // message rows: the last sequence and each topic's last ordinal are read
+    // back from the messages; `meta.seq_floor` and `topics.last_ordinal` are
+    // raised only when messages are deleted, so nothing is ever reused.
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
      CREATE TABLE topics (
         id INTEGER PRIMARY KEY,
@@ -34,7 +37,7 @@ const MIGRATIONS: &[&str] = &[
         acked_at INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (topic_id, grp)
      ) WITHOUT ROWID;
-     INSERT INTO meta (key, value) VALUES ('last_seq', 0);",
+     INSERT INTO meta (key, value) VALUES ('seq_floor', 0);",
 ];
 
 pub const DB_FILE: &str = "sluice.db";
@@ -77,6 +80,21 @@ pub fn open_reader(dir: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Topic rows with their last ordinal: (id, name, created_at, last_ordinal).
+pub const TOPIC_ROWS: &str = "SELECT t.id, t.name, t.created_at,
+        max(t.last_ordinal, coalesce((SELECT m.ordinal FROM messages m WHERE m.topic_id = t.id ORDER BY m.seq DESC LIMIT 1), 0))
+     FROM topics t ORDER BY t.name";
+
+/// The highest sequence ever assigned (stored, or deleted since).
+pub fn last_sequence(conn: &Connection) -> rusqlite::Result<u64> {
+    let v: i64 = conn.query_row(
+        "SELECT max((SELECT value FROM meta WHERE key = 'seq_floor'), coalesce((SELECT max(seq) FROM messages), 0))",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(v as u64)
+}
+
 /// What the broker needs to know at start-up.
 #[derive(Debug, Default)]
 pub struct LoadedState {
@@ -87,9 +105,8 @@ pub struct LoadedState {
 
 /// Reads topics, their first/last messages and the group cursors.
 pub fn load_state(conn: &Connection) -> rusqlite::Result<LoadedState> {
-    let last_seq: i64 = conn.query_row("SELECT value FROM meta WHERE key = 'last_seq'", [], |r| r.get(0))?;
-    let mut state = LoadedState { last_seq: last_seq as u64, ..Default::default() };
-    let mut topics = conn.prepare("SELECT id, name, created_at, last_ordinal FROM topics ORDER BY name")?;
+    let mut state = LoadedState { last_seq: last_sequence(conn)?, ..Default::default() };
+    let mut topics = conn.prepare(TOPIC_ROWS)?;
     let mut edge = conn.prepare(
         "SELECT seq, ordinal, ts FROM messages WHERE seq = (SELECT min(seq) FROM messages WHERE topic_id = ?1)
          UNION ALL

@@ -147,10 +147,9 @@ pub fn spawn(
 impl GroupCommit {
     /// (Re)reads the sequence counter and topic rows from the database.
     fn reload(&mut self) -> rusqlite::Result<()> {
-        let last: i64 = self.conn.query_row("SELECT value FROM meta WHERE key = 'last_seq'", [], |r| r.get(0))?;
-        self.next_seq = last as u64 + 1;
+        self.next_seq = super::schema::last_sequence(&self.conn)? + 1;
         self.topics.clear();
-        let mut stmt = self.conn.prepare("SELECT id, name, created_at, last_ordinal FROM topics")?;
+        let mut stmt = self.conn.prepare(super::schema::TOPIC_ROWS)?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(1)?,
@@ -228,7 +227,6 @@ impl GroupCommit {
     fn apply(&mut self, batch: &[WriteRequest], ts: i64, out: &mut Vec<WriteOutcome>) -> rusqlite::Result<u64> {
         let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
         let mut appended = 0u64;
-        let mut touched: Vec<Arc<str>> = Vec::new();
         for req in batch {
             match req {
                 WriteRequest::Append { token, topic, messages } => {
@@ -261,9 +259,6 @@ impl GroupCommit {
                         }));
                     }
                     appended += stored.len() as u64;
-                    if !touched.contains(topic) {
-                        touched.push(topic.clone());
-                    }
                     out.push(WriteOutcome::Appended {
                         token: *token,
                         result: Ok(Appended {
@@ -299,16 +294,6 @@ impl GroupCommit {
                     });
                 }
             }
-        }
-        for topic in &touched {
-            if let Some(row) = self.topics.get(topic) {
-                tx.prepare_cached("UPDATE topics SET last_ordinal = ?2 WHERE id = ?1")?
-                    .execute(params![row.id, row.last_ordinal as i64])?;
-            }
-        }
-        if appended > 0 {
-            tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'last_seq'")?
-                .execute([(self.next_seq - 1) as i64])?;
         }
         tx.commit()?;
         Ok(appended)

@@ -1,0 +1,46 @@
+# Sluice — build, run, test, benchmark, package.
+#   make run      build (release) and start the daemon with defaults
+#   make test     format check, clippy (warnings are errors), all tests
+#   make bench    benchmarks; results go to the terminal (record them in bench/RESULTS.md)
+
+CARGO  ?= cargo
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR  = $(DESTDIR)$(PREFIX)/bin
+UNITDIR ?= $(DESTDIR)/etc/systemd/system
+TARGET ?= $(shell rustc -vV | sed -n 's/^host: //p')
+ARGS   ?=
+
+.PHONY: all build run test lint bench release install clean
+
+all: build
+
+build:
+	$(CARGO) build --release --locked
+
+run: build
+	./target/release/sluice serve $(ARGS)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+test: lint
+	$(CARGO) test --locked
+
+bench:
+	$(CARGO) bench --locked
+
+# A stripped, statically linked binary (glibc crt-static) in target/$(TARGET)/release.
+release:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked --target $(TARGET)
+	strip target/$(TARGET)/release/sluice
+	@ls -l target/$(TARGET)/release/sluice
+
+install: build
+	install -D -m 0755 target/release/sluice $(BINDIR)/sluice
+	install -D -m 0644 dist/sluice.service $(UNITDIR)/sluice.service
+	sed -i 's|/usr/local/bin/sluice|$(PREFIX)/bin/sluice|' $(UNITDIR)/sluice.service
+
+clean:
+	$(CARGO) clean

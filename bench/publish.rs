@@ -1,0 +1,136 @@
+//! Publish benchmark (`make bench`): durable unary Publish at several
+//! concurrency levels, an open-loop run at a fixed rate, and BatchPublish.
+//! Reports msgs/s, p50/p99/p999 latency and the daemon's RSS. The load
+//! generator shares the machine with the daemon.
+
+#[path = "harness.rs"]
+mod harness;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use harness::*;
+use sluice::proto;
+
+const RUN: Duration = Duration::from_secs(5);
+
+fn publish_body(size: usize) -> Bytes {
+    frame(&proto::PublishRequest { topic: "bench".into(), payload: vec![b'x'; size].into(), attributes: Default::default() })
+}
+
+/// `conns` connections × `per_conn` calls in flight, for `RUN`.
+async fn closed_loop(port: u16, conns: usize, per_conn: usize, method: &'static str, body: Bytes, msgs_per_call: u64) -> Summary {
+    let start = now();
+    let deadline = start + RUN;
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let conn = connect(port).await;
+        for _ in 0..per_conn {
+            let mut conn = conn.clone();
+            let body = body.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                while now() < deadline {
+                    let t = now();
+                    match conn.unary(method, body.clone()).await {
+                        Ok(_) => lat.push(t.elapsed()),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (lat, errors)
+            }));
+        }
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.expect("task");
+        all.extend(l);
+        errors += e;
+    }
+    let calls = all.len() as u64;
+    summarize(all, calls * msgs_per_call, start.elapsed(), errors)
+}
+
+/// Calls started at a fixed rate regardless of replies (open loop).
+async fn open_loop(port: u16, rate: u64) -> Summary {
+    let conn = connect(port).await;
+    let body = publish_body(256);
+    let interval = Duration::from_nanos(1_000_000_000 / rate);
+    let start = now();
+    let total = rate * RUN.as_secs();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let due = start + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let mut conn = conn.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            // Latency from the scheduled start: generator lag counts against us.
+            let r = conn.unary("Publish", body).await;
+            (r.is_ok(), due.elapsed())
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (ok, d) = t.await.expect("task");
+        if ok {
+            lat.push(d);
+        } else {
+            errors += 1;
+        }
+    }
+    let n = lat.len() as u64;
+    summarize(lat, n, start.elapsed(), errors)
+}
+
+fn report(name: &str, s: &Summary, daemon: &Daemon) {
+    println!(
+        "| {name} | {:.0} | {} | {} | {} | {} | {:.1} |",
+        s.rate(),
+        ms(s.p50),
+        ms(s.p99),
+        ms(s.p999),
+        s.errors,
+        daemon.peak_rss_kb() as f64 / 1024.0
+    );
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let daemon = Daemon::start("publish", &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    println!("machine: {}", machine());
+    println!("idle RSS: {:.1} MiB", daemon.rss_kb() as f64 / 1024.0);
+    println!();
+    println!("| run | msgs/s | p50 ms | p99 ms | p999 ms | errors | peak RSS MiB |");
+    println!("|---|---|---|---|---|---|---|");
+    rt.block_on(async {
+        let port = daemon.port;
+        let s = closed_loop(port, 1, 1, "Publish", publish_body(256), 1).await;
+        report("unary 256 B, 1 in flight", &s, &daemon);
+        let s = closed_loop(port, 1, 16, "Publish", publish_body(256), 1).await;
+        report("unary 256 B, 16 in flight (1 conn)", &s, &daemon);
+        let s = closed_loop(port, 4, 16, "Publish", publish_body(256), 1).await;
+        report("unary 256 B, 64 in flight (4 conns)", &s, &daemon);
+        let s = closed_loop(port, 4, 64, "Publish", publish_body(256), 1).await;
+        report("unary 256 B, 256 in flight (4 conns)", &s, &daemon);
+        let s = open_loop(port, 5_000).await;
+        report("unary 256 B, open loop 5,000/s", &s, &daemon);
+        let batch = frame(&proto::BatchPublishRequest {
+            topic: "bench-batch".into(),
+            messages: (0..100)
+                .map(|_| proto::BatchMessage { payload: vec![b'y'; 256].into(), attributes: Default::default() })
+                .collect(),
+        });
+        let s = closed_loop(port, 1, 1, "BatchPublish", batch.clone(), 100).await;
+        report("BatchPublish 100 × 256 B, 1 in flight", &s, &daemon);
+        let s = closed_loop(port, 2, 4, "BatchPublish", batch, 100).await;
+        report("BatchPublish 100 × 256 B, 8 in flight", &s, &daemon);
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    println!();
+    println!("RSS after runs: {:.1} MiB; data dir {:.1} MiB", daemon.rss_kb() as f64 / 1024.0, daemon.data_bytes() as f64 / 1048576.0);
+}
