@@ -15,7 +15,7 @@ use crate::config::ServeConfig;
 use crate::reactor::connection::H2Settings;
 use crate::reactor::task::ReadyQueue;
 use crate::reactor::{Reactor, ReactorConfig, StorageLinks, WAKER};
-use crate::storage::{self, reader, schema, writer};
+use crate::storage::{self, checkpointer, reader, schema, writer};
 
 pub fn run(cfg: &ServeConfig) -> Result<(), String> {
     let started = Instant::now();
@@ -61,6 +61,11 @@ pub fn run(cfg: &ServeConfig) -> Result<(), String> {
     let readers = reader::spawn(1, move || schema::open_reader(&dir), 1024, page_tx, wake)
         .map_err(|e| format!("cannot start reader: {}", e.message))?;
 
+    let checkpoint_conn =
+        schema::open_checkpointer(&cfg.data_dir).map_err(|e| format!("cannot open checkpoint connection: {e}"))?;
+    let checkpointer = checkpointer::spawn(checkpoint_conn, std::time::Duration::from_millis(200), 16_384)
+        .map_err(|e| format!("cannot start checkpointer: {e}"))?;
+
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let sock_addr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
         .map_err(|e| format!("invalid listen address {addr}: {e}"))?
@@ -98,6 +103,8 @@ pub fn run(cfg: &ServeConfig) -> Result<(), String> {
     for t in readers.threads {
         let _ = t.join();
     }
+    drop(checkpointer.stop);
+    let _ = checkpointer.thread.join();
     result.map_err(|e| format!("reactor failed: {e}"))?;
     log::info!("shutdown complete");
     Ok(())

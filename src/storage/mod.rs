@@ -3,10 +3,12 @@
 //! `schema` opens and migrates the database and loads the broker's start-up
 //! state; `writer` is the one thread that writes (group commit: one
 //! transaction and one fsync per batch); `reader` threads serve backlog pages
-//! on read-only connections. The interface is narrow (append a batch, read a
+//! on read-only connections; `checkpointer` moves WAL checkpoints off the
+//! commit path. The interface is narrow (append a batch, read a
 //! range, set a cursor, delete) and knows nothing of gRPC or sockets: results
 //! go back over channels plus a wake-up callback.
 
+pub mod checkpointer;
 pub mod reader;
 pub mod schema;
 pub mod writer;

@@ -59,6 +59,8 @@ pub fn open_writer(dir: &Path) -> rusqlite::Result<Connection> {
         conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     }
     conn.pragma_update(None, "journal_mode", "WAL")?;
+    // Checkpoints run on the checkpointer's own connection, not in commits.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     tune(&conn)?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
         let tx = conn.unchecked_transaction()?;
@@ -67,6 +69,14 @@ pub fn open_writer(dir: &Path) -> rusqlite::Result<Connection> {
         tx.commit()?;
         log::info!("storage: applied schema migration {}", i + 1);
     }
+    Ok(conn)
+}
+
+/// Opens the checkpointer's connection (the schema must exist).
+pub fn open_checkpointer(dir: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(dir.join(DB_FILE), OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+    tune(&conn)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(conn)
 }
 

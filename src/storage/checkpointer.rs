@@ -1,0 +1,51 @@
+//! `Checkpointer`: copies the WAL back into the database file on its own
+//! thread and connection, so the writer's commits never pay for a
+//! checkpoint (the writer runs with `wal_autocheckpoint=0`). Passive
+//! checkpoints never block the writer; only if the WAL has grown past
+//! `restart_pages` does it ask for a RESTART checkpoint, which makes the next
+//! writer start from the beginning of the file again.
+
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use rusqlite::Connection;
+
+pub struct Checkpointer {
+    /// Dropping this stops the thread (after one last checkpoint).
+    pub stop: Sender<()>,
+    pub thread: JoinHandle<()>,
+}
+
+pub fn spawn(conn: Connection, every: Duration, restart_pages: i64) -> std::io::Result<Checkpointer> {
+    let (stop, rx) = crossbeam_channel::bounded::<()>(1);
+    let thread = std::thread::Builder::new()
+        .name("sluice-checkpoint".into())
+        .spawn(move || run(conn, rx, every, restart_pages))?;
+    Ok(Checkpointer { stop, thread })
+}
+
+fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64, i64)> {
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+}
+
+fn run(conn: Connection, stop: Receiver<()>, every: Duration, restart_pages: i64) {
+    loop {
+        let stopping = match stop.recv_timeout(every) {
+            Err(RecvTimeoutError::Timeout) => false,
+            _ => true,
+        };
+        match checkpoint(&conn, "PASSIVE") {
+            Ok((_, log, _)) if log > restart_pages => {
+                if let Err(e) = checkpoint(&conn, "RESTART") {
+                    log::warn!("checkpoint: restart failed: {e}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!("checkpoint failed: {e}"),
+        }
+        if stopping {
+            return;
+        }
+    }
+}
