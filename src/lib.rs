@@ -8,6 +8,7 @@
 pub mod broker;
 pub mod config;
 pub mod grpc;
+pub mod notify;
 pub mod proto;
 pub mod reactor;
 pub mod server;

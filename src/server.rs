@@ -94,6 +94,7 @@ pub fn run(cfg: &ServeConfig) -> Result<(), String> {
     )
     .map_err(|e| format!("cannot start reactor: {e}"))?;
     log::info!("sluice {} listening on {local} (started in {:?})", env!("CARGO_PKG_VERSION"), started.elapsed());
+    crate::notify::notify(&format!("READY=1\nSTATUS=listening on {local}"));
     let result = reactor.run();
     // The reactor dropped its senders: the writer commits what it has queued
     // and exits; then the readers.

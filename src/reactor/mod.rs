@@ -404,6 +404,7 @@ impl Reactor {
             return;
         }
         log::info!("shutdown: signal {signals:?}, draining {} connections", self.conns.len());
+        crate::notify::notify("STOPPING=1");
         self.shared.shutting_down = true;
         self.shutdown_deadline = Some(Instant::now() + self.config.shutdown_grace);
         if let Some(mut listener) = self.listener.take() {
