@@ -5,8 +5,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/sluice/v1/sluice.proto";
     println!("cargo:rerun-if-changed={proto}");
     let files = protox::compile([proto], ["proto"])?;
-    prost_build::Config::new()
-        .bytes(["."])
-        .compile_fds(files)?;
+    prost_build::Config::new().bytes(["."]).compile_fds(files)?;
     Ok(())
 }

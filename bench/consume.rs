@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use harness::*;
 use prost::Message;
-use sluice::proto::{self, subscribe_downstream::Response as Down, subscribe_upstream::Request as Up};
+use sluice::proto::{
+    self, subscribe_downstream::Response as Down, subscribe_upstream::Request as Up,
+};
 
 const BACKLOG: u64 = 1_000_000;
 
@@ -20,7 +22,12 @@ fn up(r: Up) -> Bytes {
     frame(&proto::SubscribeUpstream { request: Some(r) })
 }
 
-fn init(topic: &str, group: &str, mode: proto::SubscriptionMode, pos: proto::InitialPosition) -> Bytes {
+fn init(
+    topic: &str,
+    group: &str,
+    mode: proto::SubscriptionMode,
+    pos: proto::InitialPosition,
+) -> Bytes {
     up(Up::Init(proto::SubscriptionInit {
         topic: topic.into(),
         consumer_group: group.into(),
@@ -42,11 +49,16 @@ async fn preload(port: u16, topic: &str, count: u64, size: usize) -> Duration {
             let batch = frame(&proto::BatchPublishRequest {
                 topic,
                 messages: (0..1000)
-                    .map(|_| proto::BatchMessage { payload: vec![b'z'; size].into(), attributes: Default::default() })
+                    .map(|_| proto::BatchMessage {
+                        payload: vec![b'z'; size].into(),
+                        attributes: Default::default(),
+                    })
                     .collect(),
             });
             for _ in 0..per_task / 1000 {
-                conn.unary("BatchPublish", batch.clone()).await.expect("preload");
+                conn.unary("BatchPublish", batch.clone())
+                    .await
+                    .expect("preload");
             }
         }));
     }
@@ -61,7 +73,11 @@ async fn preload(port: u16, topic: &str, count: u64, size: usize) -> Duration {
 async fn drain(port: u16, topic: &str, group: &str, count: u64, window: u32, ack: bool) -> f64 {
     let mut conn = connect(port).await;
     let (mut tx, mut rx) = conn.stream("Subscribe").await;
-    let mode = if ack { proto::SubscriptionMode::ConsumerGroup } else { proto::SubscriptionMode::Browse };
+    let mode = if ack {
+        proto::SubscriptionMode::ConsumerGroup
+    } else {
+        proto::SubscriptionMode::Browse
+    };
     let mut first = BytesMut::new();
     first.extend_from_slice(&init(topic, group, mode, proto::InitialPosition::Earliest));
     first.extend_from_slice(&up(Up::Credit(proto::CreditGrant { credits: window })));
@@ -81,12 +97,16 @@ async fn drain(port: u16, topic: &str, group: &str, count: u64, window: u32, ack
                 got += 1;
                 since_grant += 1;
                 if ack {
-                    out.extend_from_slice(&up(Up::Ack(proto::Ack { message_id: d.message_id })));
+                    out.extend_from_slice(&up(Up::Ack(proto::Ack {
+                        message_id: d.message_id,
+                    })));
                 }
             }
         }
         if since_grant >= window / 2 {
-            out.extend_from_slice(&up(Up::Credit(proto::CreditGrant { credits: since_grant })));
+            out.extend_from_slice(&up(Up::Credit(proto::CreditGrant {
+                credits: since_grant,
+            })));
             since_grant = 0;
         }
         if !out.is_empty() {
@@ -103,7 +123,12 @@ async fn latency(port: u16, rate: u64, secs: u64) -> Summary {
     let mut sconn = connect(port).await;
     let (mut tx, mut rx) = sconn.stream("Subscribe").await;
     let mut first = BytesMut::new();
-    first.extend_from_slice(&init("lat", "lat", proto::SubscriptionMode::ConsumerGroup, proto::InitialPosition::Latest));
+    first.extend_from_slice(&init(
+        "lat",
+        "lat",
+        proto::SubscriptionMode::ConsumerGroup,
+        proto::InitialPosition::Latest,
+    ));
     first.extend_from_slice(&up(Up::Credit(proto::CreditGrant { credits: 1_000_000 })));
     tx.send_data(first.freeze(), false).expect("init");
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -112,12 +137,16 @@ async fn latency(port: u16, rate: u64, secs: u64) -> Summary {
         let mut frames = Frames::new();
         let mut lat = Vec::with_capacity(total as usize);
         while (lat.len() as u64) < total {
-            let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(5), rx.data()).await else { break };
+            let Ok(Some(Ok(chunk))) = tokio::time::timeout(Duration::from_secs(5), rx.data()).await
+            else {
+                break;
+            };
             let _ = rx.flow_control().release_capacity(chunk.len());
             frames.push(&chunk);
             while let Some(m) = frames.next() {
-                if let Ok(proto::SubscribeDownstream { response: Some(Down::Delivery(d)) }) =
-                    proto::SubscribeDownstream::decode(m)
+                if let Ok(proto::SubscribeDownstream {
+                    response: Some(Down::Delivery(d)),
+                }) = proto::SubscribeDownstream::decode(m)
                 {
                     let sent = u64::from_le_bytes(d.payload[..8].try_into().expect("stamp"));
                     lat.push(base.elapsed().saturating_sub(Duration::from_nanos(sent)));
@@ -138,7 +167,11 @@ async fn latency(port: u16, rate: u64, secs: u64) -> Summary {
         let mut c = pconn.clone();
         let mut payload = (base.elapsed().as_nanos() as u64).to_le_bytes().to_vec();
         payload.resize(256, b'l');
-        let body = frame(&proto::PublishRequest { topic: "lat".into(), payload: payload.into(), attributes: Default::default() });
+        let body = frame(&proto::PublishRequest {
+            topic: "lat".into(),
+            payload: payload.into(),
+            attributes: Default::default(),
+        });
         tokio::spawn(async move {
             let _ = c.unary("Publish", body).await;
         });
@@ -152,7 +185,11 @@ async fn latency(port: u16, rate: u64, secs: u64) -> Summary {
 async fn produce(port: u16, topic: &str, secs: u64) -> f64 {
     let conn = connect(port).await;
     let deadline = now() + Duration::from_secs(secs);
-    let body = frame(&proto::PublishRequest { topic: topic.into(), payload: vec![b'p'; 256].into(), attributes: Default::default() });
+    let body = frame(&proto::PublishRequest {
+        topic: topic.into(),
+        payload: vec![b'p'; 256].into(),
+        attributes: Default::default(),
+    });
     let mut tasks = Vec::new();
     for _ in 0..16 {
         let mut c = conn.clone();
@@ -175,7 +212,10 @@ async fn produce(port: u16, topic: &str, secs: u64) -> f64 {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     println!("machine: {}", machine());
     rt.block_on(async {
         let d = Daemon::start("consume", &[]);

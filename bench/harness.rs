@@ -26,7 +26,14 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("bench data dir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["serve", "--port", "0", "--log-level", "warn,sluice::server=info", "--data-dir"])
+            .args([
+                "serve",
+                "--port",
+                "0",
+                "--log-level",
+                "warn,sluice::server=info",
+                "--data-dir",
+            ])
             .arg(&dir)
             .args(extra)
             .stdin(Stdio::null())
@@ -41,7 +48,11 @@ impl Daemon {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(i) = line.find("listening on ") {
                     if let Some(tx) = tx.take() {
-                        let addr = line[i + 13..].split_whitespace().next().unwrap_or("").to_string();
+                        let addr = line[i + 13..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or("")
+                            .to_string();
                         let _ = tx.send(addr);
                     }
                 } else if !line.contains(" INFO ") {
@@ -49,8 +60,14 @@ impl Daemon {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(20)).expect("sluice started");
-        let port = addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("sluice started");
+        let port = addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
         Daemon { child, port, dir }
     }
 
@@ -81,7 +98,11 @@ impl Daemon {
 
     pub fn data_bytes(&self) -> u64 {
         std::fs::read_dir(&self.dir)
-            .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum())
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
             .unwrap_or(0)
     }
 }
@@ -102,7 +123,9 @@ pub struct Conn {
 }
 
 pub async fn connect(port: u16) -> Conn {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
     tcp.set_nodelay(true).expect("nodelay");
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(4 << 20)
@@ -113,7 +136,10 @@ pub async fn connect(port: u16) -> Conn {
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    Conn { send, authority: format!("127.0.0.1:{port}") }
+    Conn {
+        send,
+        authority: format!("127.0.0.1:{port}"),
+    }
 }
 
 pub fn frame<M: prost::Message>(m: &M) -> Bytes {
@@ -126,17 +152,22 @@ pub fn frame<M: prost::Message>(m: &M) -> Bytes {
 
 impl Conn {
     fn request(&self, method: &str) -> Request<()> {
-        Request::post(format!("http://{}/sluice.v1.Sluice/{method}", self.authority))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .expect("request")
+        Request::post(format!(
+            "http://{}/sluice.v1.Sluice/{method}",
+            self.authority
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request")
     }
 
     /// One unary call with an already framed body; returns the response body.
     pub async fn unary(&mut self, method: &str, framed: Bytes) -> Result<Bytes, String> {
         let mut send = self.send.clone().ready().await.map_err(|e| e.to_string())?;
-        let (resp, mut stream) = send.send_request(self.request(method), false).map_err(|e| e.to_string())?;
+        let (resp, mut stream) = send
+            .send_request(self.request(method), false)
+            .map_err(|e| e.to_string())?;
         stream.send_data(framed, true).map_err(|e| e.to_string())?;
         let resp = resp.await.map_err(|e| e.to_string())?;
         if let Some(s) = resp.headers().get("grpc-status") {
@@ -149,7 +180,11 @@ impl Conn {
             let _ = body.flow_control().release_capacity(chunk.len());
             data.extend_from_slice(&chunk);
         }
-        let trailers = body.trailers().await.map_err(|e| e.to_string())?.unwrap_or_default();
+        let trailers = body
+            .trailers()
+            .await
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
         match trailers.get("grpc-status").and_then(|v| v.to_str().ok()) {
             Some("0") => {}
             other => return Err(format!("grpc-status {other:?}")),
@@ -164,7 +199,9 @@ impl Conn {
     /// Opens a bidirectional stream; returns its halves.
     pub async fn stream(&mut self, method: &str) -> (h2::SendStream<Bytes>, h2::RecvStream) {
         let mut send = self.send.clone().ready().await.expect("ready");
-        let (resp, stream) = send.send_request(self.request(method), false).expect("send_request");
+        let (resp, stream) = send
+            .send_request(self.request(method), false)
+            .expect("send_request");
         let resp = resp.await.expect("response");
         (stream, resp.into_body())
     }
@@ -177,7 +214,9 @@ pub struct Frames {
 
 impl Frames {
     pub fn new() -> Self {
-        Frames { buf: BytesMut::new() }
+        Frames {
+            buf: BytesMut::new(),
+        }
     }
     pub fn push(&mut self, chunk: &[u8]) {
         self.buf.extend_from_slice(chunk);
@@ -207,8 +246,19 @@ pub struct Summary {
 
 pub fn summarize(mut lat: Vec<Duration>, messages: u64, elapsed: Duration, errors: u64) -> Summary {
     lat.sort_unstable();
-    let q = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or_default();
-    Summary { count: messages, elapsed, p50: q(0.50), p99: q(0.99), p999: q(0.999), errors }
+    let q = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Summary {
+        count: messages,
+        elapsed,
+        p50: q(0.50),
+        p99: q(0.99),
+        p999: q(0.999),
+        errors,
+    }
 }
 
 impl Summary {
@@ -234,6 +284,8 @@ pub fn machine() -> String {
         .and_then(|l| l.split(':').nth(1))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     format!("{cores} cores, {cpu}")
 }

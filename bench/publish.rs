@@ -15,11 +15,22 @@ use sluice::proto;
 const RUN: Duration = Duration::from_secs(5);
 
 fn publish_body(size: usize) -> Bytes {
-    frame(&proto::PublishRequest { topic: "bench".into(), payload: vec![b'x'; size].into(), attributes: Default::default() })
+    frame(&proto::PublishRequest {
+        topic: "bench".into(),
+        payload: vec![b'x'; size].into(),
+        attributes: Default::default(),
+    })
 }
 
 /// `conns` connections × `per_conn` calls in flight, for `RUN`.
-async fn closed_loop(port: u16, conns: usize, per_conn: usize, method: &'static str, body: Bytes, msgs_per_call: u64) -> Summary {
+async fn closed_loop(
+    port: u16,
+    conns: usize,
+    per_conn: usize,
+    method: &'static str,
+    body: Bytes,
+    msgs_per_call: u64,
+) -> Summary {
     let start = now();
     let deadline = start + RUN;
     let mut tasks = Vec::new();
@@ -99,7 +110,10 @@ fn report(name: &str, s: &Summary, daemon: &Daemon) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let daemon = Daemon::start("publish", &[]);
     std::thread::sleep(Duration::from_millis(500));
     println!("machine: {}", machine());
@@ -122,7 +136,10 @@ fn main() {
         let batch = frame(&proto::BatchPublishRequest {
             topic: "bench-batch".into(),
             messages: (0..100)
-                .map(|_| proto::BatchMessage { payload: vec![b'y'; 256].into(), attributes: Default::default() })
+                .map(|_| proto::BatchMessage {
+                    payload: vec![b'y'; 256].into(),
+                    attributes: Default::default(),
+                })
                 .collect(),
         });
         let s = closed_loop(port, 1, 1, "BatchPublish", batch.clone(), 100).await;
@@ -132,5 +149,9 @@ fn main() {
     });
     std::thread::sleep(Duration::from_millis(300));
     println!();
-    println!("RSS after runs: {:.1} MiB; data dir {:.1} MiB", daemon.rss_kb() as f64 / 1024.0, daemon.data_bytes() as f64 / 1048576.0);
+    println!(
+        "RSS after runs: {:.1} MiB; data dir {:.1} MiB",
+        daemon.rss_kb() as f64 / 1024.0,
+        daemon.data_bytes() as f64 / 1048576.0
+    );
 }

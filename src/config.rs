@@ -21,6 +21,9 @@ pub struct ServeConfig {
     pub max_connections: usize,
     pub max_concurrent_streams: u32,
     pub shutdown_grace: Duration,
+    pub retention_max_age: Option<Duration>,
+    pub retention_max_messages: Option<u64>,
+    pub retention_max_bytes: Option<u64>,
 }
 
 impl Default for ServeConfig {
@@ -38,6 +41,9 @@ impl Default for ServeConfig {
             max_connections: 1024,
             max_concurrent_streams: 256,
             shutdown_grace: Duration::from_secs(5),
+            retention_max_age: None,
+            retention_max_messages: None,
+            retention_max_bytes: None,
         }
     }
 }
@@ -70,18 +76,45 @@ OPTIONS (each also read from the environment variable shown):
     --max-connections N          connections served at once [SLUICE_MAX_CONNECTIONS] (default 1024)
     --max-concurrent-streams N   HTTP/2 streams per connection [SLUICE_MAX_CONCURRENT_STREAMS] (default 256)
     --shutdown-grace DUR         how long SIGTERM waits for in-flight calls [SLUICE_SHUTDOWN_GRACE] (default 5s)
+    --retention-max-age DUR      delete messages older than this, per topic [SLUICE_RETENTION_MAX_AGE] (default off)
+    --retention-max-messages N   keep at most N messages per topic [SLUICE_RETENTION_MAX_MESSAGES] (default off)
+    --retention-max-bytes SIZE   keep at most SIZE payload bytes per topic, e.g. 512MiB
+                                 [SLUICE_RETENTION_MAX_BYTES] (default off)
     -h, --help                   print this help
     -V, --version                print the version
 
 DUR is a number with a unit: ms, s, m, h or d (e.g. 500ms, 5s, 7d).
 ";
 
+/// Parses a size such as `1048576`, `64KiB`, `512MiB`, `2GiB` (also K, M, G, KB, MB, GB as
+/// binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 1048576, 64KiB or 2GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("{s:?} is not a size like 1048576, 64KiB or 2GiB")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 /// Parses a duration such as `500ms`, `5s`, `10m`, `1h`, `7d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 10m, 1h or 7d"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 10m, 1h or 7d"))?;
     let ms = match unit {
         "ms" => n,
         "s" => n.saturating_mul(1_000),
@@ -89,18 +122,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n.saturating_mul(3_600_000),
         "d" => n.saturating_mul(86_400_000),
         "" if n == 0 => 0,
-        _ => return Err(format!("{s:?} is not a duration like 500ms, 5s, 10m, 1h or 7d")),
+        _ => {
+            return Err(format!(
+                "{s:?} is not a duration like 500ms, 5s, 10m, 1h or 7d"
+            ))
+        }
     };
     Ok(Duration::from_millis(ms))
 }
 
 fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
-    v.trim().parse().map_err(|_| format!("invalid value {v:?} for {flag}: expected a non-negative whole number"))
+    v.trim().parse().map_err(|_| {
+        format!("invalid value {v:?} for {flag}: expected a non-negative whole number")
+    })
 }
 
 fn positive(flag: &str, v: &str) -> Result<usize, String> {
     match number::<usize>(flag, v)? {
-        0 => Err(format!("invalid value {v:?} for {flag}: must be at least 1")),
+        0 => Err(format!(
+            "invalid value {v:?} for {flag}: must be at least 1"
+        )),
         n => Ok(n),
     }
 }
@@ -127,12 +168,35 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
         "commit-max-messages" => cfg.commit_max_messages = positive(&flag, v)?,
         "commit-max-bytes" => cfg.commit_max_bytes = positive(&flag, v)?,
         "writer-queue" => cfg.writer_queue = positive(&flag, v)?,
-        "heartbeat-interval" => cfg.heartbeat_interval = parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?,
+        "heartbeat-interval" => {
+            cfg.heartbeat_interval =
+                parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?
+        }
         "max-connections" => cfg.max_connections = positive(&flag, v)?,
         "max-concurrent-streams" => {
-            cfg.max_concurrent_streams = u32::try_from(positive(&flag, v)?).map_err(|_| format!("{flag} is too large"))?
+            cfg.max_concurrent_streams =
+                u32::try_from(positive(&flag, v)?).map_err(|_| format!("{flag} is too large"))?
         }
-        "shutdown-grace" => cfg.shutdown_grace = parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?,
+        "shutdown-grace" => {
+            cfg.shutdown_grace =
+                parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?
+        }
+        "retention-max-age" => {
+            let d = parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
+            cfg.retention_max_age = (!d.is_zero()).then_some(d);
+        }
+        "retention-max-messages" => {
+            cfg.retention_max_messages = Some(positive(&flag, v)? as u64);
+        }
+        "retention-max-bytes" => {
+            let n = parse_size(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
+            if n == 0 {
+                return Err(format!(
+                    "invalid value {v:?} for {flag}: must be at least 1"
+                ));
+            }
+            cfg.retention_max_bytes = Some(n);
+        }
         _ => return Err(format!("unknown option --{name}")),
     }
     Ok(())
@@ -151,6 +215,9 @@ const SETTINGS: &[&str] = &[
     "max-connections",
     "max-concurrent-streams",
     "shutdown-grace",
+    "retention-max-age",
+    "retention-max-messages",
+    "retention-max-bytes",
 ];
 
 fn env_name(setting: &str) -> String {
@@ -158,7 +225,10 @@ fn env_name(setting: &str) -> String {
 }
 
 /// Parses the arguments (without the program name) and the environment.
-pub fn parse(args: impl IntoIterator<Item = OsString>, env: impl Fn(&str) -> Option<String>) -> Result<Command, String> {
+pub fn parse(
+    args: impl IntoIterator<Item = OsString>,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Command, String> {
     use lexopt::prelude::*;
     let mut cfg = ServeConfig::default();
     for name in SETTINGS {
@@ -175,7 +245,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>, env: impl Fn(&str) -> Opt
             Long(name) if SETTINGS.contains(&name) => {
                 let name = name.to_string();
                 let v = parser.value().map_err(|e| e.to_string())?;
-                let v = v.into_string().map_err(|_| format!("invalid value for --{name}: not UTF-8"))?;
+                let v = v
+                    .into_string()
+                    .map_err(|_| format!("invalid value for --{name}: not UTF-8"))?;
                 apply(&mut cfg, &name, &v)?;
             }
             Value(v) if !seen_command && v == "serve" => seen_command = true,
@@ -194,8 +266,13 @@ mod tests {
     }
 
     fn serve(a: &[&str], env: &[(&str, &str)]) -> Result<ServeConfig, String> {
-        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        match parse(args(a), |k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))? {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        match parse(args(a), |k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })? {
             Command::Serve(c) => Ok(c),
             other => Err(format!("{other:?}")),
         }
@@ -211,7 +288,11 @@ mod tests {
 
     #[test]
     fn flags_beat_env_which_beats_defaults() {
-        let c = serve(&["serve", "--port", "7000"], &[("SLUICE_PORT", "6000"), ("SLUICE_DATA_DIR", "/d")]).unwrap();
+        let c = serve(
+            &["serve", "--port", "7000"],
+            &[("SLUICE_PORT", "6000"), ("SLUICE_DATA_DIR", "/d")],
+        )
+        .unwrap();
         assert_eq!(c.port, 7000);
         assert_eq!(c.data_dir, PathBuf::from("/d"));
         let c = serve(&["--heartbeat-interval=250ms"], &[]).unwrap();
@@ -222,14 +303,45 @@ mod tests {
     fn bad_input_names_the_flag() {
         assert!(serve(&["--port", "x"], &[]).unwrap_err().contains("--port"));
         assert!(serve(&["--bogus"], &[]).unwrap_err().contains("bogus"));
-        assert!(serve(&[], &[("SLUICE_PORT", "99999")]).unwrap_err().contains("SLUICE_PORT"));
-        assert!(serve(&["--shutdown-grace", "5 parsecs"], &[]).unwrap_err().contains("--shutdown-grace"));
+        assert!(serve(&[], &[("SLUICE_PORT", "99999")])
+            .unwrap_err()
+            .contains("SLUICE_PORT"));
+        assert!(serve(&["--shutdown-grace", "5 parsecs"], &[])
+            .unwrap_err()
+            .contains("--shutdown-grace"));
         assert!(serve(&["serve", "serve"], &[]).is_err());
     }
 
     #[test]
+    fn retention_is_off_by_default_and_parses() {
+        let c = serve(&[], &[]).unwrap();
+        assert_eq!(
+            (
+                c.retention_max_age,
+                c.retention_max_messages,
+                c.retention_max_bytes
+            ),
+            (None, None, None)
+        );
+        let c = serve(
+            &["--retention-max-age", "7d", "--retention-max-bytes", "2GiB"],
+            &[("SLUICE_RETENTION_MAX_MESSAGES", "1000")],
+        )
+        .unwrap();
+        assert_eq!(c.retention_max_age, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(c.retention_max_bytes, Some(2 << 30));
+        assert_eq!(c.retention_max_messages, Some(1000));
+        assert!(serve(&["--retention-max-bytes", "lots"], &[])
+            .unwrap_err()
+            .contains("--retention-max-bytes"));
+    }
+
+    #[test]
     fn durations() {
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("s").is_err());

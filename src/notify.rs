@@ -5,7 +5,9 @@ use std::os::unix::net::UnixDatagram;
 
 /// Sends `state` (e.g. `"READY=1"`) to systemd; errors are logged, not fatal.
 pub fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let result = (|| -> std::io::Result<()> {
         let sock = UnixDatagram::unbound()?;
         let bytes = path.as_encoded_bytes();

@@ -44,7 +44,8 @@ pub fn run(cfg: &ServeConfig) -> Result<(), String> {
     }
 
     let poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
-    let waker = mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("cannot create waker: {e}"))?;
+    let waker =
+        mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("cannot create waker: {e}"))?;
     let queue = ReadyQueue::new(waker);
     let wake: storage::Wake = {
         let q = queue.clone();
@@ -52,28 +53,47 @@ pub fn run(cfg: &ServeConfig) -> Result<(), String> {
     };
 
     let (outcome_tx, outcome_rx) = crossbeam_channel::bounded(cfg.writer_queue * 2);
-    let group_commit =
-        writer::GroupCommitConfig { max_messages: cfg.commit_max_messages, max_bytes: cfg.commit_max_bytes };
-    let writer = writer::spawn(conn, group_commit, cfg.writer_queue, outcome_tx, wake.clone())
-        .map_err(|e| format!("cannot start writer: {}", e.message))?;
+    let group_commit = writer::GroupCommitConfig {
+        max_messages: cfg.commit_max_messages,
+        max_bytes: cfg.commit_max_bytes,
+        retention: storage::retention::RetentionPolicy {
+            max_age: cfg.retention_max_age,
+            max_messages: cfg.retention_max_messages,
+            max_bytes: cfg.retention_max_bytes,
+        },
+    };
+    let writer = writer::spawn(
+        conn,
+        group_commit,
+        cfg.writer_queue,
+        outcome_tx,
+        wake.clone(),
+    )
+    .map_err(|e| format!("cannot start writer: {}", e.message))?;
     let (page_tx, page_rx) = crossbeam_channel::bounded(1024);
     let dir = cfg.data_dir.clone();
     let readers = reader::spawn(1, move || schema::open_reader(&dir), 1024, page_tx, wake)
         .map_err(|e| format!("cannot start reader: {}", e.message))?;
 
-    let checkpoint_conn =
-        schema::open_checkpointer(&cfg.data_dir).map_err(|e| format!("cannot open checkpoint connection: {e}"))?;
-    let checkpointer = checkpointer::spawn(checkpoint_conn, std::time::Duration::from_millis(200), 16_384)
-        .map_err(|e| format!("cannot start checkpointer: {e}"))?;
+    let checkpoint_conn = schema::open_checkpointer(&cfg.data_dir)
+        .map_err(|e| format!("cannot open checkpoint connection: {e}"))?;
+    let checkpointer = checkpointer::spawn(
+        checkpoint_conn,
+        std::time::Duration::from_millis(200),
+        16_384,
+    )
+    .map_err(|e| format!("cannot start checkpointer: {e}"))?;
 
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let sock_addr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
         .map_err(|e| format!("invalid listen address {addr}: {e}"))?
         .next()
         .ok_or_else(|| format!("invalid listen address {addr}"))?;
-    let listener = TcpListener::bind(sock_addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let listener =
+        TcpListener::bind(sock_addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let signals = Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let signals = Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
     let reactor = Reactor::new(
         poll,
@@ -81,7 +101,12 @@ pub fn run(cfg: &ServeConfig) -> Result<(), String> {
         listener,
         signals,
         broker,
-        StorageLinks { writer: writer.requests, outcomes: outcome_rx, reader: readers.requests, pages: page_rx },
+        StorageLinks {
+            writer: writer.requests,
+            outcomes: outcome_rx,
+            reader: readers.requests,
+            pages: page_rx,
+        },
         ReactorConfig {
             h2: H2Settings {
                 max_concurrent_streams: cfg.max_concurrent_streams,
@@ -93,7 +118,11 @@ pub fn run(cfg: &ServeConfig) -> Result<(), String> {
         },
     )
     .map_err(|e| format!("cannot start reactor: {e}"))?;
-    log::info!("sluice {} listening on {local} (started in {:?})", env!("CARGO_PKG_VERSION"), started.elapsed());
+    log::info!(
+        "sluice {} listening on {local} (started in {:?})",
+        env!("CARGO_PKG_VERSION"),
+        started.elapsed()
+    );
     crate::notify::notify(&format!("READY=1\nSTATUS=listening on {local}"));
     let result = reactor.run();
     // The reactor dropped its senders: the writer commits what it has queued

@@ -18,7 +18,9 @@ async fn saturating_publisher_and_consumer_share_one_connection() {
     let client = server.client().await; // one channel = one HTTP/2 connection
     let mut pre = client.clone();
     for chunk in 0..20 {
-        let payloads: Vec<Vec<u8>> = (0..100).map(|i| format!("c{}", chunk * 100 + i).into_bytes()).collect();
+        let payloads: Vec<Vec<u8>> = (0..100)
+            .map(|i| format!("c{}", chunk * 100 + i).into_bytes())
+            .collect();
         let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
         pre.batch_publish("consumed", &refs).await.unwrap();
     }
@@ -50,7 +52,9 @@ async fn saturating_publisher_and_consumer_share_one_connection() {
     // The consumer on the same connection drains 2,000 messages in windows
     // of 100, acking each, while the flood goes on.
     let mut c = client.clone();
-    let mut sub = c.subscribe("consumed", "g", proto::InitialPosition::Earliest).await;
+    let mut sub = c
+        .subscribe("consumed", "g", proto::InitialPosition::Earliest)
+        .await;
     let started = Instant::now();
     let mut got = 0;
     while got < 2000 {
@@ -67,10 +71,23 @@ async fn saturating_publisher_and_consumer_share_one_connection() {
     let rss_mb = server.rss_kb() / 1024;
     stop.store(true, Ordering::Relaxed);
     for p in publishers {
-        tokio::time::timeout(Duration::from_secs(20), p).await.expect("publisher finished").unwrap();
+        tokio::time::timeout(Duration::from_secs(20), p)
+            .await
+            .expect("publisher finished")
+            .unwrap();
     }
     assert!(took < Duration::from_secs(30), "consumer starved: {took:?}");
-    assert!(during > 0, "publishers kept going while the consumer drained");
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "publishers slow down instead of failing");
-    assert!(rss_mb < 96, "memory stays bounded under a flood: {rss_mb} MiB");
+    assert!(
+        during > 0,
+        "publishers kept going while the consumer drained"
+    );
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "publishers slow down instead of failing"
+    );
+    assert!(
+        rss_mb < 96,
+        "memory stays bounded under a flood: {rss_mb} MiB"
+    );
 }

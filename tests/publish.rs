@@ -16,13 +16,23 @@ async fn publish_returns_uuid_v7_and_global_monotonic_sequences() {
     let a = c.publish("orders", b"one").await.unwrap();
     let b = c.publish("payments", b"two").await.unwrap();
     let d = c.publish("orders", b"three").await.unwrap();
-    assert!(a.sequence < b.sequence && b.sequence < d.sequence, "{a:?} {b:?} {d:?}");
+    assert!(
+        a.sequence < b.sequence && b.sequence < d.sequence,
+        "{a:?} {b:?} {d:?}"
+    );
     let id = uuid::Uuid::parse_str(&a.message_id).unwrap();
     assert_eq!(id.get_version_num(), 7);
     assert_eq!(a.message_id, a.message_id.to_lowercase());
     assert_eq!(a.message_id.len(), 36);
-    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    assert!((now_ms - a.timestamp).abs() < 10_000, "timestamp is Unix ms: {}", a.timestamp);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(
+        (now_ms - a.timestamp).abs() < 10_000,
+        "timestamp is Unix ms: {}",
+        a.timestamp
+    );
 }
 
 #[tokio::test]
@@ -31,9 +41,13 @@ async fn batch_publish_returns_one_result_per_message_in_order() {
     let mut c = server.client().await;
     let r = c.batch_publish("t", &[b"a", b"b", b"c"]).await.unwrap();
     assert_eq!(r.results.len(), 3);
-    assert!(r.results.windows(2).all(|w| w[1].sequence == w[0].sequence + 1));
+    assert!(r
+        .results
+        .windows(2)
+        .all(|w| w[1].sequence == w[0].sequence + 1));
     assert!(r.timestamp > 0);
-    let ids: std::collections::HashSet<_> = r.results.iter().map(|x| x.message_id.clone()).collect();
+    let ids: std::collections::HashSet<_> =
+        r.results.iter().map(|x| x.message_id.clone()).collect();
     assert_eq!(ids.len(), 3);
     let err = c.batch_publish("t", &[]).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -47,7 +61,14 @@ async fn topics_are_auto_created_and_listed_by_name() {
     for t in ["zeta", "alpha", "mid.dle_1-x"] {
         c.publish(t, b"x").await.unwrap();
     }
-    let names: Vec<_> = c.list_topics().await.unwrap().topics.into_iter().map(|t| t.name).collect();
+    let names: Vec<_> = c
+        .list_topics()
+        .await
+        .unwrap()
+        .topics
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
     assert_eq!(names, vec!["alpha", "mid.dle_1-x", "zeta"]);
     let topics = c.list_topics().await.unwrap().topics;
     assert!(topics.iter().all(|t| t.created_at > 1_600_000_000_000));
@@ -61,7 +82,11 @@ async fn bad_topic_names_are_invalid_argument_naming_the_rule() {
     for bad in ["", "has space", "slash/x", "ünï", long.as_str()] {
         let err = c.publish(bad, b"x").await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}");
-        assert!(err.message().contains("[A-Za-z0-9._-]"), "{}", err.message());
+        assert!(
+            err.message().contains("[A-Za-z0-9._-]"),
+            "{}",
+            err.message()
+        );
         let err = c.batch_publish(bad, &[b"x"]).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
     }
@@ -72,7 +97,10 @@ async fn bad_topic_names_are_invalid_argument_naming_the_rule() {
 async fn unknown_method_is_unimplemented() {
     let server = Server::start();
     let mut c = server.client().await;
-    let err = c.raw("NoSuchMethod", bytes::Bytes::new()).await.unwrap_err();
+    let err = c
+        .raw("NoSuchMethod", bytes::Bytes::new())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
     let mut grpc = c.grpc.clone();
     grpc.ready().await.unwrap();
@@ -91,7 +119,10 @@ async fn unknown_method_is_unimplemented() {
 async fn undecodable_protobuf_is_internal_and_says_so() {
     let server = Server::start();
     let mut c = server.client().await;
-    let err = c.raw("Publish", bytes::Bytes::from_static(&[0xff, 0xff, 0xff])).await.unwrap_err();
+    let err = c
+        .raw("Publish", bytes::Bytes::from_static(&[0xff, 0xff, 0xff]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Internal);
     assert!(err.message().contains("decode"), "{}", err.message());
     // The channel stays usable.
@@ -113,9 +144,14 @@ async fn four_mib_limit_by_default() {
     let mut c = server.client().await;
     // tonic's own client-side limit is the default 4 MiB for decoding only;
     // sending is unlimited.
-    let err = c.publish("t", &vec![1u8; 4 * 1024 * 1024 + 10]).await.unwrap_err();
+    let err = c
+        .publish("t", &vec![1u8; 4 * 1024 * 1024 + 10])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    c.publish("t", &vec![1u8; 4 * 1024 * 1024 - 100]).await.unwrap();
+    c.publish("t", &vec![1u8; 4 * 1024 * 1024 - 100])
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -124,11 +160,20 @@ async fn many_concurrent_publishers_over_one_and_many_connections() {
     let c = server.client().await;
     let mut tasks = Vec::new();
     for i in 0..64 {
-        let mut c = if i % 2 == 0 { c.clone() } else { server.client().await };
+        let mut c = if i % 2 == 0 {
+            c.clone()
+        } else {
+            server.client().await
+        };
         tasks.push(tokio::spawn(async move {
             let mut seqs = Vec::new();
             for j in 0..20 {
-                seqs.push(c.publish(&format!("t{}", i % 4), format!("{i}-{j}").as_bytes()).await.unwrap().sequence);
+                seqs.push(
+                    c.publish(&format!("t{}", i % 4), format!("{i}-{j}").as_bytes())
+                        .await
+                        .unwrap()
+                        .sequence,
+                );
             }
             seqs
         }));
@@ -154,7 +199,14 @@ async fn sequences_continue_after_restart() {
     let mut c = server.client().await;
     let next = c.publish("t", b"c").await.unwrap().sequence;
     assert_eq!(next, last + 2);
-    let names: Vec<_> = c.list_topics().await.unwrap().topics.into_iter().map(|t| t.name).collect();
+    let names: Vec<_> = c
+        .list_topics()
+        .await
+        .unwrap()
+        .topics
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
     assert_eq!(names, vec!["t", "u"]);
 }
 
@@ -162,8 +214,12 @@ async fn sequences_continue_after_restart() {
 async fn attributes_round_trip_through_storage() {
     let server = Server::start();
     let mut c = server.client().await;
-    c.publish_attrs("t", b"p", &[("k", "v"), ("trace", "x")]).await.unwrap();
-    let mut sub = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    c.publish_attrs("t", b"p", &[("k", "v"), ("trace", "x")])
+        .await
+        .unwrap();
+    let mut sub = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     sub.send(credit(1)).await;
     let d = sub.delivery(Duration::from_secs(5)).await;
     assert_eq!(d.payload.as_ref(), b"p");

@@ -30,27 +30,43 @@ fn init_full(
     mode: proto::SubscriptionMode,
 ) -> proto::SubscribeUpstream {
     proto::SubscribeUpstream {
-        request: Some(proto::subscribe_upstream::Request::Init(proto::SubscriptionInit {
-            topic: topic.into(),
-            consumer_group: group.into(),
-            consumer_id: "test".into(),
-            initial_position: pos as i32,
-            offset,
-            mode: mode as i32,
-        })),
+        request: Some(proto::subscribe_upstream::Request::Init(
+            proto::SubscriptionInit {
+                topic: topic.into(),
+                consumer_group: group.into(),
+                consumer_id: "test".into(),
+                initial_position: pos as i32,
+                offset,
+                mode: mode as i32,
+            },
+        )),
     }
 }
 
-fn browse(topic: &str, group: &str, pos: proto::InitialPosition, offset: u64) -> proto::SubscribeUpstream {
+fn browse(
+    topic: &str,
+    group: &str,
+    pos: proto::InitialPosition,
+    offset: u64,
+) -> proto::SubscribeUpstream {
     init_full(topic, group, pos, offset, proto::SubscriptionMode::Browse)
 }
 
 fn at_offset(topic: &str, group: &str, offset: u64) -> proto::SubscribeUpstream {
-    init_full(topic, group, proto::InitialPosition::Offset, offset, proto::SubscriptionMode::ConsumerGroup)
+    init_full(
+        topic,
+        group,
+        proto::InitialPosition::Offset,
+        offset,
+        proto::SubscriptionMode::ConsumerGroup,
+    )
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 /// A random (version 4) UUID in canonical text.
@@ -58,14 +74,26 @@ fn random_uuid() -> String {
     let mut bytes = [0u8; 16];
     for half in bytes.chunks_mut(8) {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(Instant::now().elapsed().as_nanos());
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos(),
+        );
         half.copy_from_slice(&h.finish().to_le_bytes());
     }
-    uuid::Builder::from_random_bytes(bytes).into_uuid().hyphenated().to_string()
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 /// Publishes `payloads` one by one; returns the responses.
-async fn publish_all(c: &mut Client, topic: &str, payloads: &[&str]) -> Vec<proto::PublishResponse> {
+async fn publish_all(
+    c: &mut Client,
+    topic: &str,
+    payloads: &[&str],
+) -> Vec<proto::PublishResponse> {
     let mut out = Vec::new();
     for p in payloads {
         out.push(c.publish(topic, p.as_bytes()).await.expect("publish"));
@@ -83,7 +111,9 @@ async fn take(sub: &mut Subscription, n: usize) -> Vec<proto::MessageDelivery> {
 }
 
 fn payloads(ds: &[proto::MessageDelivery]) -> Vec<String> {
-    ds.iter().map(|d| String::from_utf8_lossy(&d.payload).into_owned()).collect()
+    ds.iter()
+        .map(|d| String::from_utf8_lossy(&d.payload).into_owned())
+        .collect()
 }
 
 fn counts(ds: &[proto::MessageDelivery]) -> Vec<u32> {
@@ -97,8 +127,14 @@ async fn assert_no_delivery(sub: &mut Subscription, quiet: Duration) {
     loop {
         match tokio::time::timeout_at(deadline, sub.down.message()).await {
             Err(_) => return,
-            Ok(Ok(Some(proto::SubscribeDownstream { response: Some(Down::Delivery(d)) }))) => {
-                panic!("unexpected delivery of {:?} (seq {})", String::from_utf8_lossy(&d.payload), d.sequence)
+            Ok(Ok(Some(proto::SubscribeDownstream {
+                response: Some(Down::Delivery(d)),
+            }))) => {
+                panic!(
+                    "unexpected delivery of {:?} (seq {})",
+                    String::from_utf8_lossy(&d.payload),
+                    d.sequence
+                )
             }
             Ok(Ok(Some(_))) => continue,
             Ok(Ok(None)) => panic!("stream ended while it should stay open"),
@@ -133,7 +169,9 @@ async fn call_status(r: Result<Subscription, Status>) -> Status {
 /// The next heartbeat within `limit`; panics on a delivery or the end.
 async fn heartbeat(sub: &mut Subscription, limit: Duration) -> proto::Heartbeat {
     match sub.next_within(limit).await {
-        Some(Ok(proto::SubscribeDownstream { response: Some(Down::Heartbeat(h)) })) => h,
+        Some(Ok(proto::SubscribeDownstream {
+            response: Some(Down::Heartbeat(h)),
+        })) => h,
         other => panic!("expected a heartbeat within {limit:?}, got {other:?}"),
     }
 }
@@ -149,11 +187,17 @@ async fn first_message_must_be_init() {
     let s = call_status(c.subscribe_with(credit(5)).await).await;
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
 
-    let s = call_status(c.subscribe_with(ack("00000000-0000-7000-8000-000000000000")).await).await;
+    let s = call_status(
+        c.subscribe_with(ack("00000000-0000-7000-8000-000000000000"))
+            .await,
+    )
+    .await;
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
 
     // The connection is still good for a proper subscription.
-    let mut sub = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut sub = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     sub.send(credit(1)).await;
     assert_eq!(sub.delivery(WAIT).await.payload.as_ref(), b"x");
 }
@@ -163,10 +207,13 @@ async fn second_init_on_a_stream_is_invalid_argument() {
     let server = Server::start();
     let mut c = server.client().await;
     c.publish("t", b"x").await.unwrap();
-    let mut sub = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut sub = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     sub.send(credit(1)).await;
     sub.delivery(WAIT).await;
-    sub.send(init("t", "g", proto::InitialPosition::Earliest)).await;
+    sub.send(init("t", "g", proto::InitialPosition::Earliest))
+        .await;
     let s = end_status(&mut sub, WAIT).await;
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
 }
@@ -177,10 +224,17 @@ async fn invalid_topic_name_in_init_is_invalid_argument() {
     let mut c = server.client().await;
     let long = "a".repeat(256);
     for bad in ["", "has space", "slash/x", "ünï", long.as_str()] {
-        let s = call_status(c.subscribe_with(init(bad, "g", proto::InitialPosition::Earliest)).await).await;
+        let s = call_status(
+            c.subscribe_with(init(bad, "g", proto::InitialPosition::Earliest))
+                .await,
+        )
+        .await;
         assert_eq!(s.code(), Code::InvalidArgument, "{bad:?}: {s:?}");
     }
-    assert!(c.list_topics().await.unwrap().topics.is_empty(), "no topic was created");
+    assert!(
+        c.list_topics().await.unwrap().topics.is_empty(),
+        "no topic was created"
+    );
 }
 
 // ---- 4: credit ----
@@ -193,7 +247,9 @@ async fn deliveries_never_exceed_credit() {
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     publish_all(&mut c, "t", &names).await;
 
-    let mut sub = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut sub = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     // No credit: nothing, although 10 messages wait.
     assert_no_delivery(&mut sub, Duration::from_secs(1)).await;
     // CreditGrant(0) changes nothing.
@@ -219,7 +275,9 @@ async fn new_group_earliest_starts_at_the_oldest_message() {
     let mut c = server.client().await;
     publish_all(&mut c, "t", &["a", "b", "c"]).await;
     c.publish("other", b"zz").await.unwrap();
-    let mut sub = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut sub = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     sub.send(credit(10)).await;
     assert_eq!(payloads(&take(&mut sub, 3).await), ["a", "b", "c"]);
     assert_no_delivery(&mut sub, Duration::from_millis(500)).await;
@@ -249,7 +307,10 @@ async fn new_group_offset_starts_at_first_sequence_at_or_after_it() {
     assert!(t1[1].sequence < gap[0].sequence && gap[1].sequence < t2[0].sequence);
 
     // An offset inside the gap: the topic's next message after it.
-    let mut sub = c.subscribe_with(at_offset("t", "in-gap", gap[1].sequence)).await.unwrap();
+    let mut sub = c
+        .subscribe_with(at_offset("t", "in-gap", gap[1].sequence))
+        .await
+        .unwrap();
     sub.send(credit(10)).await;
     let got = take(&mut sub, 2).await;
     assert_eq!(payloads(&got), ["c", "d"]);
@@ -257,7 +318,10 @@ async fn new_group_offset_starts_at_first_sequence_at_or_after_it() {
     assert_no_delivery(&mut sub, Duration::from_millis(500)).await;
 
     // An offset naming a message exactly: inclusive.
-    let mut sub = c.subscribe_with(at_offset("t", "exact", t1[1].sequence)).await.unwrap();
+    let mut sub = c
+        .subscribe_with(at_offset("t", "exact", t1[1].sequence))
+        .await
+        .unwrap();
     sub.send(credit(10)).await;
     assert_eq!(payloads(&take(&mut sub, 3).await), ["b", "c", "d"]);
     assert_no_delivery(&mut sub, Duration::from_millis(500)).await;
@@ -271,7 +335,9 @@ async fn existing_group_resumes_after_its_cursor_whatever_position_is_asked() {
     let mut c = server.client().await;
     let m = publish_all(&mut c, "t", &["m1", "m2", "m3", "m4", "m5", "m6"]).await;
 
-    let mut a = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut a = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     a.send(credit(3)).await;
     assert_eq!(payloads(&take(&mut a, 3).await), ["m1", "m2", "m3"]);
     a.send(ack(&m[1].message_id)).await;
@@ -292,7 +358,10 @@ async fn existing_group_resumes_after_its_cursor_whatever_position_is_asked() {
     drop(b);
 
     // OFFSET (before the cursor) is ignored too: the cursor is m5.
-    let mut d = c.subscribe_with(at_offset("t", "g", m[0].sequence)).await.unwrap();
+    let mut d = c
+        .subscribe_with(at_offset("t", "g", m[0].sequence))
+        .await
+        .unwrap();
     d.send(credit(10)).await;
     assert_eq!(payloads(&take(&mut d, 2).await), ["m6", "m7"]);
     assert_no_delivery(&mut d, Duration::from_millis(500)).await;
@@ -309,7 +378,10 @@ async fn browse_honours_the_position_and_never_creates_or_moves_a_cursor() {
     let m4 = c.publish("t", b"m4").await.unwrap();
 
     // LATEST: only what comes after the Init (a heartbeat shows it applied).
-    let mut b = c.subscribe_with(browse("t", "g", proto::InitialPosition::Latest, 0)).await.unwrap();
+    let mut b = c
+        .subscribe_with(browse("t", "g", proto::InitialPosition::Latest, 0))
+        .await
+        .unwrap();
     b.send(credit(10)).await;
     heartbeat(&mut b, WAIT).await;
     let m5 = c.publish("t", b"m5").await.unwrap();
@@ -320,7 +392,10 @@ async fn browse_honours_the_position_and_never_creates_or_moves_a_cursor() {
     drop(b);
 
     // EARLIEST: everything; acking it all moves nothing.
-    let mut b = c.subscribe_with(browse("t", "g", proto::InitialPosition::Earliest, 0)).await.unwrap();
+    let mut b = c
+        .subscribe_with(browse("t", "g", proto::InitialPosition::Earliest, 0))
+        .await
+        .unwrap();
     b.send(credit(10)).await;
     let got = take(&mut b, 5).await;
     assert_eq!(payloads(&got), ["m1", "m2", "m3", "m4", "m5"]);
@@ -331,7 +406,15 @@ async fn browse_honours_the_position_and_never_creates_or_moves_a_cursor() {
     drop(b);
 
     // OFFSET inside the gap before m4.
-    let mut b = c.subscribe_with(browse("t", "g", proto::InitialPosition::Offset, m[2].sequence + 1)).await.unwrap();
+    let mut b = c
+        .subscribe_with(browse(
+            "t",
+            "g",
+            proto::InitialPosition::Offset,
+            m[2].sequence + 1,
+        ))
+        .await
+        .unwrap();
     b.send(credit(10)).await;
     let got = take(&mut b, 2).await;
     assert_eq!(payloads(&got), ["m4", "m5"]);
@@ -341,7 +424,9 @@ async fn browse_honours_the_position_and_never_creates_or_moves_a_cursor() {
     assert_no_delivery(&mut b, Duration::from_millis(300)).await;
 
     // A consumer group of the same name starts fresh at EARLIEST: all five.
-    let mut g = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut g = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     g.send(credit(10)).await;
     let got = take(&mut g, 5).await;
     assert_eq!(payloads(&got), ["m1", "m2", "m3", "m4", "m5"]);
@@ -361,13 +446,18 @@ async fn empty_group_is_the_default_group() {
     assert_eq!(a.delivery(WAIT).await.delivery_count, 1);
 
     let mut c2 = server.client().await;
-    let mut b = c2.subscribe("t", "default", proto::InitialPosition::Earliest).await;
+    let mut b = c2
+        .subscribe("t", "default", proto::InitialPosition::Earliest)
+        .await;
     let s = end_status(&mut a, WAIT).await;
     assert_eq!(s.code(), Code::Aborted, "{s:?}");
     b.send(credit(1)).await;
     let d = b.delivery(WAIT).await;
     assert_eq!(d.payload.as_ref(), b"m1");
-    assert_eq!(d.delivery_count, 2, "same group: the unacked message is a redelivery");
+    assert_eq!(
+        d.delivery_count, 2,
+        "same group: the unacked message is a redelivery"
+    );
 }
 
 // ---- 9: acks ----
@@ -381,7 +471,9 @@ async fn acks_are_cumulative_and_bad_ids_are_ignored() {
     let m = publish_all(&mut c, "t", &names[..6]).await;
     let foreign = c.publish("other", b"o").await.unwrap();
 
-    let mut a = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut a = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     a.send(credit(5)).await;
     assert_eq!(payloads(&take(&mut a, 5).await), names[..5]);
     a.send(ack(&m[2].message_id)).await; // only the 3rd
@@ -390,7 +482,9 @@ async fn acks_are_cumulative_and_bad_ids_are_ignored() {
     drop(a);
 
     // Reconnect: everything after m3 again.
-    let mut b = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut b = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     b.send(credit(3)).await;
     let got = take(&mut b, 3).await;
     assert_eq!(payloads(&got), ["m4", "m5", "m6"]);
@@ -402,7 +496,8 @@ async fn acks_are_cumulative_and_bad_ids_are_ignored() {
     b.send(ack("not-a-uuid")).await;
     b.send(ack(&random_uuid())).await;
     b.send(ack(&foreign.message_id)).await;
-    b.send(batch_ack(&["garbage", &random_uuid(), &foreign.message_id])).await;
+    b.send(batch_ack(&["garbage", &random_uuid(), &foreign.message_id]))
+        .await;
     b.send(nack("garbage", 0)).await;
     b.send(nack(&random_uuid(), 0)).await;
     // The stream stays open and still delivers.
@@ -411,7 +506,13 @@ async fn acks_are_cumulative_and_bad_ids_are_ignored() {
     assert_eq!(b.delivery(WAIT).await.payload.as_ref(), b"m7");
 
     // BatchAck: the highest sequence among the ids, whatever their order.
-    b.send(batch_ack(&[&m[3].message_id, &m[5].message_id, &m[4].message_id, "garbage"])).await;
+    b.send(batch_ack(&[
+        &m[3].message_id,
+        &m[5].message_id,
+        &m[4].message_id,
+        "garbage",
+    ]))
+    .await;
     // A later ack of a lower message never moves the cursor back.
     b.send(ack(&m[3].message_id)).await;
     b.send(credit(1)).await;
@@ -419,7 +520,9 @@ async fn acks_are_cumulative_and_bad_ids_are_ignored() {
     assert_eq!(b.delivery(WAIT).await.payload.as_ref(), b"m8"); // ack barrier
     drop(b);
 
-    let mut d = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut d = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     d.send(credit(10)).await;
     let got = take(&mut d, 2).await;
     assert_eq!(payloads(&got), ["m7", "m8"]);
@@ -435,7 +538,9 @@ async fn group_resumes_after_broker_sigkill() {
     let mut server = Server::start();
     let mut c = server.client().await;
     let m = publish_all(&mut c, "t", &["m1", "m2", "m3", "m4", "m5"]).await;
-    let mut a = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut a = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     a.send(credit(4)).await;
     assert_eq!(payloads(&take(&mut a, 4).await), ["m1", "m2", "m3", "m4"]);
     a.send(ack(&m[2].message_id)).await;
@@ -466,7 +571,9 @@ async fn second_consumer_of_a_group_takes_over() {
     let server = Server::start();
     let mut c = server.client().await;
     let m = publish_all(&mut c, "t", &["m1", "m2", "m3", "m4", "m5"]).await;
-    let mut a = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut a = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     a.send(credit(2)).await;
     assert_eq!(payloads(&take(&mut a, 2).await), ["m1", "m2"]);
     a.send(ack(&m[0].message_id)).await;
@@ -474,7 +581,9 @@ async fn second_consumer_of_a_group_takes_over() {
     assert_eq!(a.delivery(WAIT).await.payload.as_ref(), b"m3"); // ack barrier
 
     let mut c2 = server.client().await;
-    let mut b = c2.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut b = c2
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     let s = end_status(&mut a, WAIT).await;
     assert_eq!(s.code(), Code::Aborted, "{s:?}");
 
@@ -487,7 +596,9 @@ async fn second_consumer_of_a_group_takes_over() {
     assert_no_delivery(&mut b, Duration::from_millis(500)).await;
 
     // A different group on the same topic takes nothing over.
-    let mut other = c.subscribe("t", "other", proto::InitialPosition::Earliest).await;
+    let mut other = c
+        .subscribe("t", "other", proto::InitialPosition::Earliest)
+        .await;
     other.send(credit(1)).await;
     other.delivery(WAIT).await;
     let m6 = c.publish("t", b"m6").await.unwrap();
@@ -502,7 +613,9 @@ async fn nack_redelivers_that_message_after_the_delay_spending_credit() {
     let server = Server::start();
     let mut c = server.client().await;
     let m = publish_all(&mut c, "t", &["m1", "m2", "m3"]).await;
-    let mut sub = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut sub = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     sub.send(credit(4)).await;
     let got = take(&mut sub, 3).await;
     assert_eq!(payloads(&got), ["m1", "m2", "m3"]);
@@ -516,7 +629,10 @@ async fn nack_redelivers_that_message_after_the_delay_spending_credit() {
     assert_eq!(d.payload.as_ref(), b"m2");
     assert_eq!(d.message_id, m[1].message_id);
     assert_eq!(d.delivery_count, 2);
-    assert!(elapsed >= Duration::from_millis(450), "redelivered after {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(450),
+        "redelivered after {elapsed:?}"
+    );
     // Credit is spent; nothing else was redelivered.
     sub.send(credit(1)).await;
     assert_no_delivery(&mut sub, Duration::from_millis(700)).await;
@@ -543,7 +659,9 @@ async fn delivery_count_grows_across_reconnects_of_the_group() {
     let mut c = server.client().await;
     let m = c.publish("t", b"m1").await.unwrap();
     for expected in 1..=3u32 {
-        let mut sub = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+        let mut sub = c
+            .subscribe("t", "g", proto::InitialPosition::Earliest)
+            .await;
         sub.send(credit(1)).await;
         let d = sub.delivery(WAIT).await;
         assert_eq!(d.message_id, m.message_id);
@@ -564,7 +682,11 @@ async fn idle_stream_gets_heartbeats_with_the_topic_latest_sequence() {
     let mut sub = c.subscribe("hb", "g", proto::InitialPosition::Latest).await;
     let h = heartbeat(&mut sub, Duration::from_secs(3)).await;
     assert_eq!(h.latest_seq, m[2].sequence);
-    assert!((now_ms() - h.timestamp).abs() < 5_000, "timestamp is Unix ms: {}", h.timestamp);
+    assert!(
+        (now_ms() - h.timestamp).abs() < 5_000,
+        "timestamp is Unix ms: {}",
+        h.timestamp
+    );
 
     // Still idle (no credit): heartbeats keep coming and follow the topic.
     let m4 = c.publish("hb", b"d").await.unwrap();
@@ -579,8 +701,15 @@ async fn idle_stream_gets_heartbeats_with_the_topic_latest_sequence() {
     }
 
     // An empty topic reports 0.
-    let mut empty = c.subscribe("fresh", "g", proto::InitialPosition::Latest).await;
-    assert_eq!(heartbeat(&mut empty, Duration::from_secs(3)).await.latest_seq, 0);
+    let mut empty = c
+        .subscribe("fresh", "g", proto::InitialPosition::Latest)
+        .await;
+    assert_eq!(
+        heartbeat(&mut empty, Duration::from_secs(3))
+            .await
+            .latest_seq,
+        0
+    );
 }
 
 // ---- 15: subscribing creates the topic ----
@@ -589,7 +718,9 @@ async fn idle_stream_gets_heartbeats_with_the_topic_latest_sequence() {
 async fn subscribing_to_a_new_topic_creates_it() {
     let server = Server::start();
     let mut c = server.client().await;
-    let mut sub = c.subscribe("fresh", "g", proto::InitialPosition::Latest).await;
+    let mut sub = c
+        .subscribe("fresh", "g", proto::InitialPosition::Latest)
+        .await;
     sub.send(credit(10)).await;
     let deadline = Instant::now() + WAIT;
     loop {
@@ -615,12 +746,19 @@ async fn one_hundred_groups_each_receive_every_message() {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     publish_all(&mut c, "fan", &refs[..10]).await;
 
-    let clients = [server.client().await, server.client().await, server.client().await, server.client().await];
+    let clients = [
+        server.client().await,
+        server.client().await,
+        server.client().await,
+        server.client().await,
+    ];
     let mut tasks = Vec::new();
     for i in 0..100 {
         let mut client = clients[i % clients.len()].clone();
         tasks.push(tokio::spawn(async move {
-            let mut sub = client.subscribe("fan", &format!("g{i}"), proto::InitialPosition::Earliest).await;
+            let mut sub = client
+                .subscribe("fan", &format!("g{i}"), proto::InitialPosition::Earliest)
+                .await;
             sub.send(credit(20)).await;
             let got = take(&mut sub, 20).await;
             (payloads(&got), counts(&got))
@@ -649,7 +787,9 @@ async fn new_messages_reach_a_live_subscriber_promptly() {
     let server = Server::start();
     let mut c = server.client().await;
     c.publish("t", b"m0").await.unwrap();
-    let mut sub = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut sub = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     sub.send(credit(100)).await;
     assert_eq!(sub.delivery(WAIT).await.payload.as_ref(), b"m0");
     for i in 1..=5 {
@@ -676,7 +816,9 @@ async fn large_backlog_is_delivered_completely_and_in_order() {
         c.batch_publish("big", &batch).await.unwrap();
     }
 
-    let mut sub = c.subscribe("big", "g", proto::InitialPosition::Earliest).await;
+    let mut sub = c
+        .subscribe("big", "g", proto::InitialPosition::Earliest)
+        .await;
     let got = tokio::time::timeout(Duration::from_secs(90), async {
         let mut got = Vec::with_capacity(TOTAL);
         while got.len() < TOTAL {
@@ -692,7 +834,10 @@ async fn large_backlog_is_delivered_completely_and_in_order() {
     .await
     .expect("backlog delivered in time");
     assert_eq!(payloads(&got), names);
-    assert!(got.windows(2).all(|w| w[0].sequence < w[1].sequence), "ascending sequences");
+    assert!(
+        got.windows(2).all(|w| w[0].sequence < w[1].sequence),
+        "ascending sequences"
+    );
     assert!(got.iter().all(|d| d.delivery_count == 1));
     sub.send(credit(100)).await;
     assert_no_delivery(&mut sub, Duration::from_millis(500)).await;
@@ -707,10 +852,13 @@ async fn sigterm_ends_open_streams_unavailable_and_exits_zero() {
     c.publish("t", b"x").await.unwrap();
     c.publish("u", b"y").await.unwrap();
     let mut c2 = server.client().await;
-    let mut subs = vec![
-        c.subscribe("t", "g1", proto::InitialPosition::Earliest).await,
-        c.subscribe("t", "g2", proto::InitialPosition::Earliest).await,
-        c2.subscribe("u", "g1", proto::InitialPosition::Earliest).await,
+    let mut subs = [
+        c.subscribe("t", "g1", proto::InitialPosition::Earliest)
+            .await,
+        c.subscribe("t", "g2", proto::InitialPosition::Earliest)
+            .await,
+        c2.subscribe("u", "g1", proto::InitialPosition::Earliest)
+            .await,
     ];
     for s in subs.iter_mut() {
         s.send(credit(10)).await;
@@ -722,6 +870,15 @@ async fn sigterm_ends_open_streams_unavailable_and_exits_zero() {
         let st = end_status(s, Duration::from_secs(10)).await;
         assert_eq!(st.code(), Code::Unavailable, "{st:?}");
     }
-    assert_eq!(server.wait_exit(Duration::from_secs(10)), Some(0), "log:\n{}", server.log_text());
-    assert!(t0.elapsed() < Duration::from_secs(10), "shutdown took {:?}", t0.elapsed());
+    assert_eq!(
+        server.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "log:\n{}",
+        server.log_text()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
 }

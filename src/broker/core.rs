@@ -18,6 +18,9 @@ use super::message_id::MessageId;
 use super::tail::MessageTail;
 use super::topic_name::validate_topic_name;
 
+/// Unacked first deliveries a subscription remembers the ordinals of.
+const RECENT_CAP: usize = 4096;
+
 /// A subscription's identity, chosen by the caller (unique for the process).
 pub type SubId = u64;
 
@@ -94,7 +97,12 @@ pub enum Action {
     /// Read a page of the topic from storage, answer with `on_page`.
     Fetch(Fetch),
     /// Persist a group's cursor (the reactor may coalesce these).
-    PersistCursor { topic: Arc<str>, group: Arc<str>, sequence: u64, acked_at_ms: i64 },
+    PersistCursor {
+        topic: Arc<str>,
+        group: Arc<str>,
+        sequence: u64,
+        acked_at_ms: i64,
+    },
     /// Persist a topic created by a subscription.
     CreateTopic { topic: Arc<str>, created_at_ms: i64 },
     /// End this subscription's stream (it is already removed from the broker).
@@ -132,6 +140,26 @@ pub struct TopicView {
     pub last_ts: i64,
 }
 
+impl TopicView {
+    /// Messages stored for the topic now.
+    pub fn total_messages(&self) -> u64 {
+        if self.first_seq == 0 {
+            0
+        } else {
+            self.last_ordinal + 1 - self.first_ordinal
+        }
+    }
+
+    /// The topic's messages after a cursor whose message has `cursor_ordinal`.
+    pub fn pending_after(&self, cursor: u64, cursor_ordinal: u64) -> u64 {
+        if self.first_seq == 0 || cursor >= self.last_seq {
+            return 0;
+        }
+        let acked = cursor_ordinal.max(self.first_ordinal.saturating_sub(1));
+        self.last_ordinal.saturating_sub(acked)
+    }
+}
+
 #[derive(Debug)]
 struct Group {
     cursor: u64,
@@ -167,6 +195,9 @@ struct Subscription {
     redeliver_fetches: HashMap<u64, u64>,
     /// BROWSE subscriptions count deliveries for themselves.
     own_ledger: Option<DeliveryLedger>,
+    /// (sequence, ordinal) of first deliveries not yet acked, ascending and
+    /// capped, so an ack learns its message's topic ordinal without IO.
+    recent: VecDeque<(u64, u64)>,
     last_sent_ms: u64,
 }
 
@@ -212,13 +243,23 @@ impl Broker {
         self.last_seq = self.last_seq.max(last_global_seq).max(view.last_seq);
         let name = view.name.clone();
         self.tail.add_topic(name.clone(), last_global_seq + 1);
-        self.topics.insert(name, Topic { view, groups: BTreeMap::new(), subs: Vec::new() });
+        self.topics.insert(
+            name,
+            Topic {
+                view,
+                groups: BTreeMap::new(),
+                subs: Vec::new(),
+            },
+        );
     }
 
     /// Registers a stored consumer group cursor.
     pub fn load_group(&mut self, topic: &str, group: GroupView) {
         if let Some(t) = self.topics.get_mut(topic) {
-            t.groups.insert(group.name.clone(), self::Group::from_view(&group, self.config.ledger_cap));
+            t.groups.insert(
+                group.name.clone(),
+                self::Group::from_view(&group, self.config.ledger_cap),
+            );
         }
     }
 
@@ -276,9 +317,16 @@ impl Broker {
 
     /// Messages of `topic` were committed (ascending sequences). Creates the
     /// topic if this is the first the broker hears of it.
-    pub fn on_committed(&mut self, topic: &str, created_at_ms: i64, messages: &[Arc<StoredMessage>]) {
+    pub fn on_committed(
+        &mut self,
+        topic: &str,
+        created_at_ms: i64,
+        messages: &[Arc<StoredMessage>],
+    ) {
         let name = self.ensure_topic(topic, created_at_ms);
-        let Some(t) = self.topics.get_mut(&name) else { return };
+        let Some(t) = self.topics.get_mut(&name) else {
+            return;
+        };
         if let (Some(first), Some(last)) = (messages.first(), messages.last()) {
             if t.view.first_seq == 0 {
                 t.view.first_seq = first.sequence;
@@ -315,7 +363,14 @@ impl Broker {
             last_ordinal: 0,
             last_ts: 0,
         };
-        self.topics.insert(name.clone(), Topic { view, groups: BTreeMap::new(), subs: Vec::new() });
+        self.topics.insert(
+            name.clone(),
+            Topic {
+                view,
+                groups: BTreeMap::new(),
+                subs: Vec::new(),
+            },
+        );
         name
     }
 
@@ -337,7 +392,10 @@ impl Broker {
         let known = self.topics.contains_key(request.topic.as_str());
         let topic = self.ensure_topic(&request.topic, wall_ms);
         if !known {
-            self.actions.push_back(Action::CreateTopic { topic: topic.clone(), created_at_ms: wall_ms });
+            self.actions.push_back(Action::CreateTopic {
+                topic: topic.clone(),
+                created_at_ms: wall_ms,
+            });
         }
         let start_next = match request.start {
             Start::Latest => self.last_seq + 1,
@@ -345,15 +403,24 @@ impl Broker {
             Start::Offset(o) => o.max(1),
         };
         let ledger_cap = self.config.ledger_cap;
-        let Some(t) = self.topics.get_mut(&topic) else { return Err("topic vanished".into()) };
+        let Some(t) = self.topics.get_mut(&topic) else {
+            return Err("topic vanished".into());
+        };
         let (group, next, own_ledger) = match request.group {
             None => (None, start_next, Some(DeliveryLedger::new(ledger_cap))),
             Some(g) => {
-                let g: Arc<str> = if g.is_empty() { "default".into() } else { g.into() };
+                let g: Arc<str> = if g.is_empty() {
+                    "default".into()
+                } else {
+                    g.into()
+                };
                 let next = match t.groups.get_mut(&g) {
                     Some(existing) => {
                         if let Some(old) = existing.active.take() {
-                            self.actions.push_back(Action::End { sub: old, reason: EndReason::TakenOver });
+                            self.actions.push_back(Action::End {
+                                sub: old,
+                                reason: EndReason::TakenOver,
+                            });
                             t.subs.retain(|s| *s != old);
                             self.subs.remove(&old);
                         }
@@ -362,11 +429,16 @@ impl Broker {
                     }
                     None => {
                         let cursor = start_next - 1;
+                        let cursor_ordinal = if cursor >= t.view.last_seq {
+                            t.view.last_ordinal
+                        } else {
+                            0
+                        };
                         t.groups.insert(
                             g.clone(),
                             Group {
                                 cursor,
-                                cursor_ordinal: 0,
+                                cursor_ordinal,
                                 last_ack_ms: 0,
                                 active: Some(sub),
                                 ledger: DeliveryLedger::new(ledger_cap),
@@ -398,6 +470,7 @@ impl Broker {
                 redeliver_pending: BTreeSet::new(),
                 redeliver_fetches: HashMap::new(),
                 own_ledger,
+                recent: VecDeque::new(),
                 last_sent_ms: now_ms,
             },
         );
@@ -407,7 +480,9 @@ impl Broker {
 
     /// The stream ended (client gone, error, or shutdown).
     pub fn unsubscribe(&mut self, sub: SubId) {
-        let Some(s) = self.subs.remove(&sub) else { return };
+        let Some(s) = self.subs.remove(&sub) else {
+            return;
+        };
         if let Some(t) = self.topics.get_mut(&s.topic) {
             t.subs.retain(|x| *x != sub);
             if let Some(g) = s.group.as_ref().and_then(|g| t.groups.get_mut(g)) {
@@ -419,7 +494,9 @@ impl Broker {
     }
 
     pub fn grant(&mut self, sub: SubId, credits: u32) {
-        let Some(s) = self.subs.get_mut(&sub) else { return };
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return;
+        };
         if credits == 0 {
             return;
         }
@@ -433,27 +510,49 @@ impl Broker {
     }
 
     /// Cumulative ack to the highest of the ids. Unknown ids are ignored.
-    pub fn ack_many<'a>(&mut self, sub: SubId, ids: impl IntoIterator<Item = &'a str>, wall_ms: i64) {
-        let Some(s) = self.subs.get_mut(&sub) else { return };
+    pub fn ack_many<'a>(
+        &mut self,
+        sub: SubId,
+        ids: impl IntoIterator<Item = &'a str>,
+        wall_ms: i64,
+    ) {
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return;
+        };
         let Some(group_name) = s.group.clone() else {
             debug!("sub {sub}: ack in BROWSE mode ignored");
             return;
         };
-        let Some(t) = self.topics.get_mut(&s.topic) else { return };
-        let Some(g) = t.groups.get_mut(&group_name) else { return };
+        let Some(t) = self.topics.get_mut(&s.topic) else {
+            return;
+        };
+        let Some(g) = t.groups.get_mut(&group_name) else {
+            return;
+        };
         let mut best = None;
         for id in ids {
             match MessageId::sequence_in(id, &s.topic) {
                 Some(seq) if seq > g.cursor && seq <= g.ledger.delivered_max() => {
                     best = best.max(Some(seq));
                 }
-                Some(seq) => debug!("sub {sub}: ack of {id} (seq {seq}) ignored: already acked or never sent"),
+                Some(seq) => debug!(
+                    "sub {sub}: ack of {id} (seq {seq}) ignored: already acked or never sent"
+                ),
                 None => debug!("sub {sub}: ack of unknown id {id:?} ignored"),
             }
         }
-        let Some(seq) = best else { return };
+        let Some(seq) = best else {
+            return;
+        };
+        let i = s.recent.partition_point(|(q, _)| *q < seq);
+        let ordinal = match s.recent.get(i) {
+            Some(&(q, o)) if q == seq => Some(o),
+            _ => self.tail.get(&s.topic, seq).map(|m| m.ordinal),
+        };
+        s.recent.drain(..i.min(s.recent.len()));
         g.cursor = seq;
-        g.cursor_ordinal = 0;
+        // Unknown here: the writer looks it up when it stores the cursor.
+        g.cursor_ordinal = ordinal.unwrap_or(g.cursor_ordinal);
         g.last_ack_ms = wall_ms;
         g.ledger.forget_through(seq);
         s.redeliver_pending = s.redeliver_pending.split_off(&(seq + 1));
@@ -468,7 +567,11 @@ impl Broker {
 
     /// The ordinal of the message at a group's cursor, once storage knows it.
     pub fn set_cursor_ordinal(&mut self, topic: &str, group: &str, cursor: u64, ordinal: u64) {
-        if let Some(g) = self.topics.get_mut(topic).and_then(|t| t.groups.get_mut(group)) {
+        if let Some(g) = self
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.groups.get_mut(group))
+        {
             if g.cursor == cursor {
                 g.cursor_ordinal = ordinal;
             }
@@ -477,7 +580,9 @@ impl Broker {
 
     /// Asks for one message to be sent again, not before `delay_ms`.
     pub fn nack(&mut self, sub: SubId, message_id: &str, delay_ms: u32, now_ms: u64) {
-        let Some(s) = self.subs.get_mut(&sub) else { return };
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return;
+        };
         let Some(seq) = MessageId::sequence_in(message_id, &s.topic) else {
             debug!("sub {sub}: nack of unknown id {message_id:?} ignored");
             return;
@@ -491,7 +596,9 @@ impl Broker {
             (None, None) => return,
         };
         if seq <= cursor || seq > delivered_max || s.redeliver_pending.contains(&seq) {
-            debug!("sub {sub}: nack of {message_id} ignored (acked, never sent, or already pending)");
+            debug!(
+                "sub {sub}: nack of {message_id} ignored (acked, never sent, or already pending)"
+            );
             return;
         }
         if s.redeliver_pending.len() >= self.config.max_pending_redeliveries {
@@ -499,13 +606,22 @@ impl Broker {
             return;
         }
         s.redeliver_pending.insert(seq);
-        self.timers.insert((now_ms + u64::from(delay_ms), Timer::Redeliver { sub, seq }));
+        self.timers
+            .insert((now_ms + u64::from(delay_ms), Timer::Redeliver { sub, seq }));
     }
 
     /// A page requested by [`Action::Fetch`] arrived. `end` is set when the
     /// page is short: storage holds nothing more for the topic up to `end`.
-    pub fn on_page(&mut self, sub: SubId, fetch: u64, messages: Vec<Arc<StoredMessage>>, end: Option<u64>) {
-        let Some(s) = self.subs.get_mut(&sub) else { return };
+    pub fn on_page(
+        &mut self,
+        sub: SubId,
+        fetch: u64,
+        messages: Vec<Arc<StoredMessage>>,
+        end: Option<u64>,
+    ) {
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return;
+        };
         if let Some(seq) = s.redeliver_fetches.remove(&fetch) {
             match messages.into_iter().find(|m| m.sequence == seq) {
                 Some(m) if s.redeliver_pending.contains(&seq) => s.redeliver_due.push_back(m),
@@ -521,7 +637,8 @@ impl Broker {
         }
         s.page_fetch = None;
         let from = s.next;
-        s.page.extend(messages.into_iter().filter(|m| m.sequence >= from));
+        s.page
+            .extend(messages.into_iter().filter(|m| m.sequence >= from));
         if let Some(last) = s.page.back() {
             s.next = last.sequence + 1;
         }
@@ -553,19 +670,34 @@ impl Broker {
         };
         s.credit.spend();
         s.last_sent_ms = now_ms;
+        if s.recent.back().is_none_or(|(q, _)| *q < message.sequence) {
+            if s.recent.len() >= RECENT_CAP {
+                s.recent.pop_front();
+            }
+            s.recent.push_back((message.sequence, message.ordinal));
+        }
         let ledger = match (&mut s.own_ledger, &s.group) {
             (Some(l), _) => Some(l),
-            (None, Some(g)) => self.topics.get_mut(&s.topic).and_then(|t| t.groups.get_mut(g)).map(|g| &mut g.ledger),
+            (None, Some(g)) => self
+                .topics
+                .get_mut(&s.topic)
+                .and_then(|t| t.groups.get_mut(g))
+                .map(|g| &mut g.ledger),
             (None, None) => None,
         };
         let delivery_count = ledger.map_or(1, |l| l.record(message.sequence));
-        Some(Delivery { message, delivery_count })
+        Some(Delivery {
+            message,
+            delivery_count,
+        })
     }
 
     /// Whether the subscription has credit and a message it could send
     /// without waiting for storage.
     pub fn has_ready(&self, sub: SubId) -> bool {
-        let Some(s) = self.subs.get(&sub) else { return false };
+        let Some(s) = self.subs.get(&sub) else {
+            return false;
+        };
         !s.credit.is_empty()
             && (!s.redeliver_due.is_empty()
                 || !s.page.is_empty()
@@ -582,7 +714,9 @@ impl Broker {
     }
 
     fn request_page(&mut self, sub: SubId) {
-        let Some(s) = self.subs.get_mut(&sub) else { return };
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return;
+        };
         if s.credit.is_empty() || !s.page.is_empty() || s.page_fetch.is_some() {
             return;
         }
@@ -600,14 +734,23 @@ impl Broker {
         self.next_fetch_id += 1;
         s.page_fetch = Some(id);
         let limit = s.credit.available().min(u64::from(self.config.page_max)) as u32;
-        self.actions.push_back(Action::Fetch(Fetch { sub, id, topic: s.topic.clone(), from: s.next, limit }));
+        self.actions.push_back(Action::Fetch(Fetch {
+            sub,
+            id,
+            topic: s.topic.clone(),
+            from: s.next,
+            limit,
+        }));
     }
 
     // ---- timers ----
 
     fn arm_heartbeat(&mut self, sub: SubId, from_ms: u64) {
         if self.config.heartbeat_interval_ms > 0 {
-            self.timers.insert((from_ms + self.config.heartbeat_interval_ms, Timer::Heartbeat { sub }));
+            self.timers.insert((
+                from_ms + self.config.heartbeat_interval_ms,
+                Timer::Heartbeat { sub },
+            ));
         }
     }
 
@@ -625,12 +768,15 @@ impl Broker {
             self.timers.pop_first();
             match timer {
                 Timer::Heartbeat { sub } => {
-                    let Some(s) = self.subs.get_mut(&sub) else { continue };
+                    let Some(s) = self.subs.get_mut(&sub) else {
+                        continue;
+                    };
                     let due = s.last_sent_ms + self.config.heartbeat_interval_ms;
                     if due <= now_ms {
                         s.last_sent_ms = now_ms;
                         let latest_seq = self.topics.get(&s.topic).map_or(0, |t| t.view.last_seq);
-                        self.actions.push_back(Action::Heartbeat { sub, latest_seq });
+                        self.actions
+                            .push_back(Action::Heartbeat { sub, latest_seq });
                         self.arm_heartbeat(sub, now_ms);
                     } else {
                         self.timers.insert((due, Timer::Heartbeat { sub }));
@@ -642,7 +788,9 @@ impl Broker {
     }
 
     fn redeliver(&mut self, sub: SubId, seq: u64) {
-        let Some(s) = self.subs.get_mut(&sub) else { return };
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return;
+        };
         if !s.redeliver_pending.contains(&seq) {
             return;
         }
@@ -654,49 +802,88 @@ impl Broker {
         let id = self.next_fetch_id;
         self.next_fetch_id += 1;
         s.redeliver_fetches.insert(id, seq);
-        self.actions.push_back(Action::Fetch(Fetch { sub, id, topic: s.topic.clone(), from: seq, limit: 1 }));
+        self.actions.push_back(Action::Fetch(Fetch {
+            sub,
+            id,
+            topic: s.topic.clone(),
+            from: seq,
+            limit: 1,
+        }));
+    }
+
+    /// Retention removed a topic's oldest messages; `first` is the oldest
+    /// left (sequence, ordinal, timestamp), `None` when none is left.
+    pub fn on_trimmed(&mut self, topic: &str, first: Option<(u64, u64, i64)>) {
+        let Some(t) = self.topics.get_mut(topic) else {
+            return;
+        };
+        match first {
+            Some((seq, ordinal, ts)) => {
+                t.view.first_seq = seq;
+                t.view.first_ordinal = ordinal;
+                t.view.first_ts = ts;
+            }
+            None => {
+                t.view.first_seq = 0;
+                t.view.first_ordinal = t.view.last_ordinal + 1;
+                t.view.first_ts = 0;
+            }
+        }
     }
 
     // ---- operator actions ----
 
     /// Forgets a topic; its subscriptions end with `TopicDeleted`.
     pub fn delete_topic(&mut self, topic: &str) -> bool {
-        let Some(t) = self.topics.remove(topic) else { return false };
+        let Some(t) = self.topics.remove(topic) else {
+            return false;
+        };
         self.tail.remove_topic(topic);
         for sub in t.subs {
             self.subs.remove(&sub);
-            self.actions.push_back(Action::End { sub, reason: EndReason::TopicDeleted });
+            self.actions.push_back(Action::End {
+                sub,
+                reason: EndReason::TopicDeleted,
+            });
         }
         true
     }
 
     /// Forgets a group; its active consumer ends with `GroupDeleted`.
     pub fn delete_group(&mut self, topic: &str, group: &str) -> bool {
-        let Some(t) = self.topics.get_mut(topic) else { return false };
-        let Some(g) = t.groups.remove(group) else { return false };
+        let Some(t) = self.topics.get_mut(topic) else {
+            return false;
+        };
+        let Some(g) = t.groups.remove(group) else {
+            return false;
+        };
         if let Some(sub) = g.active {
             t.subs.retain(|s| *s != sub);
             self.subs.remove(&sub);
-            self.actions.push_back(Action::End { sub, reason: EndReason::GroupDeleted });
+            self.actions.push_back(Action::End {
+                sub,
+                reason: EndReason::GroupDeleted,
+            });
         }
         true
     }
 
     /// Moves a group's cursor (its last acknowledged sequence); an active
-    /// consumer continues from the message after it.
+    /// consumer continues from the message after it. The caller persists it.
     pub fn reset_cursor(&mut self, topic: &str, group: &str, sequence: u64) -> bool {
-        let Some(t) = self.topics.get_mut(topic) else { return false };
-        let Some((name, g)) = t.groups.iter_mut().find(|(n, _)| &***n == group) else { return false };
+        let Some(t) = self.topics.get_mut(topic) else {
+            return false;
+        };
+        let Some(g) = t.groups.get_mut(group) else {
+            return false;
+        };
         g.cursor = sequence;
-        g.cursor_ordinal = 0;
+        g.cursor_ordinal = match sequence {
+            0 => 0,
+            s if s >= t.view.last_seq => t.view.last_ordinal,
+            _ => t.view.first_ordinal.saturating_sub(1), // refined by the writer
+        };
         g.ledger.reset();
-        let name = name.clone();
-        self.actions.push_back(Action::PersistCursor {
-            topic: t.view.name.clone(),
-            group: name,
-            sequence,
-            acked_at_ms: g.last_ack_ms,
-        });
         if let Some(sub) = g.active {
             if let Some(s) = self.subs.get_mut(&sub) {
                 s.next = sequence + 1;
@@ -705,6 +892,7 @@ impl Broker {
                 s.redeliver_due.clear();
                 s.redeliver_pending.clear();
                 s.redeliver_fetches.clear();
+                s.recent.clear();
             }
             self.poke(sub);
         }

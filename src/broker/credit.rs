@@ -49,7 +49,9 @@ mod tests {
 
     #[test]
     fn grants_saturate_instead_of_wrapping() {
-        let mut w = CreditWindow { available: u64::MAX - 1 };
+        let mut w = CreditWindow {
+            available: u64::MAX - 1,
+        };
         w.grant(u32::MAX);
         assert_eq!(w.available(), u64::MAX);
     }

@@ -14,7 +14,11 @@ pub struct DeliveryLedger {
 
 impl DeliveryLedger {
     pub fn new(cap: usize) -> Self {
-        DeliveryLedger { delivered_max: 0, counts: BTreeMap::new(), cap: cap.max(1) }
+        DeliveryLedger {
+            delivered_max: 0,
+            counts: BTreeMap::new(),
+            cap: cap.max(1),
+        }
     }
 
     /// Records a delivery of `seq` and returns its delivery count.
@@ -61,7 +65,11 @@ mod tests {
         assert_eq!(l.record(7), 1);
         assert_eq!(l.record(5), 2);
         assert_eq!(l.record(5), 3);
-        assert_eq!(l.record(6), 2, "6 <= delivered_max: it was sent before (or skipped)");
+        assert_eq!(
+            l.record(6),
+            2,
+            "6 <= delivered_max: it was sent before (or skipped)"
+        );
         l.forget_through(5);
         assert_eq!(l.record(7), 2);
     }

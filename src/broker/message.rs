@@ -23,7 +23,11 @@ pub struct StoredMessage {
 impl StoredMessage {
     /// Bytes this message costs in memory, roughly (for cache budgets).
     pub fn footprint(&self) -> usize {
-        let attrs: usize = self.attributes.iter().map(|(k, v)| k.len() + v.len() + 48).sum();
+        let attrs: usize = self
+            .attributes
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 48)
+            .sum();
         std::mem::size_of::<Self>() + self.payload.len() + attrs + 16
     }
 }

@@ -68,7 +68,11 @@ impl MessageId {
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut buf = uuid::Uuid::encode_buffer();
-        f.write_str(uuid::Uuid::from_u128(self.0).hyphenated().encode_lower(&mut buf))
+        f.write_str(
+            uuid::Uuid::from_u128(self.0)
+                .hyphenated()
+                .encode_lower(&mut buf),
+        )
     }
 }
 
@@ -85,7 +89,10 @@ mod tests {
         assert_eq!(id, id.to_lowercase());
         assert_eq!(id.len(), 36);
         let (secs, nanos) = parsed.get_timestamp().unwrap().to_unix();
-        assert_eq!(secs * 1000 + u64::from(nanos) / 1_000_000, 1_700_000_000_123);
+        assert_eq!(
+            secs * 1000 + u64::from(nanos) / 1_000_000,
+            1_700_000_000_123
+        );
     }
 
     #[test]
@@ -107,7 +114,10 @@ mod tests {
     #[test]
     fn rejects_foreign_ids() {
         assert_eq!(MessageId::sequence_in("not-a-uuid", "t"), None);
-        assert_eq!(MessageId::sequence_in("0190d9b1-5c1a-7000-8000-000000000000", "t"), None);
+        assert_eq!(
+            MessageId::sequence_in("0190d9b1-5c1a-7000-8000-000000000000", "t"),
+            None
+        );
         let v4 = "9b2f0c4e-8d1a-4f7b-9c3e-2a5d6e7f8a9b";
         assert_eq!(MessageId::sequence_in(v4, "t"), None);
     }

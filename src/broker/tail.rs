@@ -37,9 +37,10 @@ impl MessageTail {
 
     /// Starts tracking a topic whose messages below `floor` are only on disk.
     pub fn add_topic(&mut self, topic: Arc<str>, floor: u64) {
-        self.topics
-            .entry(topic)
-            .or_insert(TopicTail { messages: VecDeque::new(), floor });
+        self.topics.entry(topic).or_insert(TopicTail {
+            messages: VecDeque::new(),
+            floor,
+        });
     }
 
     pub fn remove_topic(&mut self, topic: &str) {
@@ -51,14 +52,18 @@ impl MessageTail {
 
     /// Appends newly committed messages (ascending sequences) to a topic.
     pub fn append(&mut self, topic: &Arc<str>, messages: &[Arc<StoredMessage>]) {
-        let Some(t) = self.topics.get_mut(topic) else { return };
+        let Some(t) = self.topics.get_mut(topic) else {
+            return;
+        };
         for m in messages {
             self.bytes += m.footprint();
             t.messages.push_back(m.clone());
             self.order.push_back((topic.clone(), m.sequence));
         }
         while self.order.len() > self.max_messages || self.bytes > self.max_bytes {
-            let Some((name, seq)) = self.order.pop_front() else { break };
+            let Some((name, seq)) = self.order.pop_front() else {
+                break;
+            };
             if let Some(t) = self.topics.get_mut(&name) {
                 if t.messages.front().is_some_and(|m| m.sequence == seq) {
                     if let Some(m) = t.messages.pop_front() {

@@ -2,8 +2,7 @@
 //! `[A-Za-z0-9._-]`.
 
 /// The rule, as told to clients when a name breaks it.
-pub const TOPIC_NAME_RULE: &str =
-    "topic names are 1 to 255 characters of [A-Za-z0-9._-]";
+pub const TOPIC_NAME_RULE: &str = "topic names are 1 to 255 characters of [A-Za-z0-9._-]";
 
 /// Checks a topic name; the error text names the rule and the offending name.
 pub fn validate_topic_name(name: &str) -> Result<(), String> {

@@ -25,7 +25,10 @@ pub struct MessageDecoder {
 
 impl MessageDecoder {
     pub fn new(limit: usize) -> Self {
-        MessageDecoder { buf: BytesMut::new(), limit }
+        MessageDecoder {
+            buf: BytesMut::new(),
+            limit,
+        }
     }
 
     /// Adds a DATA chunk.
@@ -47,7 +50,10 @@ impl MessageDecoder {
             other => return Err(FrameError::BadFlag(other)),
         }
         if len > self.limit {
-            return Err(FrameError::TooLarge { declared: len, limit: self.limit });
+            return Err(FrameError::TooLarge {
+                declared: len,
+                limit: self.limit,
+            });
         }
         if self.buf.len() < PREFIX + len {
             self.buf.reserve(PREFIX + len - self.buf.len());
@@ -105,7 +111,13 @@ mod tests {
     fn rejects_an_oversized_length_before_the_body() {
         let mut d = MessageDecoder::new(10);
         d.push(&[0, 0, 0, 0, 11]);
-        assert_eq!(d.next_message(), Err(FrameError::TooLarge { declared: 11, limit: 10 }));
+        assert_eq!(
+            d.next_message(),
+            Err(FrameError::TooLarge {
+                declared: 11,
+                limit: 10
+            })
+        );
     }
 
     #[test]
@@ -126,6 +138,9 @@ mod tests {
         let mut d = MessageDecoder::new(10);
         d.push(&bytes);
         let body = d.next_message().unwrap().unwrap();
-        assert_eq!(<crate::proto::CreditGrant as prost::Message>::decode(body).unwrap(), m);
+        assert_eq!(
+            <crate::proto::CreditGrant as prost::Message>::decode(body).unwrap(),
+            m
+        );
     }
 }

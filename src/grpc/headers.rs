@@ -80,10 +80,16 @@ pub fn check_request<B>(req: &Request<B>) -> Result<CallInfo, Refusal> {
         || content_type.starts_with("application/grpc+proto")
         || content_type.starts_with("application/grpc;");
     if !is_grpc {
-        return Err(Refusal::Http(StatusCode::UNSUPPORTED_MEDIA_TYPE, "content-type must be application/grpc"));
+        return Err(Refusal::Http(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content-type must be application/grpc",
+        ));
     }
     if req.method() != http::Method::POST {
-        return Err(Refusal::Http(StatusCode::METHOD_NOT_ALLOWED, "gRPC requests use POST"));
+        return Err(Refusal::Http(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "gRPC requests use POST",
+        ));
     }
     if let Some(enc) = req.headers().get("grpc-encoding") {
         let enc = enc.to_str().unwrap_or("?");
@@ -95,12 +101,16 @@ pub fn check_request<B>(req: &Request<B>) -> Result<CallInfo, Refusal> {
     }
     let path = req.uri().path();
     let Some(method) = Method::from_path(path) else {
-        return Err(Refusal::Grpc(Status::unimplemented(format!("unknown method {path}"))));
+        return Err(Refusal::Grpc(Status::unimplemented(format!(
+            "unknown method {path}"
+        ))));
     };
     let timeout = match req.headers().get("grpc-timeout") {
         None => None,
         Some(v) => Some(parse_timeout(v.to_str().unwrap_or("")).ok_or_else(|| {
-            Refusal::Grpc(Status::invalid_argument(format!("malformed grpc-timeout {v:?}")))
+            Refusal::Grpc(Status::invalid_argument(format!(
+                "malformed grpc-timeout {v:?}"
+            )))
         })?),
     };
     Ok(CallInfo { method, timeout })
@@ -130,13 +140,22 @@ pub fn parse_timeout(v: &str) -> Option<Duration> {
 /// HEADERS that open a successful response.
 pub fn response_headers() -> Response<()> {
     let mut r = Response::new(());
-    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    r.headers_mut().insert("grpc-accept-encoding", HeaderValue::from_static(ACCEPT_ENCODING));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    r.headers_mut().insert(
+        "grpc-accept-encoding",
+        HeaderValue::from_static(ACCEPT_ENCODING),
+    );
     r
 }
 
 fn put_status(map: &mut HeaderMap, status: &Status) {
-    map.insert("grpc-status", HeaderValue::from_static(status.code.as_str()));
+    map.insert(
+        "grpc-status",
+        HeaderValue::from_static(status.code.as_str()),
+    );
     if !status.message.is_empty() {
         if let Ok(v) = HeaderValue::from_str(&percent_encode(&status.message)) {
             map.insert("grpc-message", v);
@@ -162,7 +181,10 @@ pub fn trailers_only(status: &Status) -> Response<()> {
 pub fn http_refusal(code: StatusCode, why: &str) -> Response<()> {
     let mut r = Response::new(());
     *r.status_mut() = code;
-    r.headers_mut().insert("grpc-status", HeaderValue::from_static(Code::Unknown.as_str()));
+    r.headers_mut().insert(
+        "grpc-status",
+        HeaderValue::from_static(Code::Unknown.as_str()),
+    );
     if let Ok(v) = HeaderValue::from_str(why) {
         r.headers_mut().insert("grpc-message", v);
     }
@@ -174,14 +196,23 @@ mod tests {
     use super::*;
 
     fn req(path: &str, ct: &str) -> Request<()> {
-        Request::builder().method("POST").uri(path).header("content-type", ct).body(()).unwrap()
+        Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("content-type", ct)
+            .body(())
+            .unwrap()
     }
 
     #[test]
     fn routes_known_methods() {
         let info = check_request(&req("/sluice.v1.Sluice/Publish", "application/grpc")).unwrap();
         assert_eq!(info.method, Method::Publish);
-        let info = check_request(&req("/sluice.v1.Sluice/Subscribe", "application/grpc+proto")).unwrap();
+        let info = check_request(&req(
+            "/sluice.v1.Sluice/Subscribe",
+            "application/grpc+proto",
+        ))
+        .unwrap();
         assert_eq!(info.method, Method::Subscribe);
     }
 

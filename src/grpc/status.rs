@@ -28,8 +28,10 @@ pub enum Code {
 impl Code {
     pub fn as_str(self) -> &'static str {
         // Decimal text as it goes in `grpc-status`.
-        const TEXT: [&str; 17] =
-            ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16"];
+        const TEXT: [&str; 17] = [
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+            "16",
+        ];
         TEXT[self as usize]
     }
 }
@@ -43,7 +45,10 @@ pub struct Status {
 
 impl Status {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Status { code, message: message.into() }
+        Status {
+            code,
+            message: message.into(),
+        }
     }
     pub fn ok() -> Self {
         Status::new(Code::Ok, "")

@@ -17,7 +17,9 @@ use super::subscribe::SubscribeCall;
 use super::task::{ReadyQueue, TaskId, TaskWaker};
 use super::unary::UnaryCall;
 use super::Shared;
-use crate::grpc::headers::{check_request, http_refusal, response_headers, trailers_only, Method, Refusal};
+use crate::grpc::headers::{
+    check_request, http_refusal, response_headers, trailers_only, Method, Refusal,
+};
 use crate::grpc::Status;
 
 pub enum Call {
@@ -74,7 +76,13 @@ impl Connection {
             .max_header_list_size(64 * 1024)
             .max_send_buffer_size(256 * 1024)
             .handshake(io);
-        let (task, waker) = TaskWaker::new(TaskId { conn: token, slot: None }, queue.clone());
+        let (task, waker) = TaskWaker::new(
+            TaskId {
+                conn: token,
+                slot: None,
+            },
+            queue.clone(),
+        );
         Connection {
             token,
             fd,
@@ -113,7 +121,10 @@ impl Connection {
 
     /// Every call (for shutdown and teardown).
     pub fn calls_mut(&mut self) -> impl Iterator<Item = (u64, usize, &mut Call)> {
-        self.slots.iter_mut().enumerate().filter_map(|(i, s)| s.as_mut().map(|s| (s.uid, i, &mut s.call)))
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_mut().map(|s| (s.uid, i, &mut s.call)))
     }
 
     /// Sends GOAWAY and lets in-flight calls finish.
@@ -153,9 +164,13 @@ impl Connection {
             }
         }
         loop {
-            let Phase::Serving(conn) = &mut self.phase else { return };
+            let Phase::Serving(conn) = &mut self.phase else {
+                return;
+            };
             match conn.poll_accept(&mut cx) {
-                Poll::Ready(Some(Ok((request, respond)))) => self.open_call(request, respond, shared),
+                Poll::Ready(Some(Ok((request, respond)))) => {
+                    self.open_call(request, respond, shared)
+                }
                 Poll::Ready(Some(Err(e))) => {
                     if e.is_io() || e.is_go_away() {
                         log::debug!("conn {}: closed: {e}", self.token);
@@ -199,29 +214,49 @@ impl Connection {
         let recv = request.into_body();
         let call = if info.method == Method::Subscribe {
             match respond.send_response(response_headers(), false) {
-                Ok(send) => Call::Subscribe(SubscribeCall::new(recv, send, shared.max_message_bytes)),
+                Ok(send) => {
+                    Call::Subscribe(SubscribeCall::new(recv, send, shared.max_message_bytes))
+                }
                 Err(e) => {
                     log::debug!("conn {}: subscribe response failed: {e}", self.token);
                     return;
                 }
             }
         } else {
-            Call::Unary(UnaryCall::new(info.method, recv, respond, shared.max_message_bytes))
+            Call::Unary(UnaryCall::new(
+                info.method,
+                recv,
+                respond,
+                shared.max_message_bytes,
+            ))
         };
         let slot = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
             self.slots.len() - 1
         });
         let uid = shared.next_uid();
-        let (task, waker) = TaskWaker::new(TaskId { conn: self.token, slot: Some(slot) }, self.queue.clone());
+        let (task, waker) = TaskWaker::new(
+            TaskId {
+                conn: self.token,
+                slot: Some(slot),
+            },
+            self.queue.clone(),
+        );
         task.schedule();
         shared.routes.insert(uid, (self.token, slot));
-        self.slots[slot] = Some(Slot { uid, task, waker, call });
+        self.slots[slot] = Some(Slot {
+            uid,
+            task,
+            waker,
+            call,
+        });
     }
 
     /// Drives one call's task.
     pub fn poll_slot(&mut self, slot: usize, shared: &mut Shared) {
-        let Some(Some(s)) = self.slots.get_mut(slot) else { return };
+        let Some(Some(s)) = self.slots.get_mut(slot) else {
+            return;
+        };
         s.task.clear();
         let waker = s.waker.clone();
         let mut cx = Context::from_waker(&waker);

@@ -22,7 +22,11 @@ fn would_block<T>(r: io::Result<T>) -> Poll<io::Result<T>> {
 }
 
 impl AsyncRead for SocketIo {
-    fn poll_read(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
             match this.stream.read(buf.initialize_unfilled()) {
@@ -38,7 +42,11 @@ impl AsyncRead for SocketIo {
 }
 
 impl AsyncWrite for SocketIo {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         loop {
             match this.stream.write(buf) {

@@ -52,7 +52,9 @@ impl Clock {
         self.start.elapsed().as_millis() as u64
     }
     pub fn wall_ms(&self) -> i64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
     }
     fn instant_of(&self, ms: u64) -> Instant {
         self.start + Duration::from_millis(ms)
@@ -72,7 +74,7 @@ pub struct Shared {
     pub shutting_down: bool,
     uid: u64,
     /// Cursor writes coalesced per group until the writer has room.
-    cursors: HashMap<(Arc<str>, Arc<str>), (u64, i64)>,
+    pub cursors: HashMap<(Arc<str>, Arc<str>), (u64, i64)>,
 }
 
 impl Shared {
@@ -89,13 +91,17 @@ impl Shared {
         }
         match self.writer.try_send(req) {
             Ok(()) => {}
-            Err(TrySendError::Full(req)) | Err(TrySendError::Disconnected(req)) => self.parked.push_back(req),
+            Err(TrySendError::Full(req)) | Err(TrySendError::Disconnected(req)) => {
+                self.parked.push_back(req)
+            }
         }
     }
 
     fn flush_parked(&mut self) {
         while let Some(req) = self.parked.pop_front() {
-            if let Err(TrySendError::Full(req) | TrySendError::Disconnected(req)) = self.writer.try_send(req) {
+            if let Err(TrySendError::Full(req) | TrySendError::Disconnected(req)) =
+                self.writer.try_send(req)
+            {
                 self.parked.push_front(req);
                 return;
             }
@@ -103,7 +109,13 @@ impl Shared {
         if !self.cursors.is_empty() {
             let cursors: Vec<_> = self.cursors.drain().collect();
             for ((topic, group), (sequence, acked_at_ms)) in cursors {
-                self.submit(WriteRequest::SetCursor { topic, group, sequence, acked_at_ms });
+                self.submit(WriteRequest::SetCursor {
+                    token: None,
+                    topic,
+                    group,
+                    sequence,
+                    acked_at_ms,
+                });
             }
         }
     }
@@ -155,8 +167,10 @@ impl Reactor {
         links: StorageLinks,
         config: ReactorConfig,
     ) -> std::io::Result<Self> {
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
         Ok(Reactor {
             poll,
             listener: Some(listener),
@@ -170,7 +184,9 @@ impl Reactor {
                 parked: VecDeque::new(),
                 routes: HashMap::new(),
                 max_message_bytes: config.h2.max_message_bytes,
-                clock: Clock { start: Instant::now() },
+                clock: Clock {
+                    start: Instant::now(),
+                },
                 shutting_down: false,
                 uid: 0,
                 cursors: HashMap::new(),
@@ -189,7 +205,11 @@ impl Reactor {
         let mut events = Events::with_capacity(1024);
         let mut ids = Vec::new();
         loop {
-            let timeout = if self.queue.is_empty() { self.next_timeout() } else { Some(Duration::ZERO) };
+            let timeout = if self.queue.is_empty() {
+                self.next_timeout()
+            } else {
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != ErrorKind::Interrupted {
                     return Err(e);
@@ -225,7 +245,10 @@ impl Reactor {
                     return Ok(());
                 }
                 if Instant::now() >= deadline {
-                    log::warn!("shutdown: grace period over, closing {} connections", self.conns.len());
+                    log::warn!(
+                        "shutdown: grace period over, closing {} connections",
+                        self.conns.len()
+                    );
                     return Ok(());
                 }
             }
@@ -234,7 +257,11 @@ impl Reactor {
 
     fn next_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
-        let broker = self.shared.broker.next_deadline().map(|ms| self.shared.clock.instant_of(ms));
+        let broker = self
+            .shared
+            .broker
+            .next_deadline()
+            .map(|ms| self.shared.clock.instant_of(ms));
         let at = match (broker, self.shutdown_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -243,25 +270,37 @@ impl Reactor {
     }
 
     fn accept(&mut self) {
-        let Some(listener) = self.listener.as_ref() else { return };
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
         loop {
             match listener.accept() {
                 Ok((mut stream, peer)) => {
                     if self.conns.len() >= self.config.max_connections {
-                        log::warn!("refusing connection from {peer}: --max-connections ({}) reached", self.config.max_connections);
+                        log::warn!(
+                            "refusing connection from {peer}: --max-connections ({}) reached",
+                            self.config.max_connections
+                        );
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
                     let token = self.next_token;
                     self.next_token += 1;
-                    if let Err(e) =
-                        self.poll.registry().register(&mut stream, Token(token), Interest::READABLE | Interest::WRITABLE)
-                    {
+                    if let Err(e) = self.poll.registry().register(
+                        &mut stream,
+                        Token(token),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
                         log::warn!("cannot register connection from {peer}: {e}");
                         continue;
                     }
                     log::debug!("conn {token}: accepted from {peer}");
-                    let conn = Connection::new(token, SocketIo { stream }, &self.config.h2, self.queue.clone());
+                    let conn = Connection::new(
+                        token,
+                        SocketIo { stream },
+                        &self.config.h2,
+                        self.queue.clone(),
+                    );
                     conn.schedule();
                     self.conns.insert(token, conn);
                 }
@@ -280,7 +319,9 @@ impl Reactor {
             match outcome {
                 WriteOutcome::Appended { token, result } => {
                     if let Ok(a) = &result {
-                        self.shared.broker.on_committed(&a.topic, a.created_at_ms, &a.messages);
+                        self.shared
+                            .broker
+                            .on_committed(&a.topic, a.created_at_ms, &a.messages);
                     }
                     if let Some(&(conn, slot)) = self.shared.routes.get(&token) {
                         if let Some(c) = self.conns.get_mut(&conn) {
@@ -291,13 +332,67 @@ impl Reactor {
                         }
                     }
                 }
-                WriteOutcome::CursorSaved { topic, group, sequence, ordinal } => {
-                    self.shared.broker.set_cursor_ordinal(&topic, &group, sequence, ordinal);
+                WriteOutcome::CursorSaved {
+                    token,
+                    topic,
+                    group,
+                    sequence,
+                    ordinal,
+                } => {
+                    self.shared
+                        .broker
+                        .set_cursor_ordinal(&topic, &group, sequence, ordinal);
+                    if let Some(token) = token {
+                        self.complete_call(token, Ok(rpc::reset_reply(true)));
+                    }
+                }
+                WriteOutcome::TopicDeleted {
+                    token,
+                    topic,
+                    result,
+                } => {
+                    // Applied now, in commit order: appends committed before
+                    // the delete are already in, later ones re-create it.
+                    let existed = self.shared.broker.delete_topic(&topic);
+                    self.shared.cursors.retain(|(t, _), _| *t != topic);
+                    let reply = result
+                        .map(|stored| rpc::delete_topic_reply(stored || existed))
+                        .map_err(|e| rpc::storage_status(&e));
+                    self.complete_call(token, reply);
+                }
+                WriteOutcome::GroupDeleted { token, result } => {
+                    let reply = result
+                        .map(|_| rpc::delete_group_reply(true))
+                        .map_err(|e| rpc::storage_status(&e));
+                    self.complete_call(token, reply);
+                }
+                WriteOutcome::Trimmed {
+                    topic,
+                    first,
+                    removed,
+                } => {
+                    log::debug!("retention: removed {removed} messages of {topic}");
+                    self.shared.broker.on_trimmed(&topic, first);
                 }
             }
         }
         while let Ok(page) = self.pages.try_recv() {
-            self.shared.broker.on_page(page.sub, page.fetch, page.messages, page.end);
+            self.shared
+                .broker
+                .on_page(page.sub, page.fetch, page.messages, page.end);
+        }
+    }
+
+    /// Hands a finished writer round trip to the unary call waiting on it.
+    fn complete_call(&mut self, token: u64, reply: Result<bytes::Bytes, Status>) {
+        let Some(&(conn, slot)) = self.shared.routes.get(&token) else {
+            return;
+        };
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if let Some(Call::Unary(call)) = c.call_mut(slot, token) {
+                call.complete(reply);
+            }
+            c.schedule_slot(slot);
         }
     }
 
@@ -319,11 +414,24 @@ impl Reactor {
                     from: f.from,
                     limit: f.limit,
                 }),
-                Action::PersistCursor { topic, group, sequence, acked_at_ms } => {
-                    self.shared.cursors.insert((topic, group), (sequence, acked_at_ms));
+                Action::PersistCursor {
+                    topic,
+                    group,
+                    sequence,
+                    acked_at_ms,
+                } => {
+                    self.shared
+                        .cursors
+                        .insert((topic, group), (sequence, acked_at_ms));
                 }
-                Action::CreateTopic { topic, created_at_ms } => {
-                    self.shared.submit(WriteRequest::CreateTopic { topic, created_at_ms });
+                Action::CreateTopic {
+                    topic,
+                    created_at_ms,
+                } => {
+                    self.shared.submit(WriteRequest::CreateTopic {
+                        topic,
+                        created_at_ms,
+                    });
                 }
                 Action::End { sub, reason } => {
                     self.with_subscription(sub, |call, _| call.ended_by_broker(reason));
@@ -336,9 +444,17 @@ impl Reactor {
         }
     }
 
-    fn with_subscription(&mut self, sub: u64, f: impl FnOnce(&mut subscribe::SubscribeCall, &mut Shared)) {
-        let Some(&(conn, slot)) = self.shared.routes.get(&sub) else { return };
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+    fn with_subscription(
+        &mut self,
+        sub: u64,
+        f: impl FnOnce(&mut subscribe::SubscribeCall, &mut Shared),
+    ) {
+        let Some(&(conn, slot)) = self.shared.routes.get(&sub) else {
+            return;
+        };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
         if let Some(Call::Subscribe(call)) = c.call_mut(slot, sub) {
             f(call, &mut self.shared);
         }
@@ -366,14 +482,19 @@ impl Reactor {
                 break;
             }
             for id in ids.iter() {
-                let Some(conn) = self.conns.get_mut(&id.conn) else { continue };
+                let Some(conn) = self.conns.get_mut(&id.conn) else {
+                    continue;
+                };
                 let shared = &mut self.shared;
                 let outcome = catch_unwind(AssertUnwindSafe(|| match id.slot {
                     None => conn.poll(shared),
                     Some(slot) => conn.poll_slot(slot, shared),
                 }));
                 if outcome.is_err() {
-                    log::error!("conn {}: panic while serving it; dropping the connection", id.conn);
+                    log::error!(
+                        "conn {}: panic while serving it; dropping the connection",
+                        id.conn
+                    );
                     dead.push(id.conn);
                 } else if conn.is_closed() {
                     dead.push(id.conn);
@@ -387,7 +508,9 @@ impl Reactor {
     }
 
     fn close(&mut self, token: usize) {
-        let Some(mut conn) = self.conns.remove(&token) else { return };
+        let Some(mut conn) = self.conns.remove(&token) else {
+            return;
+        };
         let _ = self.poll.registry().deregister(&mut SourceFd(&conn.fd()));
         let shared = &mut self.shared;
         if catch_unwind(AssertUnwindSafe(|| conn.teardown(shared))).is_err() {
@@ -403,7 +526,10 @@ impl Reactor {
             self.shutdown_deadline = Some(Instant::now());
             return;
         }
-        log::info!("shutdown: signal {signals:?}, draining {} connections", self.conns.len());
+        log::info!(
+            "shutdown: signal {signals:?}, draining {} connections",
+            self.conns.len()
+        );
         crate::notify::notify("STOPPING=1");
         self.shared.shutting_down = true;
         self.shutdown_deadline = Some(Instant::now() + self.config.shutdown_grace);

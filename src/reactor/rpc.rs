@@ -8,7 +8,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::Shared;
-use crate::broker::validate_topic_name;
+use crate::broker::{validate_topic_name, Broker};
 use crate::grpc::headers::Method;
 use crate::grpc::{encode_message, Code, Status};
 use crate::proto;
@@ -23,7 +23,13 @@ pub enum Handled {
 
 fn decode<M: Message + Default>(body: Bytes) -> Result<M, Status> {
     M::decode(body).map_err(|e| {
-        Status::internal(format!("failed to decode {}: {e}", std::any::type_name::<M>().rsplit("::").next().unwrap_or("request")))
+        Status::internal(format!(
+            "failed to decode {}: {e}",
+            std::any::type_name::<M>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("request")
+        ))
     })
 }
 
@@ -39,22 +45,38 @@ fn dispatch(method: Method, body: Bytes, uid: u64, shared: &mut Shared) -> Resul
         Method::Publish => {
             let req: proto::PublishRequest = decode(body)?;
             validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
-            let messages = vec![NewMessage { payload: req.payload, attributes: req.attributes }];
-            shared.submit(WriteRequest::Append { token: uid, topic: req.topic.into(), messages });
+            let messages = vec![NewMessage {
+                payload: req.payload,
+                attributes: req.attributes,
+            }];
+            shared.submit(WriteRequest::Append {
+                token: uid,
+                topic: req.topic.into(),
+                messages,
+            });
             Ok(Handled::Submitted)
         }
         Method::BatchPublish => {
             let req: proto::BatchPublishRequest = decode(body)?;
             validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
             if req.messages.is_empty() {
-                return Err(Status::invalid_argument("BatchPublish needs at least one message"));
+                return Err(Status::invalid_argument(
+                    "BatchPublish needs at least one message",
+                ));
             }
             let messages = req
                 .messages
                 .into_iter()
-                .map(|m| NewMessage { payload: m.payload, attributes: m.attributes })
+                .map(|m| NewMessage {
+                    payload: m.payload,
+                    attributes: m.attributes,
+                })
                 .collect();
-            shared.submit(WriteRequest::Append { token: uid, topic: req.topic.into(), messages });
+            shared.submit(WriteRequest::Append {
+                token: uid,
+                topic: req.topic.into(),
+                messages,
+            });
             Ok(Handled::Submitted)
         }
         Method::ListTopics => {
@@ -62,29 +84,157 @@ fn dispatch(method: Method, body: Bytes, uid: u64, shared: &mut Shared) -> Resul
             let topics = shared
                 .broker
                 .topics()
-                .map(|t| proto::Topic { name: t.name.to_string(), created_at: t.created_at_ms })
+                .map(|t| proto::Topic {
+                    name: t.name.to_string(),
+                    created_at: t.created_at_ms,
+                })
                 .collect();
-            Ok(Handled::Reply(Ok(encode_message(&proto::ListTopicsResponse { topics }))))
+            Ok(Handled::Reply(Ok(encode_message(
+                &proto::ListTopicsResponse { topics },
+            ))))
         }
-        Method::GetTopicStats | Method::DeleteTopic | Method::DeleteConsumerGroup | Method::ResetCursor => {
-            Err(Status::unimplemented(format!("{} is not implemented yet", method.name())))
+        Method::GetTopicStats => {
+            let req: proto::GetTopicStatsRequest = decode(body)?;
+            Ok(Handled::Reply(topic_stats(&shared.broker, &req.topics)))
+        }
+        Method::DeleteTopic => {
+            let req: proto::DeleteTopicRequest = decode(body)?;
+            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
+            if shared.broker.topic(&req.topic).is_none() {
+                return Ok(Handled::Reply(Ok(delete_topic_reply(false))));
+            }
+            // The broker forgets the topic when the writer reports the delete,
+            // so it is ordered with the appends around it.
+            shared.submit(WriteRequest::DeleteTopic {
+                token: uid,
+                topic: req.topic.into(),
+            });
+            Ok(Handled::Submitted)
+        }
+        Method::DeleteConsumerGroup => {
+            let req: proto::DeleteConsumerGroupRequest = decode(body)?;
+            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
+            let group = group_name(req.consumer_group);
+            if !shared.broker.delete_group(&req.topic, &group) {
+                return Ok(Handled::Reply(Ok(delete_group_reply(false))));
+            }
+            let (topic, group): (Arc<str>, Arc<str>) = (req.topic.into(), group.into());
+            shared.cursors.remove(&(topic.clone(), group.clone()));
+            shared.submit(WriteRequest::DeleteGroup {
+                token: uid,
+                topic,
+                group,
+            });
+            Ok(Handled::Submitted)
+        }
+        Method::ResetCursor => {
+            let req: proto::ResetCursorRequest = decode(body)?;
+            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
+            let group = group_name(req.consumer_group);
+            if !shared.broker.reset_cursor(&req.topic, &group, req.sequence) {
+                return Ok(Handled::Reply(Ok(reset_reply(false))));
+            }
+            let (topic, group): (Arc<str>, Arc<str>) = (req.topic.into(), group.into());
+            // An older coalesced ack must not land after the reset.
+            shared.cursors.remove(&(topic.clone(), group.clone()));
+            let acked_at_ms = shared.clock.wall_ms();
+            shared.submit(WriteRequest::SetCursor {
+                topic,
+                group,
+                sequence: req.sequence,
+                acked_at_ms,
+                token: Some(uid),
+            });
+            Ok(Handled::Submitted)
         }
         Method::Subscribe => Err(Status::internal("Subscribe is a streaming method")),
     }
 }
 
-/// The response to send for a finished append.
-pub fn reply_for_append(method: Method, result: &Result<Appended, StorageError>) -> Result<Bytes, Status> {
-    let appended = result.as_ref().map_err(|e| {
-        if e.disk_full {
-            Status::unavailable(format!("storage is full: {}", e.message))
-        } else {
-            Status::new(Code::Internal, format!("storage failure: {}", e.message))
+/// An empty consumer group name means "default", on every RPC.
+fn group_name(g: String) -> String {
+    if g.is_empty() {
+        "default".into()
+    } else {
+        g
+    }
+}
+
+/// Stats for the named topics (all when none are named).
+fn topic_stats(broker: &Broker, names: &[String]) -> Result<Bytes, Status> {
+    let mut views = Vec::new();
+    if names.is_empty() {
+        views.extend(broker.topics().cloned());
+    } else {
+        for name in names {
+            validate_topic_name(name).map_err(Status::invalid_argument)?;
+            let view = broker
+                .topic(name)
+                .ok_or_else(|| Status::new(Code::NotFound, format!("topic {name:?} not found")))?;
+            views.push(view.clone());
         }
-    })?;
+    }
+    let stats = views
+        .into_iter()
+        .map(|t| {
+            let empty = t.total_messages() == 0;
+            proto::TopicStats {
+                topic: t.name.to_string(),
+                total_messages: t.total_messages(),
+                first_sequence: if empty { 0 } else { t.first_seq },
+                last_sequence: if empty { 0 } else { t.last_seq },
+                first_message_timestamp: if empty { 0 } else { t.first_ts },
+                last_message_timestamp: if empty { 0 } else { t.last_ts },
+                created_at: t.created_at_ms,
+                consumer_groups: broker
+                    .groups(&t.name)
+                    .into_iter()
+                    .map(|g| proto::ConsumerGroupStats {
+                        group_name: g.name.to_string(),
+                        cursor_sequence: g.cursor,
+                        pending_count: t.pending_after(g.cursor, g.cursor_ordinal),
+                        last_ack_timestamp: g.last_ack_ms,
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    Ok(encode_message(&proto::GetTopicStatsResponse { stats }))
+}
+
+pub fn reset_reply(updated: bool) -> Bytes {
+    encode_message(&proto::ResetCursorResponse { updated })
+}
+
+pub fn delete_topic_reply(deleted: bool) -> Bytes {
+    encode_message(&proto::DeleteTopicResponse { deleted })
+}
+
+pub fn delete_group_reply(deleted: bool) -> Bytes {
+    encode_message(&proto::DeleteConsumerGroupResponse { deleted })
+}
+
+/// The status for a storage failure.
+pub fn storage_status(e: &StorageError) -> Status {
+    if e.disk_full {
+        Status::unavailable(format!("storage is full: {}", e.message))
+    } else {
+        Status::new(Code::Internal, format!("storage failure: {}", e.message))
+    }
+}
+
+/// The response to send for a finished append.
+pub fn reply_for_append(
+    method: Method,
+    result: &Result<Appended, StorageError>,
+) -> Result<Bytes, Status> {
+    let appended = result.as_ref().map_err(storage_status)?;
     Ok(match method {
         Method::Publish => {
-            let m = appended.messages.first().ok_or_else(|| Status::internal("empty append"))?;
+            let m = appended
+                .messages
+                .first()
+                .ok_or_else(|| Status::internal("empty append"))?;
             encode_message(&proto::PublishResponse {
                 message_id: m.id.to_string(),
                 sequence: m.sequence,
@@ -95,14 +245,12 @@ pub fn reply_for_append(method: Method, result: &Result<Appended, StorageError>)
             results: appended
                 .messages
                 .iter()
-                .map(|m| proto::PublishResult { message_id: m.id.to_string(), sequence: m.sequence })
+                .map(|m| proto::PublishResult {
+                    message_id: m.id.to_string(),
+                    sequence: m.sequence,
+                })
                 .collect(),
             timestamp: appended.timestamp_ms,
         }),
     })
-}
-
-/// A topic name shared with the broker when it already knows the topic.
-pub fn shared_topic_name(shared: &Shared, name: &str) -> Arc<str> {
-    shared.broker.topic(name).map_or_else(|| name.into(), |t| t.name.clone())
 }

@@ -34,14 +34,16 @@ pub struct SubscribeCall {
 fn encode_delivery(d: Delivery) -> Bytes {
     let m = &d.message;
     encode_message(&proto::SubscribeDownstream {
-        response: Some(subscribe_downstream::Response::Delivery(proto::MessageDelivery {
-            message_id: m.id.to_string(),
-            sequence: m.sequence,
-            payload: m.payload.clone(),
-            attributes: m.attributes.clone(),
-            timestamp: m.timestamp_ms,
-            delivery_count: d.delivery_count,
-        })),
+        response: Some(subscribe_downstream::Response::Delivery(
+            proto::MessageDelivery {
+                message_id: m.id.to_string(),
+                sequence: m.sequence,
+                payload: m.payload.clone(),
+                attributes: m.attributes.clone(),
+                timestamp: m.timestamp_ms,
+                delivery_count: d.delivery_count,
+            },
+        )),
     })
 }
 
@@ -62,10 +64,12 @@ impl SubscribeCall {
     pub fn heartbeat(&mut self, wall_ms: i64, latest_seq: u64) {
         if self.control.is_none() && self.pending.is_none() && self.end.is_none() {
             self.control = Some(encode_message(&proto::SubscribeDownstream {
-                response: Some(subscribe_downstream::Response::Heartbeat(proto::Heartbeat {
-                    timestamp: wall_ms,
-                    latest_seq,
-                })),
+                response: Some(subscribe_downstream::Response::Heartbeat(
+                    proto::Heartbeat {
+                        timestamp: wall_ms,
+                        latest_seq,
+                    },
+                )),
             }));
         }
     }
@@ -73,11 +77,22 @@ impl SubscribeCall {
     /// The broker ended this subscription.
     pub fn ended_by_broker(&mut self, reason: EndReason) {
         let (code, message, status) = match reason {
-            EndReason::TakenOver => {
-                (None, "", Status::new(Code::Aborted, "another consumer subscribed with the same topic and group"))
+            EndReason::TakenOver => (
+                None,
+                "",
+                Status::new(
+                    Code::Aborted,
+                    "another consumer subscribed with the same topic and group",
+                ),
+            ),
+            EndReason::TopicDeleted => {
+                (Some("TOPIC_DELETED"), "the topic was deleted", Status::ok())
             }
-            EndReason::TopicDeleted => (Some("TOPIC_DELETED"), "the topic was deleted", Status::ok()),
-            EndReason::GroupDeleted => (Some("GROUP_DELETED"), "the consumer group was deleted", Status::ok()),
+            EndReason::GroupDeleted => (
+                Some("GROUP_DELETED"),
+                "the consumer group was deleted",
+                Status::ok(),
+            ),
         };
         self.initialised = false; // the broker already forgot it
         self.finish(status);
@@ -166,7 +181,9 @@ impl SubscribeCall {
                     // granted is still delivered.
                     self.recv = None;
                     if !self.initialised && self.end.is_none() {
-                        self.finish(Status::invalid_argument("stream closed before SubscriptionInit"));
+                        self.finish(Status::invalid_argument(
+                            "stream closed before SubscriptionInit",
+                        ));
                     }
                 }
                 Poll::Pending => return,
@@ -181,12 +198,16 @@ impl SubscribeCall {
             return if self.initialised {
                 Ok(())
             } else {
-                Err(Status::invalid_argument("the first message must be SubscriptionInit"))
+                Err(Status::invalid_argument(
+                    "the first message must be SubscriptionInit",
+                ))
             };
         };
         if !self.initialised {
             let subscribe_upstream::Request::Init(init) = request else {
-                return Err(Status::invalid_argument("the first message must be SubscriptionInit"));
+                return Err(Status::invalid_argument(
+                    "the first message must be SubscriptionInit",
+                ));
             };
             let start = match proto::InitialPosition::try_from(init.initial_position) {
                 Ok(proto::InitialPosition::Latest) => Start::Latest,
@@ -202,29 +223,53 @@ impl SubscribeCall {
             let group = match proto::SubscriptionMode::try_from(init.mode) {
                 Ok(proto::SubscriptionMode::ConsumerGroup) => Some(init.consumer_group),
                 Ok(proto::SubscriptionMode::Browse) => None,
-                Err(_) => return Err(Status::invalid_argument(format!("unknown mode {}", init.mode))),
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown mode {}",
+                        init.mode
+                    )))
+                }
             };
             let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
             shared
                 .broker
-                .subscribe(uid, SubscribeRequest { topic: init.topic.clone(), group, start }, now, wall)
+                .subscribe(
+                    uid,
+                    SubscribeRequest {
+                        topic: init.topic.clone(),
+                        group,
+                        start,
+                    },
+                    now,
+                    wall,
+                )
                 .map_err(Status::invalid_argument)?;
             self.initialised = true;
-            log::debug!("sub {uid}: subscribed to {} (consumer {:?})", init.topic, init.consumer_id);
+            log::debug!(
+                "sub {uid}: subscribed to {} (consumer {:?})",
+                init.topic,
+                init.consumer_id
+            );
             return Ok(());
         }
         let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
         match request {
             subscribe_upstream::Request::Init(_) => {
-                return Err(Status::invalid_argument("SubscriptionInit may be sent only once per stream"))
+                return Err(Status::invalid_argument(
+                    "SubscriptionInit may be sent only once per stream",
+                ))
             }
             subscribe_upstream::Request::Credit(c) => shared.broker.grant(uid, c.credits),
             subscribe_upstream::Request::Ack(a) => shared.broker.ack(uid, &a.message_id, wall),
             subscribe_upstream::Request::Nack(n) => {
-                shared.broker.nack(uid, &n.message_id, n.redelivery_delay_ms, now)
+                shared
+                    .broker
+                    .nack(uid, &n.message_id, n.redelivery_delay_ms, now)
             }
             subscribe_upstream::Request::BatchAck(b) => {
-                shared.broker.ack_many(uid, b.message_ids.iter().map(String::as_str), wall)
+                shared
+                    .broker
+                    .ack_many(uid, b.message_ids.iter().map(String::as_str), wall)
             }
         }
         Ok(())
@@ -237,9 +282,14 @@ impl SubscribeCall {
                 self.pending = self.control.take();
             }
             if self.pending.is_none() && self.end.is_none() && self.initialised {
-                self.pending = shared.broker.next_delivery(uid, shared.clock.now_ms()).map(encode_delivery);
+                self.pending = shared
+                    .broker
+                    .next_delivery(uid, shared.clock.now_ms())
+                    .map(encode_delivery);
             }
-            let Some(mut bytes) = self.pending.take() else { break };
+            let Some(mut bytes) = self.pending.take() else {
+                break;
+            };
             let room = capacity(&mut self.send, bytes.len(), cx)?;
             if room == 0 {
                 self.pending = Some(bytes);

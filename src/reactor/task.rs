@@ -23,7 +23,11 @@ pub struct ReadyQueue {
 
 impl ReadyQueue {
     pub fn new(poll_waker: mio::Waker) -> Arc<Self> {
-        Arc::new(ReadyQueue { ids: Mutex::new(Vec::new()), poll_waker, reactor: std::thread::current().id() })
+        Arc::new(ReadyQueue {
+            ids: Mutex::new(Vec::new()),
+            poll_waker,
+            reactor: std::thread::current().id(),
+        })
     }
 
     fn push(&self, id: TaskId) {
@@ -61,7 +65,11 @@ pub struct TaskWaker {
 
 impl TaskWaker {
     pub fn new(id: TaskId, queue: Arc<ReadyQueue>) -> (Arc<TaskWaker>, Waker) {
-        let tw = Arc::new(TaskWaker { id, queued: AtomicBool::new(false), queue });
+        let tw = Arc::new(TaskWaker {
+            id,
+            queued: AtomicBool::new(false),
+            queue,
+        });
         let waker = Waker::from(tw.clone());
         (tw, waker)
     }

@@ -37,16 +37,29 @@ pub fn frame_status(e: FrameError) -> Status {
             crate::grpc::Code::ResourceExhausted,
             format!("received message larger than max ({declared} vs. {limit})"),
         ),
-        FrameError::Compressed => {
-            Status::internal("compressed flag set but no grpc-encoding was negotiated for the request")
-        }
-        FrameError::BadFlag(f) => Status::internal(format!("invalid compressed-flag byte {f} in message prefix")),
+        FrameError::Compressed => Status::internal(
+            "compressed flag set but no grpc-encoding was negotiated for the request",
+        ),
+        FrameError::BadFlag(f) => Status::internal(format!(
+            "invalid compressed-flag byte {f} in message prefix"
+        )),
     }
 }
 
 impl UnaryCall {
-    pub fn new(method: Method, recv: RecvStream, respond: SendResponse<Bytes>, max_message: usize) -> Self {
-        UnaryCall { method, recv: Some(recv), respond, decoder: MessageDecoder::new(max_message), state: State::Reading }
+    pub fn new(
+        method: Method,
+        recv: RecvStream,
+        respond: SendResponse<Bytes>,
+        max_message: usize,
+    ) -> Self {
+        UnaryCall {
+            method,
+            recv: Some(recv),
+            respond,
+            decoder: MessageDecoder::new(max_message),
+            state: State::Reading,
+        }
     }
 
     pub fn method(&self) -> Method {
@@ -68,7 +81,7 @@ impl UnaryCall {
         if matches!(self.state, State::Waiting) {
             // A client that gives up does not undo a durable write; only
             // notice it so the slot is freed once the reply is dropped.
-            if let Poll::Ready(_) = self.respond.poll_reset(cx) {
+            if self.respond.poll_reset(cx).is_ready() {
                 log::debug!("call {uid}: client reset the stream while waiting for the commit");
             }
         }
@@ -81,7 +94,9 @@ impl UnaryCall {
     }
 
     fn read(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) {
-        let Some(recv) = self.recv.as_mut() else { return };
+        let Some(recv) = self.recv.as_mut() else {
+            return;
+        };
         loop {
             match recv.poll_data(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
@@ -118,7 +133,10 @@ impl UnaryCall {
                     } else {
                         "request ended without a message"
                     };
-                    self.state = State::Reply(Err(Status::internal(format!("{} {why}", self.method.name()))));
+                    self.state = State::Reply(Err(Status::internal(format!(
+                        "{} {why}",
+                        self.method.name()
+                    ))));
                     return;
                 }
                 Poll::Pending => return,

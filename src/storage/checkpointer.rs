@@ -17,7 +17,11 @@ pub struct Checkpointer {
     pub thread: JoinHandle<()>,
 }
 
-pub fn spawn(conn: Connection, every: Duration, restart_pages: i64) -> std::io::Result<Checkpointer> {
+pub fn spawn(
+    conn: Connection,
+    every: Duration,
+    restart_pages: i64,
+) -> std::io::Result<Checkpointer> {
     let (stop, rx) = crossbeam_channel::bounded::<()>(1);
     let thread = std::thread::Builder::new()
         .name("sluice-checkpoint".into())
@@ -26,15 +30,14 @@ pub fn spawn(conn: Connection, every: Duration, restart_pages: i64) -> std::io::
 }
 
 fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64, i64)> {
-    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+    conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })
 }
 
 fn run(conn: Connection, stop: Receiver<()>, every: Duration, restart_pages: i64) {
     loop {
-        let stopping = match stop.recv_timeout(every) {
-            Err(RecvTimeoutError::Timeout) => false,
-            _ => true,
-        };
+        let stopping = !matches!(stop.recv_timeout(every), Err(RecvTimeoutError::Timeout));
         match checkpoint(&conn, "PASSIVE") {
             Ok((_, log, _)) if log > restart_pages => {
                 if let Err(e) = checkpoint(&conn, "RESTART") {

@@ -10,6 +10,7 @@
 
 pub mod checkpointer;
 pub mod reader;
+pub mod retention;
 pub mod schema;
 pub mod writer;
 
@@ -35,7 +36,10 @@ impl StorageError {
             e,
             rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull
         );
-        StorageError { disk_full, message: e.to_string() }
+        StorageError {
+            disk_full,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -51,9 +55,16 @@ fn encode_attributes(attributes: &HashMap<String, String>) -> Option<Vec<u8>> {
     if attributes.is_empty() {
         return None;
     }
-    Some(StoredAttributes { attributes: attributes.clone() }.encode_to_vec())
+    Some(
+        StoredAttributes {
+            attributes: attributes.clone(),
+        }
+        .encode_to_vec(),
+    )
 }
 
 fn decode_attributes(blob: Option<&[u8]>) -> HashMap<String, String> {
-    blob.and_then(|b| StoredAttributes::decode(b).ok()).map(|a| a.attributes).unwrap_or_default()
+    blob.and_then(|b| StoredAttributes::decode(b).ok())
+        .map(|a| a.attributes)
+        .unwrap_or_default()
 }

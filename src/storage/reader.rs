@@ -55,10 +55,16 @@ pub fn spawn(
         let t = std::thread::Builder::new()
             .name(format!("sluice-reader-{i}"))
             .spawn(move || serve(conn, rx, pages, wake))
-            .map_err(|e| StorageError { disk_full: false, message: e.to_string() })?;
+            .map_err(|e| StorageError {
+                disk_full: false,
+                message: e.to_string(),
+            })?;
         threads.push(t);
     }
-    Ok(BacklogReader { requests: tx, threads })
+    Ok(BacklogReader {
+        requests: tx,
+        threads,
+    })
 }
 
 fn serve(conn: Connection, rx: Receiver<PageRequest>, pages: Sender<Page>, wake: Wake) {
@@ -66,9 +72,18 @@ fn serve(conn: Connection, rx: Receiver<PageRequest>, pages: Sender<Page>, wake:
         let page = match read_page(&conn, &req) {
             Ok(p) => p,
             Err(e) => {
-                log::error!("reader: page of {} from {} failed: {e}", req.topic, req.from);
+                log::error!(
+                    "reader: page of {} from {} failed: {e}",
+                    req.topic,
+                    req.from
+                );
                 // An empty, non-final page: the subscriber will ask again.
-                Page { sub: req.sub, fetch: req.fetch, messages: Vec::new(), end: None }
+                Page {
+                    sub: req.sub,
+                    fetch: req.fetch,
+                    messages: Vec::new(),
+                    end: None,
+                }
             }
         };
         if pages.send(page).is_err() {
@@ -86,7 +101,11 @@ pub fn read_page(conn: &Connection, req: &PageRequest) -> rusqlite::Result<Page>
          FROM messages m JOIN topics t ON m.topic_id = t.id
          WHERE t.name = ?1 AND m.seq >= ?2 ORDER BY m.seq LIMIT ?3",
     )?;
-    let mut rows = stmt.query(params![req.topic.as_ref(), req.from as i64, i64::from(req.limit)])?;
+    let mut rows = stmt.query(params![
+        req.topic.as_ref(),
+        req.from as i64,
+        i64::from(req.limit)
+    ])?;
     let mut messages = Vec::new();
     let mut bytes = 0;
     let mut cut = false;
@@ -112,11 +131,18 @@ pub fn read_page(conn: &Connection, req: &PageRequest) -> rusqlite::Result<Page>
     drop(rows);
     drop(stmt);
     let end = if !cut && messages.len() < req.limit as usize {
-        let last: i64 = tx.query_row("SELECT coalesce(max(seq), 0) FROM messages", [], |r| r.get(0))?;
+        let last: i64 = tx.query_row("SELECT coalesce(max(seq), 0) FROM messages", [], |r| {
+            r.get(0)
+        })?;
         Some(last as u64)
     } else {
         None
     };
     tx.commit()?;
-    Ok(Page { sub: req.sub, fetch: req.fetch, messages, end })
+    Ok(Page {
+        sub: req.sub,
+        fetch: req.fetch,
+        messages,
+        end,
+    })
 }

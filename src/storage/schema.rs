@@ -38,6 +38,8 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (topic_id, grp)
      ) WITHOUT ROWID;
      INSERT INTO meta (key, value) VALUES ('seq_floor', 0);",
+    // 2: deleted topics whose messages are still being purged in chunks.
+    "CREATE TABLE doomed_topics (id INTEGER PRIMARY KEY);",
 ];
 
 pub const DB_FILE: &str = "sluice.db";
@@ -61,6 +63,8 @@ pub fn open_writer(dir: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // Checkpoints run on the checkpointer's own connection, not in commits.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // After a checkpoint resets the WAL, truncate it back to this size.
+    conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
     tune(&conn)?;
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
         let tx = conn.unchecked_transaction()?;
@@ -115,7 +119,10 @@ pub struct LoadedState {
 
 /// Reads topics, their first/last messages and the group cursors.
 pub fn load_state(conn: &Connection) -> rusqlite::Result<LoadedState> {
-    let mut state = LoadedState { last_seq: last_sequence(conn)?, ..Default::default() };
+    let mut state = LoadedState {
+        last_seq: last_sequence(conn)?,
+        ..Default::default()
+    };
     let mut topics = conn.prepare(TOPIC_ROWS)?;
     let mut edge = conn.prepare(
         "SELECT seq, ordinal, ts FROM messages WHERE seq = (SELECT min(seq) FROM messages WHERE topic_id = ?1)
@@ -126,8 +133,9 @@ pub fn load_state(conn: &Connection) -> rusqlite::Result<LoadedState> {
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<Result<_, _>>()?;
     for (id, name, created_at, last_ordinal) in rows {
-        let ends: Vec<(i64, i64, i64)> =
-            edge.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+        let ends: Vec<(i64, i64, i64)> = edge
+            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
         let (first, last) = match ends.as_slice() {
             [f, l] => (*f, *l),
             _ => ((0, last_ordinal + 1, 0), (0, last_ordinal, 0)),
@@ -166,5 +174,8 @@ pub fn load_state(conn: &Connection) -> rusqlite::Result<LoadedState> {
 
 /// The id of a topic, if it exists.
 pub fn topic_id(conn: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
-    conn.query_row("SELECT id FROM topics WHERE name = ?1", [name], |r| r.get(0)).optional()
+    conn.query_row("SELECT id FROM topics WHERE name = ?1", [name], |r| {
+        r.get(0)
+    })
+    .optional()
 }

@@ -4,20 +4,26 @@
 //! one fsync, then replies in order over a channel and wakes the reactor.
 //!
 //! It assigns each message its global sequence (never reused, continuing
-//! after restart), its topic ordinal, the batch timestamp and its id.
+//! after restart), its topic ordinal, the batch timestamp and its id. Between
+//! batches it does bounded housekeeping: purging deleted topics and applying
+//! retention a chunk at a time, so neither ever stalls publishing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use super::retention::{self, RetentionPolicy};
 use super::{encode_attributes, StorageError, Wake};
 use crate::broker::{MessageId, StoredMessage};
+
+/// Rows deleted per housekeeping transaction.
+const PURGE_CHUNK: i64 = 2_000;
 
 /// A message as published, before it has a sequence.
 #[derive(Debug, Clone)]
@@ -30,17 +36,38 @@ pub struct NewMessage {
 #[derive(Debug)]
 pub enum WriteRequest {
     /// Append messages to a topic (creating it), atomically.
-    Append { token: u64, topic: Arc<str>, messages: Vec<NewMessage> },
+    Append {
+        token: u64,
+        topic: Arc<str>,
+        messages: Vec<NewMessage>,
+    },
     /// Make sure a topic exists.
     CreateTopic { topic: Arc<str>, created_at_ms: i64 },
-    /// Store a group's cursor (its last acknowledged sequence).
-    SetCursor { topic: Arc<str>, group: Arc<str>, sequence: u64, acked_at_ms: i64 },
+    /// Store a group's cursor (its last acknowledged sequence); `token` asks
+    /// for the outcome to be routed back to a call.
+    SetCursor {
+        topic: Arc<str>,
+        group: Arc<str>,
+        sequence: u64,
+        acked_at_ms: i64,
+        token: Option<u64>,
+    },
+    /// Delete a topic, its groups and (in chunks, later) its messages.
+    DeleteTopic { token: u64, topic: Arc<str> },
+    /// Delete a consumer group's cursor.
+    DeleteGroup {
+        token: u64,
+        topic: Arc<str>,
+        group: Arc<str>,
+    },
 }
 
 impl WriteRequest {
     fn payload_bytes(&self) -> usize {
         match self {
-            WriteRequest::Append { messages, .. } => messages.iter().map(|m| m.payload.len() + 64).sum(),
+            WriteRequest::Append { messages, .. } => {
+                messages.iter().map(|m| m.payload.len() + 64).sum()
+            }
             _ => 64,
         }
     }
@@ -64,8 +91,33 @@ pub struct Appended {
 /// What the writer reports back, in commit order.
 #[derive(Debug)]
 pub enum WriteOutcome {
-    Appended { token: u64, result: Result<Appended, StorageError> },
-    CursorSaved { topic: Arc<str>, group: Arc<str>, sequence: u64, ordinal: u64 },
+    Appended {
+        token: u64,
+        result: Result<Appended, StorageError>,
+    },
+    CursorSaved {
+        token: Option<u64>,
+        topic: Arc<str>,
+        group: Arc<str>,
+        sequence: u64,
+        ordinal: u64,
+    },
+    TopicDeleted {
+        token: u64,
+        topic: Arc<str>,
+        result: Result<bool, StorageError>,
+    },
+    GroupDeleted {
+        token: u64,
+        result: Result<bool, StorageError>,
+    },
+    /// Retention removed a topic's oldest messages; `first` is the oldest
+    /// left (sequence, ordinal, timestamp).
+    Trimmed {
+        topic: Arc<str>,
+        first: Option<(u64, u64, i64)>,
+        removed: u64,
+    },
 }
 
 /// Batch limits: a batch takes what is queued, up to these.
@@ -73,11 +125,16 @@ pub enum WriteOutcome {
 pub struct GroupCommitConfig {
     pub max_messages: usize,
     pub max_bytes: usize,
+    pub retention: RetentionPolicy,
 }
 
 impl Default for GroupCommitConfig {
     fn default() -> Self {
-        GroupCommitConfig { max_messages: 10_000, max_bytes: 16 << 20 }
+        GroupCommitConfig {
+            max_messages: 10_000,
+            max_bytes: 16 << 20,
+            retention: RetentionPolicy::default(),
+        }
     }
 }
 
@@ -89,11 +146,17 @@ pub struct WriterStats {
     pub commit_nanos: AtomicU64,
 }
 
+/// What the writer remembers of a topic.
 #[derive(Debug, Clone, Copy)]
-struct TopicRow {
-    id: i64,
-    created_at_ms: i64,
-    last_ordinal: u64,
+pub struct TopicRow {
+    pub id: i64,
+    pub created_at_ms: i64,
+    /// Ordinal of the newest message ever stored (0: none).
+    pub last_ordinal: u64,
+    /// Ordinal of the oldest message still stored (last + 1: none).
+    pub first_ordinal: u64,
+    /// Payload bytes stored (kept only when a byte limit is set).
+    pub bytes: u64,
 }
 
 struct GroupCommit {
@@ -102,6 +165,9 @@ struct GroupCommit {
     next_seq: u64,
     last_ts: i64,
     topics: HashMap<Arc<str>, TopicRow>,
+    /// Ids of deleted topics whose messages are still being purged.
+    doomed: VecDeque<i64>,
+    next_retention: Instant,
     stats: Arc<WriterStats>,
 }
 
@@ -113,7 +179,9 @@ pub struct Writer {
 }
 
 fn wall_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Starts the writer on `conn`. Requests queue in a channel of `capacity`;
@@ -134,62 +202,188 @@ pub fn spawn(
         next_seq: 1,
         last_ts: 0,
         topics: HashMap::new(),
+        doomed: VecDeque::new(),
+        next_retention: Instant::now(),
         stats: stats.clone(),
     };
     gc.reload().map_err(|e| StorageError::from_sqlite(&e))?;
     let thread = std::thread::Builder::new()
         .name("sluice-writer".into())
         .spawn(move || gc.run(rx, outcomes, wake))
-        .map_err(|e| StorageError { disk_full: false, message: e.to_string() })?;
-    Ok(Writer { requests: tx, stats, thread })
+        .map_err(|e| StorageError {
+            disk_full: false,
+            message: e.to_string(),
+        })?;
+    Ok(Writer {
+        requests: tx,
+        stats,
+        thread,
+    })
 }
 
 impl GroupCommit {
-    /// (Re)reads the sequence counter and topic rows from the database.
+    /// (Re)reads counters and topic rows from the database.
     fn reload(&mut self) -> rusqlite::Result<()> {
         self.next_seq = super::schema::last_sequence(&self.conn)? + 1;
         self.topics.clear();
+        let track_bytes = self.config.retention.max_bytes.is_some();
         let mut stmt = self.conn.prepare(super::schema::TOPIC_ROWS)?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(1)?,
-                TopicRow { id: r.get(0)?, created_at_ms: r.get(2)?, last_ordinal: r.get::<_, i64>(3)? as u64 },
-            ))
-        })?;
-        for row in rows {
-            let (name, t) = row?;
-            self.topics.insert(name.into(), t);
+        let rows: Vec<(String, i64, i64, i64)> = stmt
+            .query_map([], |r| Ok((r.get(1)?, r.get(0)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?;
+        drop(stmt);
+        for (name, id, created_at_ms, last_ordinal) in rows {
+            let last_ordinal = last_ordinal as u64;
+            let first_ordinal: Option<i64> = self
+                .conn
+                .query_row(
+                    "SELECT ordinal FROM messages WHERE topic_id = ?1 ORDER BY seq LIMIT 1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let bytes: i64 = if track_bytes {
+                self.conn.query_row(
+                    "SELECT coalesce(sum(length(payload)), 0) FROM messages WHERE topic_id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )?
+            } else {
+                0
+            };
+            self.topics.insert(
+                name.into(),
+                TopicRow {
+                    id,
+                    created_at_ms,
+                    last_ordinal,
+                    first_ordinal: first_ordinal.map_or(last_ordinal + 1, |o| o as u64),
+                    bytes: bytes as u64,
+                },
+            );
         }
+        let mut stmt = self.conn.prepare("SELECT id FROM doomed_topics")?;
+        self.doomed = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
         Ok(())
     }
 
     fn run(mut self, rx: Receiver<WriteRequest>, outcomes: Sender<WriteOutcome>, wake: Wake) {
         let mut batch = Vec::new();
-        while let Ok(first) = rx.recv() {
-            let (mut count, mut bytes) = (first.message_count(), first.payload_bytes());
-            batch.push(first);
-            while count < self.config.max_messages && bytes < self.config.max_bytes {
+        loop {
+            // Block for work only when there is no housekeeping to do.
+            let first = if !self.doomed.is_empty() {
                 match rx.try_recv() {
-                    Ok(req) => {
-                        count += req.message_count();
-                        bytes += req.payload_bytes();
-                        batch.push(req);
-                    }
+                    Ok(r) => Some(r),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            } else if self.config.retention.is_enabled() {
+                let wait = self
+                    .next_retention
+                    .saturating_duration_since(Instant::now());
+                match rx.recv_timeout(wait) {
+                    Ok(r) => Some(r),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(r) => Some(r),
                     Err(_) => break,
                 }
-            }
-            for outcome in self.commit(&mut batch) {
-                if outcomes.send(outcome).is_err() {
-                    return;
+            };
+            let mut out = Vec::new();
+            if let Some(first) = first {
+                let (mut count, mut bytes) = (first.message_count(), first.payload_bytes());
+                batch.push(first);
+                while count < self.config.max_messages && bytes < self.config.max_bytes {
+                    match rx.try_recv() {
+                        Ok(req) => {
+                            count += req.message_count();
+                            bytes += req.payload_bytes();
+                            batch.push(req);
+                        }
+                        Err(_) => break,
+                    }
                 }
+                out = self.commit(&mut batch);
             }
-            wake();
+            self.housekeeping(&mut out);
+            if !out.is_empty() {
+                for outcome in out {
+                    if outcomes.send(outcome).is_err() {
+                        return;
+                    }
+                }
+                wake();
+            }
         }
         log::debug!("writer: request channel closed, exiting");
     }
 
-    /// Applies a batch in one transaction; on failure every append in it
-    /// fails and in-memory counters are re-read from the database.
+    /// One bounded step of purging deleted topics, and retention when due.
+    fn housekeeping(&mut self, out: &mut Vec<WriteOutcome>) {
+        if let Some(&id) = self.doomed.front() {
+            match self.purge_chunk(id) {
+                Ok(true) => {
+                    self.doomed.pop_front();
+                }
+                Ok(false) => {}
+                Err(e) => log::error!("writer: purging deleted topic {id} failed: {e}"),
+            }
+        }
+        if self.config.retention.is_enabled() && Instant::now() >= self.next_retention {
+            match retention::apply(
+                &self.conn,
+                &self.config.retention,
+                &mut self.topics,
+                wall_ms(),
+                PURGE_CHUNK,
+                self.next_seq - 1,
+            ) {
+                Ok((trimmed, more)) => {
+                    for (topic, first, removed) in trimmed {
+                        out.push(WriteOutcome::Trimmed {
+                            topic,
+                            first,
+                            removed,
+                        });
+                    }
+                    // Keep going soon while a pass was cut short.
+                    let pause = if more {
+                        Duration::from_millis(10)
+                    } else {
+                        Duration::from_secs(1)
+                    };
+                    self.next_retention = Instant::now() + pause;
+                }
+                Err(e) => {
+                    log::error!("writer: retention failed: {e}");
+                    self.next_retention = Instant::now() + Duration::from_secs(5);
+                }
+            }
+        }
+    }
+
+    /// Deletes up to a chunk of a deleted topic's messages; true when none are left.
+    fn purge_chunk(&mut self, id: i64) -> rusqlite::Result<bool> {
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let n = tx.execute(
+            "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages WHERE topic_id = ?1 ORDER BY seq LIMIT ?2)",
+            params![id, PURGE_CHUNK],
+        )?;
+        let done = (n as i64) < PURGE_CHUNK;
+        if done {
+            tx.execute("DELETE FROM doomed_topics WHERE id = ?1", [id])?;
+        }
+        tx.commit()?;
+        Ok(done)
+    }
+
+    /// Applies a batch in one transaction; on failure every call in it fails
+    /// and in-memory counters are re-read from the database.
     fn commit(&mut self, batch: &mut Vec<WriteRequest>) -> Vec<WriteOutcome> {
         let started = Instant::now();
         let ts = wall_ms().max(self.last_ts);
@@ -201,7 +395,9 @@ impl GroupCommit {
                 self.last_ts = ts;
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
                 self.stats.messages.fetch_add(messages, Ordering::Relaxed);
-                self.stats.commit_nanos.fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+                self.stats
+                    .commit_nanos
+                    .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
                 batch.clear();
                 outcomes
             }
@@ -214,8 +410,22 @@ impl GroupCommit {
                 batch
                     .drain(..)
                     .filter_map(|req| match req {
-                        WriteRequest::Append { token, .. } => {
-                            Some(WriteOutcome::Appended { token, result: Err(err.clone()) })
+                        WriteRequest::Append { token, .. } => Some(WriteOutcome::Appended {
+                            token,
+                            result: Err(err.clone()),
+                        }),
+                        WriteRequest::DeleteTopic { token, topic } => {
+                            Some(WriteOutcome::TopicDeleted {
+                                token,
+                                topic,
+                                result: Err(err.clone()),
+                            })
+                        }
+                        WriteRequest::DeleteGroup { token, .. } => {
+                            Some(WriteOutcome::GroupDeleted {
+                                token,
+                                result: Err(err.clone()),
+                            })
                         }
                         _ => None,
                     })
@@ -224,12 +434,21 @@ impl GroupCommit {
         }
     }
 
-    fn apply(&mut self, batch: &[WriteRequest], ts: i64, out: &mut Vec<WriteOutcome>) -> rusqlite::Result<u64> {
+    fn apply(
+        &mut self,
+        batch: &[WriteRequest],
+        ts: i64,
+        out: &mut Vec<WriteOutcome>,
+    ) -> rusqlite::Result<u64> {
         let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
         let mut appended = 0u64;
         for req in batch {
             match req {
-                WriteRequest::Append { token, topic, messages } => {
+                WriteRequest::Append {
+                    token,
+                    topic,
+                    messages,
+                } => {
                     let row = topic_row(&tx, &mut self.topics, topic, ts)?;
                     let mut insert = tx.prepare_cached(
                         "INSERT INTO messages (seq, topic_id, ordinal, ts, payload, attributes)
@@ -249,6 +468,7 @@ impl GroupCommit {
                         ])?;
                         self.next_seq += 1;
                         row.last_ordinal = ordinal;
+                        row.bytes += m.payload.len() as u64;
                         stored.push(Arc::new(StoredMessage {
                             sequence: seq,
                             ordinal,
@@ -269,28 +489,103 @@ impl GroupCommit {
                         }),
                     });
                 }
-                WriteRequest::CreateTopic { topic, created_at_ms } => {
+                WriteRequest::CreateTopic {
+                    topic,
+                    created_at_ms,
+                } => {
                     topic_row(&tx, &mut self.topics, topic, *created_at_ms)?;
                 }
-                WriteRequest::SetCursor { topic, group, sequence, acked_at_ms } => {
-                    let row = *topic_row(&tx, &mut self.topics, topic, ts)?;
+                WriteRequest::SetCursor {
+                    topic,
+                    group,
+                    sequence,
+                    acked_at_ms,
+                    token,
+                } => {
+                    // A cursor never re-creates a topic deleted meanwhile.
+                    let Some(&row) = self.topics.get(topic) else {
+                        if let Some(token) = token {
+                            out.push(WriteOutcome::CursorSaved {
+                                token: Some(*token),
+                                topic: topic.clone(),
+                                group: group.clone(),
+                                sequence: *sequence,
+                                ordinal: 0,
+                            });
+                        }
+                        continue;
+                    };
                     let ordinal: u64 = tx
                         .prepare_cached(
                             "SELECT ordinal FROM messages WHERE topic_id = ?1 AND seq <= ?2 ORDER BY seq DESC LIMIT 1",
                         )?
                         .query_row(params![row.id, *sequence as i64], |r| r.get::<_, i64>(0))
                         .optional()?
-                        .unwrap_or(0) as u64;
+                        .map_or(0, |o| o as u64);
                     tx.prepare_cached(
                         "INSERT INTO cursors (topic_id, grp, seq, ordinal, acked_at) VALUES (?1, ?2, ?3, ?4, ?5)
                          ON CONFLICT (topic_id, grp) DO UPDATE SET seq = ?3, ordinal = ?4, acked_at = ?5",
                     )?
-                    .execute(params![row.id, group.as_ref(), *sequence as i64, ordinal as i64, *acked_at_ms])?;
+                    .execute(params![
+                        row.id,
+                        group.as_ref(),
+                        *sequence as i64,
+                        ordinal as i64,
+                        *acked_at_ms
+                    ])?;
                     out.push(WriteOutcome::CursorSaved {
+                        token: *token,
                         topic: topic.clone(),
                         group: group.clone(),
                         sequence: *sequence,
                         ordinal,
+                    });
+                }
+                WriteRequest::DeleteTopic { token, topic } => {
+                    let existed = match self.topics.remove(topic) {
+                        Some(row) => {
+                            tx.prepare_cached("DELETE FROM topics WHERE id = ?1")?
+                                .execute([row.id])?;
+                            tx.prepare_cached("DELETE FROM cursors WHERE topic_id = ?1")?
+                                .execute([row.id])?;
+                            tx.prepare_cached(
+                                "INSERT OR IGNORE INTO doomed_topics (id) VALUES (?1)",
+                            )?
+                            .execute([row.id])?;
+                            // Sequences of the purged messages are never reused.
+                            tx.prepare_cached(
+                                "UPDATE meta SET value = max(value, ?1) WHERE key = 'seq_floor'",
+                            )?
+                            .execute([(self.next_seq - 1) as i64])?;
+                            self.doomed.push_back(row.id);
+                            true
+                        }
+                        None => false,
+                    };
+                    out.push(WriteOutcome::TopicDeleted {
+                        token: *token,
+                        topic: topic.clone(),
+                        result: Ok(existed),
+                    });
+                }
+                WriteRequest::DeleteGroup {
+                    token,
+                    topic,
+                    group,
+                } => {
+                    let existed = match self.topics.get(topic) {
+                        Some(row) => {
+                            tx.prepare_cached(
+                                "DELETE FROM cursors WHERE topic_id = ?1 AND grp = ?2",
+                            )?
+                            .execute(params![row.id, group.as_ref()])?
+                                > 0
+                        }
+                        None => false,
+                    };
+                    out.push(WriteOutcome::GroupDeleted {
+                        token: *token,
+                        result: Ok(existed),
                     });
                 }
             }
@@ -308,10 +603,21 @@ fn topic_row<'a>(
     created_at_ms: i64,
 ) -> rusqlite::Result<&'a mut TopicRow> {
     if !topics.contains_key(topic) {
-        tx.prepare_cached("INSERT INTO topics (name, created_at, last_ordinal) VALUES (?1, ?2, 0)")?
-            .execute(params![topic.as_ref(), created_at_ms])?;
+        tx.prepare_cached(
+            "INSERT INTO topics (name, created_at, last_ordinal) VALUES (?1, ?2, 0)",
+        )?
+        .execute(params![topic.as_ref(), created_at_ms])?;
         let id = tx.last_insert_rowid();
-        topics.insert(topic.clone(), TopicRow { id, created_at_ms, last_ordinal: 0 });
+        topics.insert(
+            topic.clone(),
+            TopicRow {
+                id,
+                created_at_ms,
+                last_ordinal: 0,
+                first_ordinal: 1,
+                bytes: 0,
+            },
+        );
     }
     topics
         .get_mut(topic)

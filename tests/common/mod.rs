@@ -72,7 +72,11 @@ impl Server {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Some(i) = line.find("listening on ") {
-                    let addr = line[i + 13..].split_whitespace().next().unwrap_or("").to_string();
+                    let addr = line[i + 13..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr);
                     }
@@ -82,10 +86,12 @@ impl Server {
                 l.push('\n');
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("sluice did not start; log:\n{}", self.log.lock().unwrap());
-        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("sluice did not start; log:\n{}", self.log.lock().unwrap());
+            });
         self.port = addr.rsplit(':').next().unwrap().parse().expect("port");
         self.child = Some(child);
     }
@@ -103,7 +109,11 @@ impl Server {
     }
 
     pub fn signal(&self, sig: i32) {
-        let r = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        let r = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
         assert!(r.success());
     }
 
@@ -132,7 +142,8 @@ impl Server {
     }
 
     pub fn rss_kb(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -210,24 +221,32 @@ pub struct Subscription {
 
 pub fn init(topic: &str, group: &str, pos: proto::InitialPosition) -> proto::SubscribeUpstream {
     proto::SubscribeUpstream {
-        request: Some(proto::subscribe_upstream::Request::Init(proto::SubscriptionInit {
-            topic: topic.into(),
-            consumer_group: group.into(),
-            consumer_id: "test".into(),
-            initial_position: pos as i32,
-            offset: 0,
-            mode: proto::SubscriptionMode::ConsumerGroup as i32,
-        })),
+        request: Some(proto::subscribe_upstream::Request::Init(
+            proto::SubscriptionInit {
+                topic: topic.into(),
+                consumer_group: group.into(),
+                consumer_id: "test".into(),
+                initial_position: pos as i32,
+                offset: 0,
+                mode: proto::SubscriptionMode::ConsumerGroup as i32,
+            },
+        )),
     }
 }
 
 pub fn credit(n: u32) -> proto::SubscribeUpstream {
-    proto::SubscribeUpstream { request: Some(proto::subscribe_upstream::Request::Credit(proto::CreditGrant { credits: n })) }
+    proto::SubscribeUpstream {
+        request: Some(proto::subscribe_upstream::Request::Credit(
+            proto::CreditGrant { credits: n },
+        )),
+    }
 }
 
 pub fn ack(id: &str) -> proto::SubscribeUpstream {
     proto::SubscribeUpstream {
-        request: Some(proto::subscribe_upstream::Request::Ack(proto::Ack { message_id: id.into() })),
+        request: Some(proto::subscribe_upstream::Request::Ack(proto::Ack {
+            message_id: id.into(),
+        })),
     }
 }
 
@@ -242,9 +261,11 @@ pub fn nack(id: &str, delay_ms: u32) -> proto::SubscribeUpstream {
 
 pub fn batch_ack(ids: &[&str]) -> proto::SubscribeUpstream {
     proto::SubscribeUpstream {
-        request: Some(proto::subscribe_upstream::Request::BatchAck(proto::BatchAck {
-            message_ids: ids.iter().map(|s| s.to_string()).collect(),
-        })),
+        request: Some(proto::subscribe_upstream::Request::BatchAck(
+            proto::BatchAck {
+                message_ids: ids.iter().map(|s| s.to_string()).collect(),
+            },
+        )),
     }
 }
 
@@ -254,7 +275,10 @@ impl Subscription {
     }
 
     /// The next downstream message within `limit` (None: nothing came).
-    pub async fn next_within(&mut self, limit: Duration) -> Option<Result<proto::SubscribeDownstream, Status>> {
+    pub async fn next_within(
+        &mut self,
+        limit: Duration,
+    ) -> Option<Result<proto::SubscribeDownstream, Status>> {
         match tokio::time::timeout(limit, self.down.message()).await {
             Err(_) => None,
             Ok(Ok(Some(m))) => Some(Ok(m)),
@@ -298,8 +322,16 @@ impl Client {
     pub async fn connect(url: &str) -> Client {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match Channel::from_shared(url.to_string()).unwrap().connect().await {
-                Ok(ch) => return Client { grpc: tonic::client::Grpc::new(ch) },
+            match Channel::from_shared(url.to_string())
+                .unwrap()
+                .connect()
+                .await
+            {
+                Ok(ch) => {
+                    return Client {
+                        grpc: tonic::client::Grpc::new(ch),
+                    }
+                }
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -314,27 +346,52 @@ impl Client {
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        self.unary_req(method, Request::new(req)).await.map(Response::into_inner)
+        self.unary_req(method, Request::new(req))
+            .await
+            .map(Response::into_inner)
     }
 
-    pub async fn unary_req<Req, Resp>(&mut self, method: &str, req: Request<Req>) -> Result<Response<Resp>, Status>
+    pub async fn unary_req<Req, Resp>(
+        &mut self,
+        method: &str,
+        req: Request<Req>,
+    ) -> Result<Response<Resp>, Status>
     where
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        self.grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-        self.grpc.unary(req, path(method), ProstCodec::<Req, Resp>::default()).await
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.grpc
+            .unary(req, path(method), ProstCodec::<Req, Resp>::default())
+            .await
     }
 
     pub async fn raw(&mut self, method: &str, body: Bytes) -> Result<Bytes, Status> {
-        self.grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
-        self.grpc.unary(Request::new(body), path(method), RawCodec).await.map(Response::into_inner)
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        self.grpc
+            .unary(Request::new(body), path(method), RawCodec)
+            .await
+            .map(Response::into_inner)
     }
 
-    pub async fn publish(&mut self, topic: &str, payload: &[u8]) -> Result<proto::PublishResponse, Status> {
+    pub async fn publish(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<proto::PublishResponse, Status> {
         self.unary(
             "Publish",
-            proto::PublishRequest { topic: topic.into(), payload: payload.to_vec().into(), attributes: Default::default() },
+            proto::PublishRequest {
+                topic: topic.into(),
+                payload: payload.to_vec().into(),
+                attributes: Default::default(),
+            },
         )
         .await
     }
@@ -350,20 +407,30 @@ impl Client {
             proto::PublishRequest {
                 topic: topic.into(),
                 payload: payload.to_vec().into(),
-                attributes: attrs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                attributes: attrs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             },
         )
         .await
     }
 
-    pub async fn batch_publish(&mut self, topic: &str, payloads: &[&[u8]]) -> Result<proto::BatchPublishResponse, Status> {
+    pub async fn batch_publish(
+        &mut self,
+        topic: &str,
+        payloads: &[&[u8]],
+    ) -> Result<proto::BatchPublishResponse, Status> {
         self.unary(
             "BatchPublish",
             proto::BatchPublishRequest {
                 topic: topic.into(),
                 messages: payloads
                     .iter()
-                    .map(|p| proto::BatchMessage { payload: p.to_vec().into(), attributes: Default::default() })
+                    .map(|p| proto::BatchMessage {
+                        payload: p.to_vec().into(),
+                        attributes: Default::default(),
+                    })
                     .collect(),
             },
         )
@@ -375,10 +442,16 @@ impl Client {
     }
 
     /// Opens a Subscribe stream and sends `first` on it.
-    pub async fn subscribe_with(&mut self, first: proto::SubscribeUpstream) -> Result<Subscription, Status> {
+    pub async fn subscribe_with(
+        &mut self,
+        first: proto::SubscribeUpstream,
+    ) -> Result<Subscription, Status> {
         let (tx, rx) = mpsc::channel(1024);
         tx.send(first).await.unwrap();
-        self.grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let resp = self
             .grpc
             .streaming(
@@ -387,10 +460,20 @@ impl Client {
                 ProstCodec::<proto::SubscribeUpstream, proto::SubscribeDownstream>::default(),
             )
             .await?;
-        Ok(Subscription { up: tx, down: resp.into_inner() })
+        Ok(Subscription {
+            up: tx,
+            down: resp.into_inner(),
+        })
     }
 
-    pub async fn subscribe(&mut self, topic: &str, group: &str, pos: proto::InitialPosition) -> Subscription {
-        self.subscribe_with(init(topic, group, pos)).await.expect("subscribe")
+    pub async fn subscribe(
+        &mut self,
+        topic: &str,
+        group: &str,
+        pos: proto::InitialPosition,
+    ) -> Subscription {
+        self.subscribe_with(init(topic, group, pos))
+            .await
+            .expect("subscribe")
     }
 }

@@ -14,7 +14,11 @@ fn msg(topic: &str, seq: u64) -> Arc<StoredMessage> {
 }
 
 fn group(topic: &str, g: &str, start: Start) -> SubscribeRequest {
-    SubscribeRequest { topic: topic.into(), group: Some(g.into()), start }
+    SubscribeRequest {
+        topic: topic.into(),
+        group: Some(g.into()),
+        start,
+    }
 }
 
 fn actions(b: &mut Broker) -> Vec<Action> {
@@ -35,7 +39,8 @@ fn publish(b: &mut Broker, topic: &str, seqs: std::ops::RangeInclusive<u64>) {
 #[test]
 fn zero_credit_means_zero_deliveries_and_credit_is_exact() {
     let mut b = Broker::new(BrokerConfig::default());
-    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0).unwrap();
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
     publish(&mut b, "t", 1..=10);
     assert!(b.next_delivery(1, 0).is_none());
     b.grant(1, 0);
@@ -45,7 +50,10 @@ fn zero_credit_means_zero_deliveries_and_credit_is_exact() {
     assert_eq!(drain(&mut b, 1, 0).len(), 5);
     assert!(b.next_delivery(1, 0).is_none());
     b.grant(1, 100);
-    assert_eq!(drain(&mut b, 1, 0).iter().map(|d| d.0).collect::<Vec<_>>(), (6..=10).collect::<Vec<_>>());
+    assert_eq!(
+        drain(&mut b, 1, 0).iter().map(|d| d.0).collect::<Vec<_>>(),
+        (6..=10).collect::<Vec<_>>()
+    );
     assert_eq!(b.credit(1), Some(95));
 }
 
@@ -61,19 +69,34 @@ fn start_positions() {
         (3, Start::Offset(4), vec![5, 6]),
         (4, Start::Offset(3), vec![3, 5, 6]),
     ] {
-        b.subscribe(sub, SubscribeRequest { topic: "t".into(), group: None, start }, 0, 0).unwrap();
+        b.subscribe(
+            sub,
+            SubscribeRequest {
+                topic: "t".into(),
+                group: None,
+                start,
+            },
+            0,
+            0,
+        )
+        .unwrap();
         b.grant(sub, 100);
         let got: Vec<u64> = drain(&mut b, sub, 0).iter().map(|d| d.0).collect();
         assert_eq!(got, want, "{start:?}");
     }
     publish(&mut b, "t", 7..=7);
-    assert_eq!(drain(&mut b, 2, 0), vec![(7, 1)], "LATEST sees only later messages");
+    assert_eq!(
+        drain(&mut b, 2, 0),
+        vec![(7, 1)],
+        "LATEST sees only later messages"
+    );
 }
 
 #[test]
 fn acks_are_cumulative_persisted_and_never_go_backwards() {
     let mut b = Broker::new(BrokerConfig::default());
-    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0).unwrap();
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
     publish(&mut b, "t", 1..=5);
     b.grant(1, 10);
     drain(&mut b, 1, 0);
@@ -81,21 +104,32 @@ fn acks_are_cumulative_persisted_and_never_go_backwards() {
     let id = |s| msg("t", s).id.to_string();
     b.ack(1, &id(3), 77);
     let persisted: Vec<_> = actions(&mut b);
-    assert!(matches!(&persisted[..], [Action::PersistCursor { sequence: 3, acked_at_ms: 77, .. }]));
+    assert!(matches!(
+        &persisted[..],
+        [Action::PersistCursor {
+            sequence: 3,
+            acked_at_ms: 77,
+            ..
+        }]
+    ));
     b.ack(1, &id(2), 78); // backwards: ignored
     b.ack(1, &id(3), 78); // duplicate: ignored
     b.ack(1, "garbage", 78);
     b.ack(1, &msg("other-topic", 4).id.to_string(), 78);
     assert!(actions(&mut b).is_empty());
     b.ack_many(1, [id(4).as_str(), id(5).as_str(), id(1).as_str()], 79);
-    assert!(matches!(&actions(&mut b)[..], [Action::PersistCursor { sequence: 5, .. }]));
+    assert!(matches!(
+        &actions(&mut b)[..],
+        [Action::PersistCursor { sequence: 5, .. }]
+    ));
     assert_eq!(b.groups("t")[0].cursor, 5);
 }
 
 #[test]
 fn ack_of_a_message_never_sent_is_ignored() {
     let mut b = Broker::new(BrokerConfig::default());
-    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0).unwrap();
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
     publish(&mut b, "t", 1..=5);
     b.grant(1, 2);
     drain(&mut b, 1, 0);
@@ -108,14 +142,16 @@ fn ack_of_a_message_never_sent_is_ignored() {
 #[test]
 fn reconnect_resumes_after_the_cursor_and_counts_redeliveries() {
     let mut b = Broker::new(BrokerConfig::default());
-    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0).unwrap();
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
     publish(&mut b, "t", 1..=4);
     b.grant(1, 10);
     assert_eq!(drain(&mut b, 1, 0), vec![(1, 1), (2, 1), (3, 1), (4, 1)]);
     b.ack(1, &msg("t", 2).id.to_string(), 1);
     b.unsubscribe(1);
     // A new group member ignores its requested start: the cursor wins.
-    b.subscribe(2, group("t", "g", Start::Latest), 0, 0).unwrap();
+    b.subscribe(2, group("t", "g", Start::Latest), 0, 0)
+        .unwrap();
     b.grant(2, 10);
     assert_eq!(drain(&mut b, 2, 0), vec![(3, 2), (4, 2)]);
 }
@@ -123,13 +159,18 @@ fn reconnect_resumes_after_the_cursor_and_counts_redeliveries() {
 #[test]
 fn takeover_ends_the_first_consumer_and_the_newcomer_starts_without_credit() {
     let mut b = Broker::new(BrokerConfig::default());
-    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0).unwrap();
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
     publish(&mut b, "t", 1..=3);
     b.grant(1, 1);
     drain(&mut b, 1, 0);
     actions(&mut b);
-    b.subscribe(2, group("t", "g", Start::Earliest), 0, 0).unwrap();
-    assert!(actions(&mut b).contains(&Action::End { sub: 1, reason: EndReason::TakenOver }));
+    b.subscribe(2, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    assert!(actions(&mut b).contains(&Action::End {
+        sub: 1,
+        reason: EndReason::TakenOver
+    }));
     assert!(b.next_delivery(1, 0).is_none());
     assert_eq!(b.credit(1), None);
     assert!(b.next_delivery(2, 0).is_none(), "newcomer has zero credit");
@@ -145,18 +186,34 @@ fn takeover_ends_the_first_consumer_and_the_newcomer_starts_without_credit() {
 fn browse_neither_creates_nor_moves_a_cursor() {
     let mut b = Broker::new(BrokerConfig::default());
     publish(&mut b, "t", 1..=2);
-    b.subscribe(1, SubscribeRequest { topic: "t".into(), group: None, start: Start::Earliest }, 0, 0).unwrap();
+    b.subscribe(
+        1,
+        SubscribeRequest {
+            topic: "t".into(),
+            group: None,
+            start: Start::Earliest,
+        },
+        0,
+        0,
+    )
+    .unwrap();
     b.grant(1, 5);
     drain(&mut b, 1, 0);
     b.ack(1, &msg("t", 2).id.to_string(), 1);
-    assert!(actions(&mut b).iter().all(|a| !matches!(a, Action::PersistCursor { .. })));
+    assert!(actions(&mut b)
+        .iter()
+        .all(|a| !matches!(a, Action::PersistCursor { .. })));
     assert!(b.groups("t").is_empty());
 }
 
 #[test]
 fn nack_redelivers_only_that_message_after_its_delay_spending_credit() {
-    let mut b = Broker::new(BrokerConfig { heartbeat_interval_ms: 0, ..Default::default() });
-    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0).unwrap();
+    let mut b = Broker::new(BrokerConfig {
+        heartbeat_interval_ms: 0,
+        ..Default::default()
+    });
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
     publish(&mut b, "t", 1..=3);
     b.grant(1, 3);
     assert_eq!(drain(&mut b, 1, 0).len(), 3);
@@ -176,8 +233,13 @@ fn nack_redelivers_only_that_message_after_its_delay_spending_credit() {
 
 #[test]
 fn nack_waits_for_credit_and_reads_evicted_messages_from_storage() {
-    let mut b = Broker::new(BrokerConfig { tail_max_messages: 2, heartbeat_interval_ms: 0, ..Default::default() });
-    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0).unwrap();
+    let mut b = Broker::new(BrokerConfig {
+        tail_max_messages: 2,
+        heartbeat_interval_ms: 0,
+        ..Default::default()
+    });
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
     publish(&mut b, "t", 1..=1);
     b.grant(1, 1);
     drain(&mut b, 1, 0);
@@ -201,8 +263,12 @@ fn nack_waits_for_credit_and_reads_evicted_messages_from_storage() {
 
 #[test]
 fn acking_past_a_nacked_message_cancels_its_redelivery() {
-    let mut b = Broker::new(BrokerConfig { heartbeat_interval_ms: 0, ..Default::default() });
-    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0).unwrap();
+    let mut b = Broker::new(BrokerConfig {
+        heartbeat_interval_ms: 0,
+        ..Default::default()
+    });
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
     publish(&mut b, "t", 1..=2);
     b.grant(1, 10);
     drain(&mut b, 1, 0);
@@ -228,7 +294,8 @@ fn backlog_is_read_in_pages_no_larger_than_credit() {
         },
         1000,
     );
-    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0).unwrap();
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
     actions(&mut b);
     assert!(b.next_delivery(1, 0).is_none());
     assert!(actions(&mut b).is_empty(), "no credit, no read");
@@ -243,9 +310,22 @@ fn backlog_is_read_in_pages_no_larger_than_credit() {
     assert_eq!(fetches.len(), 1);
     assert_eq!((fetches[0].from, fetches[0].limit), (1, 3));
     b.grant(1, 2);
-    assert!(actions(&mut b).iter().all(|a| !matches!(a, Action::Fetch(_))), "one read at a time");
-    b.on_page(1, fetches[0].id, (1..=3).map(|s| msg("t", s)).collect(), None);
-    assert_eq!(drain(&mut b, 1, 0).iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(
+        actions(&mut b)
+            .iter()
+            .all(|a| !matches!(a, Action::Fetch(_))),
+        "one read at a time"
+    );
+    b.on_page(
+        1,
+        fetches[0].id,
+        (1..=3).map(|s| msg("t", s)).collect(),
+        None,
+    );
+    assert_eq!(
+        drain(&mut b, 1, 0).iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     // The next page starts after the last one, limited by the credit left.
     let next = actions(&mut b)
         .into_iter()
@@ -273,7 +353,8 @@ fn a_short_page_hands_over_to_the_live_tail() {
         },
         5,
     );
-    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0).unwrap();
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
     b.grant(1, 10);
     let f = actions(&mut b)
         .into_iter()
@@ -284,40 +365,59 @@ fn a_short_page_hands_over_to_the_live_tail() {
         .unwrap();
     b.on_page(1, f.id, vec![msg("t", 1), msg("t", 2)], Some(5));
     publish(&mut b, "t", 6..=6);
-    assert_eq!(drain(&mut b, 1, 0).iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 2, 6]);
+    assert_eq!(
+        drain(&mut b, 1, 0).iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![1, 2, 6]
+    );
 }
 
 #[test]
 fn heartbeats_only_on_idle_streams() {
-    let mut b = Broker::new(BrokerConfig { heartbeat_interval_ms: 1_000, ..Default::default() });
-    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0).unwrap();
+    let mut b = Broker::new(BrokerConfig {
+        heartbeat_interval_ms: 1_000,
+        ..Default::default()
+    });
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
     actions(&mut b);
     b.grant(1, 10);
     publish(&mut b, "t", 1..=1);
     b.tick(900);
     drain(&mut b, 1, 900);
     b.tick(1_000);
-    assert!(actions(&mut b).iter().all(|a| !matches!(a, Action::Heartbeat { .. })));
+    assert!(actions(&mut b)
+        .iter()
+        .all(|a| !matches!(a, Action::Heartbeat { .. })));
     b.tick(1_900);
-    assert!(actions(&mut b).contains(&Action::Heartbeat { sub: 1, latest_seq: 1 }));
+    assert!(actions(&mut b).contains(&Action::Heartbeat {
+        sub: 1,
+        latest_seq: 1
+    }));
     assert_eq!(b.next_deadline(), Some(2_900));
 }
 
 #[test]
 fn subscribing_creates_the_topic_and_rejects_bad_names() {
     let mut b = Broker::new(BrokerConfig::default());
-    b.subscribe(1, group("new", "", Start::Latest), 0, 42).unwrap();
+    b.subscribe(1, group("new", "", Start::Latest), 0, 42)
+        .unwrap();
     let a = actions(&mut b);
-    assert!(a.contains(&Action::CreateTopic { topic: "new".into(), created_at_ms: 42 }));
+    assert!(a.contains(&Action::CreateTopic {
+        topic: "new".into(),
+        created_at_ms: 42
+    }));
     assert_eq!(b.groups("new")[0].name.as_ref(), "default");
-    assert!(b.subscribe(2, group("bad name", "g", Start::Latest), 0, 0).is_err());
+    assert!(b
+        .subscribe(2, group("bad name", "g", Start::Latest), 0, 0)
+        .is_err());
 }
 
 #[test]
 fn fan_out_to_many_groups() {
     let mut b = Broker::new(BrokerConfig::default());
     for g in 0..100 {
-        b.subscribe(g, group("t", &format!("g{g}"), Start::Earliest), 0, 0).unwrap();
+        b.subscribe(g, group("t", &format!("g{g}"), Start::Earliest), 0, 0)
+            .unwrap();
         b.grant(g, 10);
     }
     publish(&mut b, "t", 1..=3);
@@ -329,19 +429,30 @@ fn fan_out_to_many_groups() {
 #[test]
 fn delete_and_reset_affect_live_streams() {
     let mut b = Broker::new(BrokerConfig::default());
-    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0).unwrap();
-    b.subscribe(2, group("t", "h", Start::Earliest), 0, 0).unwrap();
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    b.subscribe(2, group("t", "h", Start::Earliest), 0, 0)
+        .unwrap();
     publish(&mut b, "t", 1..=5);
     b.grant(1, 10);
     drain(&mut b, 1, 0);
     assert!(b.reset_cursor("t", "g", 2));
-    assert_eq!(drain(&mut b, 1, 0).iter().map(|d| d.0).collect::<Vec<_>>(), vec![3, 4, 5]);
+    assert_eq!(
+        drain(&mut b, 1, 0).iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
     assert!(!b.reset_cursor("t", "nope", 2));
     actions(&mut b);
     assert!(b.delete_group("t", "h"));
-    assert!(actions(&mut b).contains(&Action::End { sub: 2, reason: EndReason::GroupDeleted }));
+    assert!(actions(&mut b).contains(&Action::End {
+        sub: 2,
+        reason: EndReason::GroupDeleted
+    }));
     assert!(b.delete_topic("t"));
-    assert!(actions(&mut b).contains(&Action::End { sub: 1, reason: EndReason::TopicDeleted }));
+    assert!(actions(&mut b).contains(&Action::End {
+        sub: 1,
+        reason: EndReason::TopicDeleted
+    }));
     assert!(!b.delete_topic("t"));
     assert_eq!(b.subscription_count(), 0);
 }
