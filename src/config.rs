@@ -21,6 +21,8 @@ pub struct ServeConfig {
     pub max_connections: usize,
     pub max_concurrent_streams: u32,
     pub shutdown_grace: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
     pub retention_max_age: Option<Duration>,
     pub retention_max_messages: Option<u64>,
     pub retention_max_bytes: Option<u64>,
@@ -41,6 +43,8 @@ impl Default for ServeConfig {
             max_connections: 1024,
             max_concurrent_streams: 256,
             shutdown_grace: Duration::from_secs(5),
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
             retention_max_age: None,
             retention_max_messages: None,
             retention_max_bytes: None,
@@ -50,7 +54,7 @@ impl Default for ServeConfig {
 
 #[derive(Debug)]
 pub enum Command {
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     Help,
     Version,
 }
@@ -76,6 +80,9 @@ OPTIONS (each also read from the environment variable shown):
     --max-connections N          connections served at once [SLUICE_MAX_CONNECTIONS] (default 1024)
     --max-concurrent-streams N   HTTP/2 streams per connection [SLUICE_MAX_CONCURRENT_STREAMS] (default 256)
     --shutdown-grace DUR         how long SIGTERM waits for in-flight calls [SLUICE_SHUTDOWN_GRACE] (default 5s)
+        --keepalive-interval DUR     ping each connection this often [SLUICE_KEEPALIVE_INTERVAL] (default 60s)
+    --keepalive-timeout DUR      drop a peer that does not answer a ping (or finish its HTTP/2
+                                 handshake) within this [SLUICE_KEEPALIVE_TIMEOUT] (default 20s)
     --retention-max-age DUR      delete messages older than this, per topic [SLUICE_RETENTION_MAX_AGE] (default off)
     --retention-max-messages N   keep at most N messages per topic [SLUICE_RETENTION_MAX_MESSAGES] (default off)
     --retention-max-bytes SIZE   keep at most SIZE payload bytes per topic, e.g. 512MiB
@@ -181,6 +188,19 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
             cfg.shutdown_grace =
                 parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?
         }
+        "keepalive-interval" | "keepalive-timeout" => {
+            let d = parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
+            if d.is_zero() {
+                return Err(format!(
+                    "invalid value {v:?} for {flag}: must be more than 0"
+                ));
+            }
+            if name == "keepalive-interval" {
+                cfg.keepalive_interval = d;
+            } else {
+                cfg.keepalive_timeout = d;
+            }
+        }
         "retention-max-age" => {
             let d = parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
             cfg.retention_max_age = (!d.is_zero()).then_some(d);
@@ -215,6 +235,8 @@ const SETTINGS: &[&str] = &[
     "max-connections",
     "max-concurrent-streams",
     "shutdown-grace",
+    "keepalive-interval",
+    "keepalive-timeout",
     "retention-max-age",
     "retention-max-messages",
     "retention-max-bytes",
@@ -254,7 +276,7 @@ pub fn parse(
             other => return Err(other.unexpected().to_string()),
         }
     }
-    Ok(Command::Serve(cfg))
+    Ok(Command::Serve(Box::new(cfg)))
 }
 
 #[cfg(test)]
@@ -273,7 +295,7 @@ mod tests {
         match parse(args(a), |k| {
             env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
         })? {
-            Command::Serve(c) => Ok(c),
+            Command::Serve(c) => Ok(*c),
             other => Err(format!("{other:?}")),
         }
     }

@@ -6,6 +6,7 @@
 //! subscriptions, credit, cursors, redelivery); `storage` owns SQLite.
 
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod notify;

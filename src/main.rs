@@ -17,6 +17,14 @@ fn init_logging(level: Option<&str>) {
 }
 
 fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1).peekable();
+    if let Some(cmd) = args.peek().and_then(|a| a.to_str()).map(str::to_string) {
+        if sluice::cli::COMMANDS.contains(&cmd.as_str()) {
+            args.next();
+            let code = sluice::cli::run(&cmd, args.collect());
+            return ExitCode::from(code as u8);
+        }
+    }
     let parsed = config::parse(std::env::args_os().skip(1), |k| std::env::var(k).ok());
     match parsed {
         Err(e) => {
@@ -26,6 +34,7 @@ fn main() -> ExitCode {
         }
         Ok(Command::Help) => {
             print!("{USAGE}");
+            print!("\n{}", sluice::cli::USAGE);
             ExitCode::SUCCESS
         }
         Ok(Command::Version) => {

@@ -12,7 +12,7 @@ use signal_hook_mio::v1_0::Signals;
 
 use crate::broker::{Broker, BrokerConfig};
 use crate::config::ServeConfig;
-use crate::reactor::connection::H2Settings;
+use crate::reactor::connection::{H2Settings, Keepalive};
 use crate::reactor::task::ReadyQueue;
 use crate::reactor::{Reactor, ReactorConfig, StorageLinks, WAKER};
 use crate::storage::{self, checkpointer, reader, schema, writer};
@@ -108,6 +108,10 @@ pub fn run(cfg: &ServeConfig) -> Result<(), String> {
             pages: page_rx,
         },
         ReactorConfig {
+            keepalive: Keepalive {
+                interval: cfg.keepalive_interval,
+                timeout: cfg.keepalive_timeout,
+            },
             h2: H2Settings {
                 max_concurrent_streams: cfg.max_concurrent_streams,
                 stream_window: 256 * 1024,

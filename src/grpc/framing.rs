@@ -14,6 +14,8 @@ pub enum FrameError {
     Compressed,
     /// A flag value other than 0 or 1.
     BadFlag(u8),
+    /// A compressed message that does not decompress.
+    BadCompression(String),
 }
 
 /// Reassembles messages from DATA chunks.
@@ -21,6 +23,8 @@ pub enum FrameError {
 pub struct MessageDecoder {
     buf: BytesMut,
     limit: usize,
+    /// The request declared `grpc-encoding: gzip`.
+    gzip: bool,
 }
 
 impl MessageDecoder {
@@ -28,7 +32,15 @@ impl MessageDecoder {
         MessageDecoder {
             buf: BytesMut::new(),
             limit,
+            gzip: false,
         }
+    }
+
+    /// Accepts gzip-compressed messages (flag 1), as negotiated by the
+    /// request's `grpc-encoding`.
+    pub fn with_gzip(mut self, gzip: bool) -> Self {
+        self.gzip = gzip;
+        self
     }
 
     /// Adds a DATA chunk.
@@ -44,11 +56,12 @@ impl MessageDecoder {
         }
         let flag = self.buf[0];
         let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        match flag {
-            0 => {}
+        let compressed = match flag {
+            0 => false,
+            1 if self.gzip => true,
             1 => return Err(FrameError::Compressed),
             other => return Err(FrameError::BadFlag(other)),
-        }
+        };
         if len > self.limit {
             return Err(FrameError::TooLarge {
                 declared: len,
@@ -60,13 +73,84 @@ impl MessageDecoder {
             return Ok(None);
         }
         self.buf.advance(PREFIX);
-        Ok(Some(self.buf.split_to(len).freeze()))
+        let body = self.buf.split_to(len).freeze();
+        if compressed {
+            return gunzip(&body, self.limit).map(Some);
+        }
+        Ok(Some(body))
     }
 
     /// Bytes of an incomplete message still buffered.
     pub fn buffered(&self) -> usize {
         self.buf.len()
     }
+}
+
+/// Decompresses a gzip message, refusing to inflate past `limit` bytes.
+fn gunzip(body: &[u8], limit: usize) -> Result<Bytes, FrameError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut reader = flate2::read::GzDecoder::new(body).take(limit as u64 + 1);
+    reader
+        .read_to_end(&mut out)
+        .map_err(|e| FrameError::BadCompression(e.to_string()))?;
+    if out.len() > limit {
+        return Err(FrameError::TooLarge {
+            declared: out.len(),
+            limit,
+        });
+    }
+    Ok(out.into())
+}
+
+/// Messages at least this large are compressed when gzip was negotiated.
+pub const COMPRESS_FROM: usize = 256;
+
+/// Frames one protobuf message, gzip-compressed when `gzip` is set and the
+/// message is large enough to gain from it.
+pub fn encode_message_with<M: prost::Message>(message: &M, gzip: bool) -> Bytes {
+    let len = message.encoded_len();
+    if !gzip || len < COMPRESS_FROM {
+        return encode_message(message);
+    }
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(len / 2 + 16),
+        flate2::Compression::fast(),
+    );
+    let plain = message.encode_to_vec();
+    if enc.write_all(&plain).is_err() {
+        return encode_message(message);
+    }
+    let Ok(packed) = enc.finish() else {
+        return encode_message(message);
+    };
+    let mut out = BytesMut::with_capacity(PREFIX + packed.len());
+    out.put_u8(1);
+    out.put_u32(packed.len() as u32);
+    out.extend_from_slice(&packed);
+    out.freeze()
+}
+
+/// Compresses an already framed, uncompressed message if it is large
+/// enough to gain from it.
+pub fn compress_framed(framed: Bytes) -> Bytes {
+    if framed.len() < PREFIX + COMPRESS_FROM || framed[0] != 0 {
+        return framed;
+    }
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    if enc.write_all(&framed[PREFIX..]).is_err() {
+        return framed;
+    }
+    let Ok(packed) = enc.finish() else {
+        return framed;
+    };
+    let mut out = BytesMut::with_capacity(PREFIX + packed.len());
+    out.put_u8(1);
+    out.put_u32(packed.len() as u32);
+    out.extend_from_slice(&packed);
+    out.freeze()
 }
 
 /// Frames one protobuf message.
@@ -128,6 +212,37 @@ mod tests {
         let mut d = MessageDecoder::new(10);
         d.push(&[7, 0, 0, 0, 1, 0]);
         assert_eq!(d.next_message(), Err(FrameError::BadFlag(7)));
+    }
+
+    #[test]
+    fn gzip_round_trips_and_is_bounded() {
+        let m = crate::proto::PublishRequest {
+            topic: "t".into(),
+            payload: vec![b'a'; 10_000].into(),
+            attributes: Default::default(),
+        };
+        let framed = encode_message_with(&m, true);
+        assert_eq!(framed[0], 1);
+        assert!(framed.len() < 1000);
+        let mut d = MessageDecoder::new(20_000).with_gzip(true);
+        d.push(&framed);
+        let body = d.next_message().unwrap().unwrap();
+        assert_eq!(
+            <crate::proto::PublishRequest as prost::Message>::decode(body).unwrap(),
+            m
+        );
+        let mut small = MessageDecoder::new(5_000).with_gzip(true);
+        small.push(&framed);
+        assert!(matches!(
+            small.next_message(),
+            Err(FrameError::TooLarge { .. })
+        ));
+        let mut bad = MessageDecoder::new(100).with_gzip(true);
+        bad.push(&[1, 0, 0, 0, 3, 1, 2, 3]);
+        assert!(matches!(
+            bad.next_message(),
+            Err(FrameError::BadCompression(_))
+        ));
     }
 
     #[test]

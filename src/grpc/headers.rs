@@ -18,10 +18,27 @@ pub enum Method {
     DeleteTopic,
     DeleteConsumerGroup,
     ResetCursor,
+    HealthCheck,
+    HealthWatch,
+    /// Server reflection, `grpc.reflection.v1` (or `v1alpha` when `alpha`).
+    Reflection {
+        alpha: bool,
+    },
 }
 
 impl Method {
     pub fn from_path(path: &str) -> Option<Method> {
+        match path {
+            "/grpc.health.v1.Health/Check" => return Some(Method::HealthCheck),
+            "/grpc.health.v1.Health/Watch" => return Some(Method::HealthWatch),
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo" => {
+                return Some(Method::Reflection { alpha: false })
+            }
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo" => {
+                return Some(Method::Reflection { alpha: true })
+            }
+            _ => {}
+        }
         let method = path.strip_prefix("/sluice.v1.Sluice/")?;
         Some(match method {
             "Publish" => Method::Publish,
@@ -46,18 +63,26 @@ impl Method {
             Method::DeleteTopic => "DeleteTopic",
             Method::DeleteConsumerGroup => "DeleteConsumerGroup",
             Method::ResetCursor => "ResetCursor",
+            Method::HealthCheck => "Health/Check",
+            Method::HealthWatch => "Health/Watch",
+            Method::Reflection { .. } => "ServerReflectionInfo",
         }
     }
 }
 
 /// Message encodings this server accepts.
-pub const ACCEPT_ENCODING: &str = "identity";
+pub const ACCEPT_ENCODING: &str = "identity,gzip";
 
 /// What a well-formed gRPC request asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallInfo {
     pub method: Method,
     pub timeout: Option<Duration>,
+    /// Request messages may be gzip-compressed.
+    pub request_gzip: bool,
+    /// Response messages may be gzip-compressed (the client sent gzip and
+    /// accepts it back).
+    pub respond_gzip: bool,
 }
 
 /// Why a request is refused before any message is read.
@@ -91,14 +116,26 @@ pub fn check_request<B>(req: &Request<B>) -> Result<CallInfo, Refusal> {
             "gRPC requests use POST",
         ));
     }
-    if let Some(enc) = req.headers().get("grpc-encoding") {
-        let enc = enc.to_str().unwrap_or("?");
-        if enc != "identity" {
-            return Err(Refusal::Grpc(Status::unimplemented(format!(
-                "grpc-encoding {enc:?} is not supported; accepted: {ACCEPT_ENCODING}"
-            ))));
-        }
-    }
+    let request_gzip = match req.headers().get("grpc-encoding") {
+        None => false,
+        Some(enc) => match enc.to_str().unwrap_or("?") {
+            "identity" => false,
+            "gzip" => true,
+            other => {
+                return Err(Refusal::Grpc(Status::unimplemented(format!(
+                    "grpc-encoding {other:?} is not supported; accepted: {ACCEPT_ENCODING}"
+                ))))
+            }
+        },
+    };
+    let accepts_gzip = match req.headers().get("grpc-accept-encoding") {
+        None => true,
+        Some(v) => v
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .any(|e| e.trim() == "gzip"),
+    };
     let path = req.uri().path();
     let Some(method) = Method::from_path(path) else {
         return Err(Refusal::Grpc(Status::unimplemented(format!(
@@ -113,7 +150,12 @@ pub fn check_request<B>(req: &Request<B>) -> Result<CallInfo, Refusal> {
             )))
         })?),
     };
-    Ok(CallInfo { method, timeout })
+    Ok(CallInfo {
+        method,
+        timeout,
+        request_gzip,
+        respond_gzip: request_gzip && accepts_gzip,
+    })
 }
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).
@@ -135,6 +177,17 @@ pub fn parse_timeout(v: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// HEADERS that open a successful response; `gzip` announces that
+/// response messages may be compressed.
+pub fn response_headers_with(gzip: bool) -> Response<()> {
+    let mut r = response_headers();
+    if gzip {
+        r.headers_mut()
+            .insert("grpc-encoding", HeaderValue::from_static("gzip"));
+    }
+    r
 }
 
 /// HEADERS that open a successful response.
@@ -241,6 +294,7 @@ mod tests {
             Err(Refusal::Grpc(s)) => {
                 assert_eq!(s.code, Code::Unimplemented);
                 assert!(s.message.contains("identity"));
+                assert!(s.message.contains("gzip"));
             }
             other => panic!("{other:?}"),
         }

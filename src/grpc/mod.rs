@@ -6,5 +6,5 @@ pub mod framing;
 pub mod headers;
 pub mod status;
 
-pub use framing::{encode_message, FrameError, MessageDecoder};
+pub use framing::{encode_message, encode_message_with, FrameError, MessageDecoder};
 pub use status::{Code, Status};

@@ -8,23 +8,41 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::server::{Connection as H2Connection, Handshake};
 
+use super::health::WatchCall;
 use super::io::SocketIo;
+use super::reflection::ReflectionCall;
 use super::subscribe::SubscribeCall;
 use super::task::{ReadyQueue, TaskId, TaskWaker};
 use super::unary::UnaryCall;
-use super::Shared;
+use super::{Shared, Timer};
 use crate::grpc::headers::{
-    check_request, http_refusal, response_headers, trailers_only, Method, Refusal,
+    check_request, http_refusal, response_headers_with, trailers_only, Method, Refusal,
 };
-use crate::grpc::Status;
+use crate::grpc::{Code, Status};
 
 pub enum Call {
     Unary(UnaryCall),
     Subscribe(SubscribeCall),
+    Watch(WatchCall),
+    Reflection(ReflectionCall),
+}
+
+impl Call {
+    /// The call's deadline passed.
+    pub fn expire(&mut self) {
+        let status = || Status::new(Code::DeadlineExceeded, "deadline exceeded");
+        match self {
+            Call::Unary(c) => c.expire(),
+            Call::Subscribe(c) => c.finish(status()),
+            Call::Watch(c) => c.finish(status()),
+            Call::Reflection(c) => c.finish(status()),
+        }
+    }
 }
 
 struct Slot {
@@ -50,6 +68,27 @@ pub struct Connection {
     waker: Waker,
     queue: Arc<ReadyQueue>,
     draining: bool,
+    born: Instant,
+    ping: Option<h2::PingPong>,
+    /// When the outstanding keepalive ping went out.
+    ping_sent: Option<Instant>,
+    last_pong: Instant,
+}
+
+/// Keepalive settings: ping a connection every `interval`; a peer that does
+/// not answer within `timeout` (or finish its handshake within `timeout`)
+/// is dropped.
+#[derive(Debug, Clone, Copy)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// What a keepalive tick decided.
+pub enum Liveness {
+    Dead(&'static str),
+    /// Check again then.
+    Next(Instant),
 }
 
 /// HTTP/2 settings for every connection.
@@ -93,6 +132,10 @@ impl Connection {
             waker,
             queue,
             draining: false,
+            born: Instant::now(),
+            ping: None,
+            ping_sent: None,
+            last_pong: Instant::now(),
         }
     }
 
@@ -138,6 +181,45 @@ impl Connection {
         }
     }
 
+    /// Sends keepalive pings and notices dead peers.
+    pub fn keepalive(&mut self, now: Instant, k: &Keepalive) -> Liveness {
+        let conn = match &mut self.phase {
+            Phase::Closed => return Liveness::Dead("closed"),
+            Phase::Handshaking(_) => {
+                return if now >= self.born + k.timeout {
+                    Liveness::Dead("no HTTP/2 handshake in time")
+                } else {
+                    Liveness::Next(self.born + k.timeout)
+                };
+            }
+            Phase::Serving(conn) => conn,
+        };
+        if let Some(sent) = self.ping_sent {
+            return if now >= sent + k.timeout {
+                Liveness::Dead("no answer to keepalive ping")
+            } else {
+                Liveness::Next(sent + k.timeout)
+            };
+        }
+        if now < self.last_pong + k.interval {
+            return Liveness::Next(self.last_pong + k.interval);
+        }
+        if self.ping.is_none() {
+            self.ping = conn.ping_pong();
+        }
+        let Some(ping) = self.ping.as_mut() else {
+            return Liveness::Next(now + k.interval);
+        };
+        match ping.send_ping(h2::Ping::opaque()) {
+            Ok(()) => {
+                self.ping_sent = Some(now);
+                self.schedule();
+                Liveness::Next(now + k.timeout)
+            }
+            Err(_) => Liveness::Dead("cannot ping"),
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         matches!(self.phase, Phase::Closed)
     }
@@ -161,6 +243,14 @@ impl Connection {
                     return;
                 }
                 Poll::Pending => return,
+            }
+        }
+        if self.ping_sent.is_some() {
+            if let Some(ping) = self.ping.as_mut() {
+                if let Poll::Ready(Ok(_)) = ping.poll_pong(&mut cx) {
+                    self.ping_sent = None;
+                    self.last_pong = Instant::now();
+                }
             }
         }
         loop {
@@ -206,29 +296,34 @@ impl Connection {
                 return;
             }
         };
-        if self.draining || shared.shutting_down {
+        // Health checks are answered during shutdown (NOT_SERVING).
+        let health = matches!(info.method, Method::HealthCheck | Method::HealthWatch);
+        if (self.draining || shared.shutting_down) && !health {
             let status = Status::unavailable("server is shutting down");
             let _ = respond.send_response(trailers_only(&status), true);
             return;
         }
         let recv = request.into_body();
-        let call = if info.method == Method::Subscribe {
-            match respond.send_response(response_headers(), false) {
-                Ok(send) => {
-                    Call::Subscribe(SubscribeCall::new(recv, send, shared.max_message_bytes))
-                }
-                Err(e) => {
-                    log::debug!("conn {}: subscribe response failed: {e}", self.token);
-                    return;
+        let max = shared.max_message_bytes;
+        let call = match info.method {
+            Method::Subscribe | Method::HealthWatch | Method::Reflection { .. } => {
+                let send =
+                    match respond.send_response(response_headers_with(info.respond_gzip), false) {
+                        Ok(send) => send,
+                        Err(e) => {
+                            log::debug!("conn {}: stream response failed: {e}", self.token);
+                            return;
+                        }
+                    };
+                match info.method {
+                    Method::Subscribe => {
+                        Call::Subscribe(SubscribeCall::new(recv, send, max, &info))
+                    }
+                    Method::HealthWatch => Call::Watch(WatchCall::new(recv, send, max, &info)),
+                    _ => Call::Reflection(ReflectionCall::new(recv, send, max, &info)),
                 }
             }
-        } else {
-            Call::Unary(UnaryCall::new(
-                info.method,
-                recv,
-                respond,
-                shared.max_message_bytes,
-            ))
+            _ => Call::Unary(UnaryCall::new(&info, recv, respond, max)),
         };
         let slot = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
@@ -244,6 +339,9 @@ impl Connection {
         );
         task.schedule();
         shared.routes.insert(uid, (self.token, slot));
+        if let Some(timeout) = info.timeout {
+            shared.add_timer(Instant::now() + timeout, Timer::Deadline(uid));
+        }
         self.slots[slot] = Some(Slot {
             uid,
             task,
@@ -264,6 +362,8 @@ impl Connection {
         let done = match &mut s.call {
             Call::Unary(c) => c.poll(uid, shared, &mut cx),
             Call::Subscribe(c) => c.poll(uid, shared, &mut cx),
+            Call::Watch(c) => c.poll(shared.shutting_down, &mut cx),
+            Call::Reflection(c) => c.poll(&mut cx),
         };
         if done {
             self.release(slot, shared);

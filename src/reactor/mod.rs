@@ -9,13 +9,16 @@
 //! get through.
 
 pub mod connection;
+pub mod health;
 pub mod io;
+pub mod outbound;
+pub mod reflection;
 pub mod rpc;
 pub mod subscribe;
 pub mod task;
 pub mod unary;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -27,7 +30,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook_mio::v1_0::Signals;
 
-use self::connection::{Call, Connection, H2Settings};
+use self::connection::{Call, Connection, H2Settings, Keepalive, Liveness};
 use self::io::SocketIo;
 use self::task::{ReadyQueue, TaskId};
 use crate::broker::{Action, Broker};
@@ -61,6 +64,15 @@ impl Clock {
     }
 }
 
+/// Something the reactor must do at a given time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Timer {
+    /// A call's `grpc-timeout` expires.
+    Deadline(u64),
+    /// A connection's keepalive check is due.
+    Keepalive(usize),
+}
+
 /// State every call handler may touch.
 pub struct Shared {
     pub broker: Broker,
@@ -75,9 +87,15 @@ pub struct Shared {
     uid: u64,
     /// Cursor writes coalesced per group until the writer has room.
     pub cursors: HashMap<(Arc<str>, Arc<str>), (u64, i64)>,
+    /// Deadlines and keepalive checks, earliest first.
+    timers: BTreeSet<(Instant, Timer)>,
 }
 
 impl Shared {
+    pub fn add_timer(&mut self, at: Instant, timer: Timer) {
+        self.timers.insert((at, timer));
+    }
+
     pub fn next_uid(&mut self) -> u64 {
         self.uid += 1;
         self.uid
@@ -128,6 +146,7 @@ impl Shared {
 #[derive(Debug, Clone, Copy)]
 pub struct ReactorConfig {
     pub h2: H2Settings,
+    pub keepalive: Keepalive,
     pub max_connections: usize,
     pub shutdown_grace: Duration,
 }
@@ -190,6 +209,7 @@ impl Reactor {
                 shutting_down: false,
                 uid: 0,
                 cursors: HashMap::new(),
+                timers: BTreeSet::new(),
             },
             outcomes: links.outcomes,
             pages: links.pages,
@@ -233,6 +253,7 @@ impl Reactor {
                 }
             }
             self.drain_storage();
+            self.fire_timers();
             let now = self.shared.clock.now_ms();
             self.shared.broker.tick(now);
             self.apply_actions();
@@ -255,6 +276,43 @@ impl Reactor {
         }
     }
 
+    /// Expires deadlines and runs keepalive checks that are due.
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, timer)) = self.shared.timers.first() {
+            if at > now {
+                break;
+            }
+            self.shared.timers.pop_first();
+            match timer {
+                Timer::Deadline(uid) => {
+                    let Some(&(conn, slot)) = self.shared.routes.get(&uid) else {
+                        continue;
+                    };
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        if let Some(call) = c.call_mut(slot, uid) {
+                            log::debug!("call {uid}: deadline exceeded");
+                            call.expire();
+                        }
+                        c.schedule_slot(slot);
+                    }
+                }
+                Timer::Keepalive(token) => {
+                    let Some(c) = self.conns.get_mut(&token) else {
+                        continue;
+                    };
+                    match c.keepalive(now, &self.config.keepalive) {
+                        Liveness::Next(at) => self.shared.add_timer(at, Timer::Keepalive(token)),
+                        Liveness::Dead(why) => {
+                            log::info!("conn {token}: dropped: {why}");
+                            self.close(token);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     fn next_timeout(&self) -> Option<Duration> {
         let now = Instant::now();
         let broker = self
@@ -262,6 +320,10 @@ impl Reactor {
             .broker
             .next_deadline()
             .map(|ms| self.shared.clock.instant_of(ms));
+        let broker = match (broker, self.shared.timers.first().map(|(at, _)| *at)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let at = match (broker, self.shutdown_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -303,6 +365,13 @@ impl Reactor {
                     );
                     conn.schedule();
                     self.conns.insert(token, conn);
+                    let first_check = Instant::now()
+                        + self
+                            .config
+                            .keepalive
+                            .timeout
+                            .min(self.config.keepalive.interval);
+                    self.shared.add_timer(first_check, Timer::Keepalive(token));
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -540,10 +609,21 @@ impl Reactor {
             conn.start_drain();
             let mut slots = Vec::new();
             for (uid, slot, call) in conn.calls_mut() {
-                if let Call::Subscribe(s) = call {
-                    s.forget(uid, &mut self.shared);
-                    s.finish(Status::unavailable("server is shutting down"));
-                    slots.push(slot);
+                match call {
+                    Call::Subscribe(s) => {
+                        s.forget(uid, &mut self.shared);
+                        s.finish(Status::unavailable("server is shutting down"));
+                        slots.push(slot);
+                    }
+                    Call::Watch(w) => {
+                        w.shutting_down();
+                        slots.push(slot);
+                    }
+                    Call::Reflection(r) => {
+                        r.finish(Status::unavailable("server is shutting down"));
+                        slots.push(slot);
+                    }
+                    Call::Unary(_) => {}
                 }
             }
             for slot in slots {

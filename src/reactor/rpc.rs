@@ -147,7 +147,13 @@ fn dispatch(method: Method, body: Bytes, uid: u64, shared: &mut Shared) -> Resul
             });
             Ok(Handled::Submitted)
         }
-        Method::Subscribe => Err(Status::internal("Subscribe is a streaming method")),
+        Method::HealthCheck => Ok(Handled::Reply(super::health::check(
+            body,
+            shared.shutting_down,
+        ))),
+        Method::Subscribe | Method::HealthWatch | Method::Reflection { .. } => Err(
+            Status::internal("a streaming method reached the unary handler"),
+        ),
     }
 }
 

@@ -10,60 +10,66 @@ use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use prost::Message;
 
+use super::outbound::Outbound;
 use super::unary::frame_status;
 use super::Shared;
 use crate::broker::{Delivery, EndReason, Start, SubscribeRequest};
-use crate::grpc::headers::trailers;
-use crate::grpc::{encode_message, Code, MessageDecoder, Status};
+use crate::grpc::headers::CallInfo;
+use crate::grpc::{encode_message, encode_message_with, Code, MessageDecoder, Status};
 use crate::proto::{self, subscribe_downstream, subscribe_upstream};
 
 pub struct SubscribeCall {
     /// `None` once the client half-closed (it may still receive).
     recv: Option<RecvStream>,
-    send: SendStream<Bytes>,
+    out: Outbound,
     decoder: MessageDecoder,
     initialised: bool,
-    /// Bytes of one downstream message not yet handed to h2.
-    pending: Option<Bytes>,
-    /// A heartbeat or stream error, sent before further deliveries.
-    control: Option<Bytes>,
-    /// Once set, the stream ends with this status after `control`.
-    end: Option<Status>,
+    /// Compress deliveries (the client negotiated gzip).
+    gzip: bool,
+    /// The client ended its side of the stream.
+    half_closed: bool,
 }
 
-fn encode_delivery(d: Delivery) -> Bytes {
+fn encode_delivery(d: Delivery, gzip: bool) -> Bytes {
     let m = &d.message;
-    encode_message(&proto::SubscribeDownstream {
-        response: Some(subscribe_downstream::Response::Delivery(
-            proto::MessageDelivery {
-                message_id: m.id.to_string(),
-                sequence: m.sequence,
-                payload: m.payload.clone(),
-                attributes: m.attributes.clone(),
-                timestamp: m.timestamp_ms,
-                delivery_count: d.delivery_count,
-            },
-        )),
-    })
+    encode_message_with(
+        &proto::SubscribeDownstream {
+            response: Some(subscribe_downstream::Response::Delivery(
+                proto::MessageDelivery {
+                    message_id: m.id.to_string(),
+                    sequence: m.sequence,
+                    payload: m.payload.clone(),
+                    attributes: m.attributes.clone(),
+                    timestamp: m.timestamp_ms,
+                    delivery_count: d.delivery_count,
+                },
+            )),
+        },
+        gzip,
+    )
 }
 
 impl SubscribeCall {
-    pub fn new(recv: RecvStream, send: SendStream<Bytes>, max_message: usize) -> Self {
+    pub fn new(
+        recv: RecvStream,
+        send: SendStream<Bytes>,
+        max_message: usize,
+        info: &CallInfo,
+    ) -> Self {
         SubscribeCall {
             recv: Some(recv),
-            send,
-            decoder: MessageDecoder::new(max_message),
+            out: Outbound::new(send),
+            decoder: MessageDecoder::new(max_message).with_gzip(info.request_gzip),
             initialised: false,
-            pending: None,
-            control: None,
-            end: None,
+            gzip: info.respond_gzip,
+            half_closed: false,
         }
     }
 
     /// Queues a heartbeat unless something is already waiting to go out.
     pub fn heartbeat(&mut self, wall_ms: i64, latest_seq: u64) {
-        if self.control.is_none() && self.pending.is_none() && self.end.is_none() {
-            self.control = Some(encode_message(&proto::SubscribeDownstream {
+        if self.out.is_idle() && !self.out.is_finishing() {
+            self.out.push(encode_message(&proto::SubscribeDownstream {
                 response: Some(subscribe_downstream::Response::Heartbeat(
                     proto::Heartbeat {
                         timestamp: wall_ms,
@@ -95,47 +101,60 @@ impl SubscribeCall {
             ),
         };
         self.initialised = false; // the broker already forgot it
-        self.finish(status);
         if let Some(code) = code {
-            self.control = Some(encode_message(&proto::SubscribeDownstream {
+            self.out.push(encode_message(&proto::SubscribeDownstream {
                 response: Some(subscribe_downstream::Response::Error(proto::StreamError {
                     code: code.into(),
                     message: message.into(),
                 })),
             }));
         }
+        self.finish(status);
     }
 
-    /// Ends the stream with `status` (after whatever is half-sent).
+    /// Ends the stream with `status` (after whatever is queued).
     pub fn finish(&mut self, status: Status) {
-        if self.end.is_none() {
-            self.end = Some(status);
-        }
+        self.out.finish(status);
         self.recv = None;
-        self.control = None;
     }
 
     /// Drives the stream; true once it is finished and can be dropped.
-    /// `release` is called when the broker must forget the subscription.
     pub fn poll(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) -> bool {
-        if let Poll::Ready(reason) = self.send.poll_reset(cx) {
-            log::debug!("sub {uid}: stream reset by the client ({reason:?})");
+        // Read first: acks sent just before a reset still count.
+        self.read(uid, shared, cx);
+        if self.out.poll_reset(cx) {
+            log::debug!("sub {uid}: stream reset by the client");
             self.forget(uid, shared);
             return true;
         }
-        self.read(uid, shared, cx);
-        match self.write(uid, shared, cx) {
-            Ok(done) => {
-                if done {
-                    self.forget(uid, shared);
-                }
-                done
+        let (initialised, gzip) = (self.initialised, self.gzip);
+        let now = shared.clock.now_ms();
+        let broker = &mut shared.broker;
+        let flushed = self.out.flush(cx, || {
+            if !initialised {
+                return None;
             }
-            Err(()) => {
-                self.forget(uid, shared);
-                true
-            }
+            broker
+                .next_delivery(uid, now)
+                .map(|d| encode_delivery(d, gzip))
+        });
+        let mut done = flushed.unwrap_or(true);
+        // Half-closed and out of credit: nothing more can be sent, so the
+        // stream ends normally (what a client that sent Init, a grant and
+        // EOF expects).
+        if !done
+            && self.half_closed
+            && self.initialised
+            && self.out.is_idle()
+            && shared.broker.credit(uid) == Some(0)
+        {
+            self.finish(Status::ok());
+            done = self.out.flush(cx, || None).unwrap_or(true);
         }
+        if done {
+            self.forget(uid, shared);
+        }
+        done
     }
 
     /// Tells the broker this stream is gone (idempotent).
@@ -180,7 +199,8 @@ impl SubscribeCall {
                     // Half-closed: no more credit will come, but what was
                     // granted is still delivered.
                     self.recv = None;
-                    if !self.initialised && self.end.is_none() {
+                    self.half_closed = true;
+                    if !self.initialised && !self.out.is_finishing() {
                         self.finish(Status::invalid_argument(
                             "stream closed before SubscriptionInit",
                         ));
@@ -273,59 +293,5 @@ impl SubscribeCall {
             }
         }
         Ok(())
-    }
-
-    /// Sends what capacity allows. Ok(true) once the stream has ended.
-    fn write(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) -> Result<bool, ()> {
-        loop {
-            if self.pending.is_none() {
-                self.pending = self.control.take();
-            }
-            if self.pending.is_none() && self.end.is_none() && self.initialised {
-                self.pending = shared
-                    .broker
-                    .next_delivery(uid, shared.clock.now_ms())
-                    .map(encode_delivery);
-            }
-            let Some(mut bytes) = self.pending.take() else {
-                break;
-            };
-            let room = capacity(&mut self.send, bytes.len(), cx)?;
-            if room == 0 {
-                self.pending = Some(bytes);
-                return Ok(false);
-            }
-            let now = bytes.split_to(room.min(bytes.len()));
-            if !bytes.is_empty() {
-                self.pending = Some(bytes);
-            }
-            self.send.send_data(now, false).map_err(|_| ())?;
-        }
-        if let Some(status) = self.end.take() {
-            let _ = self.send.send_trailers(trailers(&status));
-            return Ok(true);
-        }
-        Ok(false)
-    }
-}
-
-/// Send capacity available for up to `need` bytes; 0 means wait (the waker
-/// is registered). Err when the stream is gone.
-fn capacity(send: &mut SendStream<Bytes>, need: usize, cx: &mut Context<'_>) -> Result<usize, ()> {
-    loop {
-        let have = send.capacity();
-        if have >= need {
-            return Ok(have);
-        }
-        send.reserve_capacity(need);
-        let have = send.capacity();
-        if have > 0 {
-            return Ok(have);
-        }
-        match send.poll_capacity(cx) {
-            Poll::Ready(Some(Ok(_))) => continue,
-            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => return Err(()),
-            Poll::Pending => return Ok(0),
-        }
     }
 }

@@ -11,7 +11,8 @@ use h2::RecvStream;
 
 use super::rpc::{self, Handled};
 use super::Shared;
-use crate::grpc::headers::{response_headers, trailers, trailers_only, Method};
+use crate::grpc::framing::compress_framed;
+use crate::grpc::headers::{response_headers_with, trailers, trailers_only, CallInfo, Method};
 use crate::grpc::{FrameError, MessageDecoder, Status};
 
 enum State {
@@ -24,6 +25,8 @@ enum State {
 
 pub struct UnaryCall {
     method: Method,
+    /// Compress the response (the client negotiated gzip).
+    gzip: bool,
     recv: Option<RecvStream>,
     respond: SendResponse<Bytes>,
     decoder: MessageDecoder,
@@ -43,27 +46,42 @@ pub fn frame_status(e: FrameError) -> Status {
         FrameError::BadFlag(f) => Status::internal(format!(
             "invalid compressed-flag byte {f} in message prefix"
         )),
+        FrameError::BadCompression(e) => {
+            Status::internal(format!("failed to decompress gzip message: {e}"))
+        }
     }
 }
 
 impl UnaryCall {
     pub fn new(
-        method: Method,
+        info: &CallInfo,
         recv: RecvStream,
         respond: SendResponse<Bytes>,
         max_message: usize,
     ) -> Self {
         UnaryCall {
-            method,
+            method: info.method,
+            gzip: info.respond_gzip,
             recv: Some(recv),
             respond,
-            decoder: MessageDecoder::new(max_message),
+            decoder: MessageDecoder::new(max_message).with_gzip(info.request_gzip),
             state: State::Reading,
         }
     }
 
     pub fn method(&self) -> Method {
         self.method
+    }
+
+    /// The call's deadline passed: answer DEADLINE_EXCEEDED unless done.
+    pub fn expire(&mut self) {
+        if matches!(self.state, State::Reading | State::Waiting) {
+            self.recv = None;
+            self.state = State::Reply(Err(Status::new(
+                crate::grpc::Code::DeadlineExceeded,
+                "deadline exceeded",
+            )));
+        }
     }
 
     /// The writer answered (or failed) this call's submission.
@@ -146,8 +164,16 @@ impl UnaryCall {
 
     fn send(&mut self, reply: Result<Bytes, Status>) {
         match reply {
-            Ok(body) => match self.respond.send_response(response_headers(), false) {
+            Ok(body) => match self
+                .respond
+                .send_response(response_headers_with(self.gzip), false)
+            {
                 Ok(mut stream) => {
+                    let body = if self.gzip {
+                        compress_framed(body)
+                    } else {
+                        body
+                    };
                     let _ = stream.send_data(body, false);
                     let _ = stream.send_trailers(trailers(&Status::ok()));
                 }

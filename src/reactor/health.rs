@@ -1,0 +1,139 @@
+//! `grpc.health.v1.Health`: Check answers at once; `WatchCall` sends the
+//! current status, then each change (NOT_SERVING from the moment shutdown
+//! starts). `""` and `sluice.v1.Sluice` are the services known.
+
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use prost::Message;
+
+use super::outbound::Outbound;
+use super::unary::frame_status;
+use crate::grpc::headers::CallInfo;
+use crate::grpc::{encode_message, Code, MessageDecoder, Status};
+use crate::proto::health::{
+    health_check_response::ServingStatus, HealthCheckRequest, HealthCheckResponse,
+};
+
+/// The status of `service`, or None when the server does not know it.
+pub fn status_of(service: &str, shutting_down: bool) -> Option<ServingStatus> {
+    match service {
+        "" | crate::proto::SERVICE => Some(if shutting_down {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        }),
+        _ => None,
+    }
+}
+
+/// The Check answer for a decoded request body.
+pub fn check(body: Bytes, shutting_down: bool) -> Result<Bytes, Status> {
+    let req = HealthCheckRequest::decode(body)
+        .map_err(|e| Status::internal(format!("failed to decode HealthCheckRequest: {e}")))?;
+    match status_of(&req.service, shutting_down) {
+        Some(status) => Ok(encode_message(&HealthCheckResponse {
+            status: status as i32,
+        })),
+        None => Err(Status::new(
+            Code::NotFound,
+            format!("unknown service {:?}", req.service),
+        )),
+    }
+}
+
+fn response(status: ServingStatus) -> Bytes {
+    encode_message(&HealthCheckResponse {
+        status: status as i32,
+    })
+}
+
+pub struct WatchCall {
+    recv: Option<RecvStream>,
+    decoder: MessageDecoder,
+    out: Outbound,
+    /// The watched service, once the request arrived.
+    service: Option<String>,
+}
+
+impl WatchCall {
+    pub fn new(
+        recv: RecvStream,
+        send: SendStream<Bytes>,
+        max_message: usize,
+        info: &CallInfo,
+    ) -> Self {
+        WatchCall {
+            recv: Some(recv),
+            decoder: MessageDecoder::new(max_message).with_gzip(info.request_gzip),
+            out: Outbound::new(send),
+            service: None,
+        }
+    }
+
+    /// Shutdown started: report NOT_SERVING and end the stream.
+    pub fn shutting_down(&mut self) {
+        if let Some(service) = &self.service {
+            if status_of(service, true).is_some() {
+                self.out.push(response(ServingStatus::NotServing));
+            }
+        }
+        self.out
+            .finish(Status::unavailable("server is shutting down"));
+        self.recv = None;
+    }
+
+    pub fn finish(&mut self, status: Status) {
+        self.out.finish(status);
+        self.recv = None;
+    }
+
+    /// Drives the stream; true once it is finished.
+    pub fn poll(&mut self, shutting_down: bool, cx: &mut Context<'_>) -> bool {
+        if self.out.poll_reset(cx) {
+            return true;
+        }
+        while let Some(recv) = self.recv.as_mut() {
+            match recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let _ = recv.flow_control().release_capacity(chunk.len());
+                    self.decoder.push(&chunk);
+                    match self.decoder.next_message() {
+                        Ok(None) => {}
+                        Ok(Some(body)) => {
+                            self.recv = None;
+                            match HealthCheckRequest::decode(body) {
+                                Ok(req) => {
+                                    let status = status_of(&req.service, shutting_down)
+                                        .unwrap_or(ServingStatus::ServiceUnknown);
+                                    self.out.push(response(status));
+                                    if shutting_down {
+                                        self.out
+                                            .finish(Status::unavailable("server is shutting down"));
+                                    }
+                                    self.service = Some(req.service);
+                                }
+                                Err(e) => self.finish(Status::internal(format!(
+                                    "failed to decode HealthCheckRequest: {e}"
+                                ))),
+                            }
+                        }
+                        Err(e) => self.finish(frame_status(e)),
+                    }
+                }
+                Poll::Ready(None) => {
+                    self.recv = None;
+                    if self.service.is_none() {
+                        self.finish(Status::internal(
+                            "Health/Watch request ended without a message",
+                        ));
+                    }
+                }
+                Poll::Ready(Some(Err(_))) => return true,
+                Poll::Pending => break,
+            }
+        }
+        self.out.flush(cx, || None).unwrap_or(true)
+    }
+}

@@ -1,0 +1,282 @@
+//! Server reflection (`grpc.reflection.v1` and `v1alpha`, one wire format):
+//! lists the services and serves the compiled descriptors of our .proto
+//! files by file name or by symbol, with their dependencies, so grpcurl-style
+//! tools work without the .proto files.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use prost::Message;
+use prost_types::{DescriptorProto, FileDescriptorSet};
+
+use super::outbound::Outbound;
+use super::unary::frame_status;
+use crate::grpc::headers::CallInfo;
+use crate::grpc::{encode_message, Code, MessageDecoder, Status};
+use crate::proto::reflection_v1::{
+    server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    ErrorResponse, ExtensionNumberResponse, FileDescriptorResponse, ListServiceResponse,
+    ServerReflectionRequest, ServerReflectionResponse, ServiceResponse,
+};
+
+/// Our descriptors, indexed.
+pub struct Descriptors {
+    /// (file name, serialized FileDescriptorProto, dependency names)
+    files: Vec<(String, Bytes, Vec<String>)>,
+    /// Fully qualified symbol -> index in `files`.
+    symbols: HashMap<String, usize>,
+    messages: Vec<String>,
+    services: Vec<String>,
+}
+
+fn index_message(prefix: &str, m: &DescriptorProto, file: usize, d: &mut Descriptors) {
+    let name = format!("{prefix}.{}", m.name());
+    for nested in &m.nested_type {
+        index_message(&name, nested, file, d);
+    }
+    for e in &m.enum_type {
+        d.symbols.insert(format!("{name}.{}", e.name()), file);
+    }
+    d.messages.push(name.clone());
+    d.symbols.insert(name, file);
+}
+
+impl Descriptors {
+    pub fn get() -> &'static Descriptors {
+        static D: OnceLock<Descriptors> = OnceLock::new();
+        D.get_or_init(|| Descriptors::from_set(crate::proto::DESCRIPTORS))
+    }
+
+    fn from_set(bytes: &[u8]) -> Descriptors {
+        let mut d = Descriptors {
+            files: Vec::new(),
+            symbols: HashMap::new(),
+            messages: Vec::new(),
+            services: Vec::new(),
+        };
+        let set = FileDescriptorSet::decode(bytes).unwrap_or_default();
+        for (i, f) in set.file.iter().enumerate() {
+            let pkg = f.package();
+            for m in &f.message_type {
+                index_message(pkg, m, i, &mut d);
+            }
+            for e in &f.enum_type {
+                d.symbols.insert(format!("{pkg}.{}", e.name()), i);
+            }
+            for s in &f.service {
+                let name = format!("{pkg}.{}", s.name());
+                for m in &s.method {
+                    d.symbols.insert(format!("{name}.{}", m.name()), i);
+                }
+                d.services.push(name.clone());
+                d.symbols.insert(name, i);
+            }
+            d.files.push((
+                f.name().to_string(),
+                f.encode_to_vec().into(),
+                f.dependency.clone(),
+            ));
+        }
+        d
+    }
+
+    pub fn services(&self) -> &[String] {
+        &self.services
+    }
+
+    /// The file at `index` and everything it imports, each once.
+    fn with_dependencies(&self, index: usize) -> Vec<Bytes> {
+        let mut seen = vec![false; self.files.len()];
+        let mut todo = VecDeque::from([index]);
+        let mut out = Vec::new();
+        while let Some(i) = todo.pop_front() {
+            if std::mem::replace(&mut seen[i], true) {
+                continue;
+            }
+            out.push(self.files[i].1.clone());
+            for dep in &self.files[i].2 {
+                if let Some(j) = self.files.iter().position(|f| &f.0 == dep) {
+                    todo.push_back(j);
+                }
+            }
+        }
+        out
+    }
+
+    fn answer(&self, request: &MessageRequest) -> MessageResponse {
+        let not_found = |what: String| {
+            MessageResponse::ErrorResponse(ErrorResponse {
+                error_code: Code::NotFound as i32,
+                error_message: what,
+            })
+        };
+        let files = |i| {
+            MessageResponse::FileDescriptorResponse(FileDescriptorResponse {
+                file_descriptor_proto: self.with_dependencies(i),
+            })
+        };
+        match request {
+            MessageRequest::ListServices(_) => {
+                MessageResponse::ListServicesResponse(ListServiceResponse {
+                    service: self
+                        .services
+                        .iter()
+                        .map(|name| ServiceResponse { name: name.clone() })
+                        .collect(),
+                })
+            }
+            MessageRequest::FileByFilename(name) => {
+                match self.files.iter().position(|f| &f.0 == name) {
+                    Some(i) => files(i),
+                    None => not_found(format!("file {name:?} not found")),
+                }
+            }
+            MessageRequest::FileContainingSymbol(symbol) => {
+                match self.symbols.get(symbol.trim_start_matches('.')) {
+                    Some(&i) => files(i),
+                    None => not_found(format!("symbol {symbol:?} not found")),
+                }
+            }
+            MessageRequest::FileContainingExtension(ext) => not_found(format!(
+                "no extension {} of {:?}",
+                ext.extension_number, ext.containing_type
+            )),
+            MessageRequest::AllExtensionNumbersOfType(t) => {
+                let t = t.trim_start_matches('.');
+                if self.messages.iter().any(|m| m == t) {
+                    MessageResponse::AllExtensionNumbersResponse(ExtensionNumberResponse {
+                        base_type_name: t.to_string(),
+                        extension_number: Vec::new(),
+                    })
+                } else {
+                    not_found(format!("type {t:?} not found"))
+                }
+            }
+        }
+    }
+}
+
+/// Answers queued but not yet sent before the stream stops reading.
+const MAX_QUEUED: usize = 16;
+
+pub struct ReflectionCall {
+    recv: Option<RecvStream>,
+    decoder: MessageDecoder,
+    out: Outbound,
+}
+
+impl ReflectionCall {
+    pub fn new(
+        recv: RecvStream,
+        send: SendStream<Bytes>,
+        max_message: usize,
+        info: &CallInfo,
+    ) -> Self {
+        ReflectionCall {
+            recv: Some(recv),
+            decoder: MessageDecoder::new(max_message).with_gzip(info.request_gzip),
+            out: Outbound::new(send),
+        }
+    }
+
+    pub fn finish(&mut self, status: Status) {
+        self.out.finish(status);
+        self.recv = None;
+    }
+
+    /// Drives the stream; true once it is finished.
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.out.poll_reset(cx) {
+            return true;
+        }
+        while self.out.queued() < MAX_QUEUED {
+            let Some(recv) = self.recv.as_mut() else {
+                break;
+            };
+            match recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let _ = recv.flow_control().release_capacity(chunk.len());
+                    self.decoder.push(&chunk);
+                    loop {
+                        match self.decoder.next_message() {
+                            Ok(None) => break,
+                            Ok(Some(body)) => match ServerReflectionRequest::decode(body) {
+                                Ok(req) => {
+                                    let answer = req
+                                        .message_request
+                                        .as_ref()
+                                        .map(|m| Descriptors::get().answer(m))
+                                        .unwrap_or_else(|| {
+                                            MessageResponse::ErrorResponse(ErrorResponse {
+                                                error_code: Code::InvalidArgument as i32,
+                                                error_message: "empty reflection request".into(),
+                                            })
+                                        });
+                                    self.out.push(encode_message(&ServerReflectionResponse {
+                                        valid_host: req.host.clone(),
+                                        original_request: Some(req),
+                                        message_response: Some(answer),
+                                    }));
+                                }
+                                Err(e) => {
+                                    self.finish(Status::internal(format!(
+                                        "failed to decode ServerReflectionRequest: {e}"
+                                    )));
+                                    break;
+                                }
+                            },
+                            Err(e) => {
+                                self.finish(frame_status(e));
+                                break;
+                            }
+                        }
+                    }
+                }
+                Poll::Ready(None) => self.finish(Status::ok()),
+                Poll::Ready(Some(Err(_))) => return true,
+                Poll::Pending => break,
+            }
+        }
+        self.out.flush(cx, || None).unwrap_or(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_our_services_and_symbols() {
+        let d = Descriptors::get();
+        for s in [
+            "sluice.v1.Sluice",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        ] {
+            assert!(d.services().iter().any(|x| x == s), "{s}");
+        }
+        for sym in [
+            "sluice.v1.Sluice.Publish",
+            "sluice.v1.PublishRequest",
+            "sluice.v1.InitialPosition",
+            "grpc.health.v1.HealthCheckResponse.ServingStatus",
+        ] {
+            assert!(d.symbols.contains_key(sym), "{sym}");
+        }
+        match d.answer(&MessageRequest::FileContainingSymbol(
+            "sluice.v1.Sluice".into(),
+        )) {
+            MessageResponse::FileDescriptorResponse(f) => {
+                let file =
+                    prost_types::FileDescriptorProto::decode(f.file_descriptor_proto[0].clone())
+                        .unwrap();
+                assert_eq!(file.name(), "sluice/v1/sluice.proto");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The CLI as a user runs it, against a real broker: publish from stdin,
+//! subscribe --count, topics, stats, and errors.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+fn sluice(server: &Server, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("SLUICE_ADDR", format!("127.0.0.1:{}", server.port))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cli");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn publish_from_stdin_then_subscribe_with_count() {
+    let server = Server::start();
+    let p = sluice(
+        &server,
+        &["publish", "orders", "-", "--attr", "source=cli"],
+        b"first\nsecond\nthird\n",
+    );
+    assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
+    assert_eq!(
+        stdout(&p).lines().count(),
+        3,
+        "one line per published message"
+    );
+
+    let s = sluice(
+        &server,
+        &[
+            "subscribe",
+            "orders",
+            "--group",
+            "g",
+            "--from",
+            "earliest",
+            "--count",
+            "2",
+        ],
+        b"",
+    );
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    assert_eq!(stdout(&s), "first\nsecond\n");
+    // It acked as it printed: the group resumes after "second".
+    let s = sluice(
+        &server,
+        &[
+            "subscribe",
+            "orders",
+            "--group",
+            "g",
+            "--count",
+            "1",
+            "--json",
+        ],
+        b"",
+    );
+    assert!(s.status.success());
+    let line = stdout(&s);
+    assert!(line.contains(r#""payload":"third""#), "{line}");
+    assert!(line.contains(r#""source":"cli""#), "{line}");
+    // BROWSE from a sequence, no acks.
+    let s = sluice(
+        &server,
+        &[
+            "subscribe",
+            "orders",
+            "--browse",
+            "--from",
+            "1",
+            "--count",
+            "3",
+            "--credits",
+            "1",
+        ],
+        b"",
+    );
+    assert_eq!(stdout(&s), "first\nsecond\nthird\n");
+}
+
+#[test]
+fn publish_data_argument_and_whole_stdin() {
+    let server = Server::start();
+    let p = sluice(&server, &["publish", "t", "hello world"], b"");
+    assert!(p.status.success());
+    let p = sluice(
+        &server,
+        &["publish", "t", "--whole"],
+        b"line one\nline two\n",
+    );
+    assert!(p.status.success());
+    let s = sluice(
+        &server,
+        &[
+            "subscribe",
+            "t",
+            "--from",
+            "earliest",
+            "--count",
+            "2",
+            "--json",
+        ],
+        b"",
+    );
+    let out = stdout(&s);
+    assert!(out.contains(r#""payload":"hello world""#), "{out}");
+    assert!(out.contains(r#""payload":"line one\nline two\n""#), "{out}");
+}
+
+#[test]
+fn topics_and_stats() {
+    let server = Server::start();
+    sluice(&server, &["publish", "beta", "x"], b"");
+    sluice(&server, &["publish", "alpha", "y"], b"");
+    sluice(&server, &["publish", "alpha", "z"], b"");
+    let t = sluice(&server, &["topics"], b"");
+    assert!(t.status.success());
+    let names: Vec<String> = stdout(&t)
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["alpha", "beta"]);
+    let s = sluice(&server, &["stats", "alpha"], b"");
+    assert!(s.status.success());
+    assert!(
+        stdout(&s).starts_with("alpha\tmessages=2\t"),
+        "{}",
+        stdout(&s)
+    );
+}
+
+#[test]
+fn errors_print_the_status_and_exit_non_zero() {
+    let server = Server::start();
+    let bad = sluice(&server, &["publish", "no spaces allowed", "x"], b"");
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("INVALID_ARGUMENT") && err.contains("[A-Za-z0-9._-]"),
+        "{err}"
+    );
+    let missing = sluice(&server, &["stats", "nope"], b"");
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NOT_FOUND"));
+    let usage = sluice(&server, &["subscribe"], b"");
+    assert_eq!(usage.status.code(), Some(2));
+    let down = Command::new(BIN)
+        .args(["topics", "--addr", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&down.stderr).contains("UNAVAILABLE"));
+}
