@@ -21,6 +21,7 @@ pub struct ServeConfig {
     pub max_connections: usize,
     pub max_concurrent_streams: u32,
     pub shutdown_grace: Duration,
+    pub max_db_bytes: Option<u64>,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub retention_max_age: Option<Duration>,
@@ -43,6 +44,7 @@ impl Default for ServeConfig {
             max_connections: 1024,
             max_concurrent_streams: 256,
             shutdown_grace: Duration::from_secs(5),
+            max_db_bytes: None,
             keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
             retention_max_age: None,
@@ -80,7 +82,9 @@ OPTIONS (each also read from the environment variable shown):
     --max-connections N          connections served at once [SLUICE_MAX_CONNECTIONS] (default 1024)
     --max-concurrent-streams N   HTTP/2 streams per connection [SLUICE_MAX_CONCURRENT_STREAMS] (default 256)
     --shutdown-grace DUR         how long SIGTERM waits for in-flight calls [SLUICE_SHUTDOWN_GRACE] (default 5s)
-        --keepalive-interval DUR     ping each connection this often [SLUICE_KEEPALIVE_INTERVAL] (default 60s)
+            --max-db-bytes SIZE          cap the database size; publishes past it fail UNAVAILABLE
+                                 [SLUICE_MAX_DB_BYTES] (default: no cap)
+    --keepalive-interval DUR     ping each connection this often [SLUICE_KEEPALIVE_INTERVAL] (default 60s)
     --keepalive-timeout DUR      drop a peer that does not answer a ping (or finish its HTTP/2
                                  handshake) within this [SLUICE_KEEPALIVE_TIMEOUT] (default 20s)
     --retention-max-age DUR      delete messages older than this, per topic [SLUICE_RETENTION_MAX_AGE] (default off)
@@ -208,6 +212,15 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
         "retention-max-messages" => {
             cfg.retention_max_messages = Some(positive(&flag, v)? as u64);
         }
+        "max-db-bytes" => {
+            let n = parse_size(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
+            if n < 64 << 10 {
+                return Err(format!(
+                    "invalid value {v:?} for {flag}: must be at least 64KiB"
+                ));
+            }
+            cfg.max_db_bytes = Some(n);
+        }
         "retention-max-bytes" => {
             let n = parse_size(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
             if n == 0 {
@@ -235,6 +248,7 @@ const SETTINGS: &[&str] = &[
     "max-connections",
     "max-concurrent-streams",
     "shutdown-grace",
+    "max-db-bytes",
     "keepalive-interval",
     "keepalive-timeout",
     "retention-max-age",

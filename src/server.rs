@@ -21,7 +21,7 @@ pub fn run(cfg: &ServeConfig) -> Result<(), String> {
     let started = Instant::now();
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", cfg.data_dir.display()))?;
-    let conn = schema::open_writer(&cfg.data_dir)
+    let conn = schema::open_writer(&cfg.data_dir, cfg.max_db_bytes)
         .map_err(|e| format!("cannot open database in {}: {e}", cfg.data_dir.display()))?;
     let state = schema::load_state(&conn).map_err(|e| format!("cannot load state: {e}"))?;
     log::info!(

@@ -167,3 +167,46 @@ fn errors_print_the_status_and_exit_non_zero() {
     assert_eq!(down.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&down.stderr).contains("UNAVAILABLE"));
 }
+
+#[test]
+fn daemon_flags_help_version_and_bad_values() {
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let text = stdout(&help);
+    for flag in [
+        "--host",
+        "--port",
+        "--data-dir",
+        "--log-level",
+        "--max-message-bytes",
+        "SLUICE_PORT",
+        "publish",
+    ] {
+        assert!(text.contains(flag), "--help mentions {flag}");
+    }
+    let v = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(v.status.success() && stdout(&v).starts_with("sluice "));
+    for bad in [
+        &["--port", "not-a-port"][..],
+        &["serve", "--bogus"][..],
+        &["--heartbeat-interval", "5 parsecs"][..],
+    ] {
+        let o = Command::new(BIN).args(bad).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{bad:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.lines()
+                .next()
+                .unwrap()
+                .contains(bad[bad.len() - 2].trim_start_matches("serve"))
+                || err.contains("bogus"),
+            "{err}"
+        );
+    }
+    let o = Command::new(BIN)
+        .env("SLUICE_PORT", "99999")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("SLUICE_PORT"));
+}

@@ -226,3 +226,44 @@ async fn attributes_round_trip_through_storage() {
     assert_eq!(d.attributes.get("k").map(String::as_str), Some("v"));
     assert_eq!(d.attributes.get("trace").map(String::as_str), Some("x"));
 }
+
+#[tokio::test]
+async fn full_storage_fails_publishes_unavailable_and_keeps_what_was_acknowledged() {
+    let server = Server::start_with(&["--max-db-bytes", "1MiB"]);
+    let mut c = server.client().await;
+    let mut acked = Vec::new();
+    let payload = vec![9u8; 16 * 1024];
+    let err = loop {
+        match c.publish("fill", &payload).await {
+            Ok(r) => acked.push(r.sequence),
+            Err(e) => break e,
+        }
+        assert!(acked.len() < 1000, "the cap never bit");
+    };
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("full"), "{}", err.message());
+    assert!(!acked.is_empty());
+    // A failed batch loses nothing already acknowledged; the broker still serves.
+    let mut sub = c
+        .subscribe_with(proto::SubscribeUpstream {
+            request: Some(proto::subscribe_upstream::Request::Init(
+                proto::SubscriptionInit {
+                    topic: "fill".into(),
+                    initial_position: proto::InitialPosition::Earliest as i32,
+                    mode: proto::SubscriptionMode::Browse as i32,
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .unwrap();
+    sub.send(credit(10_000)).await;
+    let got: Vec<u64> = sub
+        .deliveries_until_quiet(Duration::from_millis(700))
+        .await
+        .iter()
+        .map(|d| d.sequence)
+        .collect();
+    assert_eq!(got, acked);
+    assert!(c.list_topics().await.is_ok());
+}

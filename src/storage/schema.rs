@@ -53,7 +53,8 @@ fn tune(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Opens (creating if needed) the write connection and migrates the schema.
-pub fn open_writer(dir: &Path) -> rusqlite::Result<Connection> {
+/// `max_bytes` caps the database size: writes past it fail as "full".
+pub fn open_writer(dir: &Path, max_bytes: Option<u64>) -> rusqlite::Result<Connection> {
     let conn = Connection::open(dir.join(DB_FILE))?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version == 0 {
@@ -66,6 +67,11 @@ pub fn open_writer(dir: &Path) -> rusqlite::Result<Connection> {
     // After a checkpoint resets the WAL, truncate it back to this size.
     conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
     tune(&conn)?;
+    if let Some(max) = max_bytes {
+        let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+        let pages = (max as i64 / page.max(512)).max(16);
+        conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+    }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
         let tx = conn.unchecked_transaction()?;
         tx.execute_batch(sql)?;
