@@ -109,27 +109,12 @@ pub const COMPRESS_FROM: usize = 256;
 /// Frames one protobuf message, gzip-compressed when `gzip` is set and the
 /// message is large enough to gain from it.
 pub fn encode_message_with<M: prost::Message>(message: &M, gzip: bool) -> Bytes {
-    let len = message.encoded_len();
-    if !gzip || len < COMPRESS_FROM {
-        return encode_message(message);
+    let framed = encode_message(message);
+    if gzip {
+        compress_framed(framed)
+    } else {
+        framed
     }
-    use std::io::Write;
-    let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(len / 2 + 16),
-        flate2::Compression::fast(),
-    );
-    let plain = message.encode_to_vec();
-    if enc.write_all(&plain).is_err() {
-        return encode_message(message);
-    }
-    let Ok(packed) = enc.finish() else {
-        return encode_message(message);
-    };
-    let mut out = BytesMut::with_capacity(PREFIX + packed.len());
-    out.put_u8(1);
-    out.put_u32(packed.len() as u32);
-    out.extend_from_slice(&packed);
-    out.freeze()
 }
 
 /// Compresses an already framed, uncompressed message if it is large

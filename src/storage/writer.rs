@@ -25,6 +25,29 @@ use crate::broker::{MessageId, StoredMessage};
 /// Rows deleted per housekeeping transaction.
 const PURGE_CHUNK: i64 = 2_000;
 
+/// Rows per multi-row INSERT.
+const ROWS_PER_INSERT: usize = 16;
+
+const SINGLE_ROW_INSERT: &str =
+    "INSERT INTO messages (seq, topic_id, ordinal, ts, payload, attributes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+/// `INSERT ... VALUES (...), (...), ...` for `ROWS_PER_INSERT` rows.
+fn multi_row_insert() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        let rows: Vec<String> = (0..ROWS_PER_INSERT)
+            .map(|k| {
+                let b = k * 6;
+                format!("(?{}, ?{}, ?{}, ?{}, ?{}, ?{})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6)
+            })
+            .collect();
+        format!(
+            "INSERT INTO messages (seq, topic_id, ordinal, ts, payload, attributes) VALUES {}",
+            rows.join(", ")
+        )
+    })
+}
+
 /// A message as published, before it has a sequence.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
@@ -450,33 +473,44 @@ impl GroupCommit {
                     messages,
                 } => {
                     let row = topic_row(&tx, &mut self.topics, topic, ts)?;
-                    let mut insert = tx.prepare_cached(
-                        "INSERT INTO messages (seq, topic_id, ordinal, ts, payload, attributes)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    )?;
                     let mut stored = Vec::with_capacity(messages.len());
-                    for m in messages {
-                        let seq = self.next_seq;
-                        let ordinal = row.last_ordinal + 1;
-                        insert.execute(params![
-                            seq as i64,
-                            row.id,
-                            ordinal as i64,
-                            ts,
-                            m.payload.as_ref(),
-                            encode_attributes(&m.attributes)
-                        ])?;
-                        self.next_seq += 1;
-                        row.last_ordinal = ordinal;
-                        row.bytes += m.payload.len() as u64;
-                        stored.push(Arc::new(StoredMessage {
-                            sequence: seq,
-                            ordinal,
-                            id: MessageId::new(ts, seq, topic),
-                            timestamp_ms: ts,
-                            payload: m.payload.clone(),
-                            attributes: m.attributes.clone(),
-                        }));
+                    // Rows go in 16 at a time: one statement step for many
+                    // rows is markedly cheaper than one per row.
+                    for chunk in messages.chunks(ROWS_PER_INSERT) {
+                        let sql = if chunk.len() == ROWS_PER_INSERT {
+                            multi_row_insert()
+                        } else {
+                            SINGLE_ROW_INSERT
+                        };
+                        let mut insert = tx.prepare_cached(sql)?;
+                        for (k, m) in chunk.iter().enumerate() {
+                            let seq = self.next_seq;
+                            let ordinal = row.last_ordinal + 1;
+                            let base = if chunk.len() == ROWS_PER_INSERT { k * 6 } else { 0 };
+                            insert.raw_bind_parameter(base + 1, seq as i64)?;
+                            insert.raw_bind_parameter(base + 2, row.id)?;
+                            insert.raw_bind_parameter(base + 3, ordinal as i64)?;
+                            insert.raw_bind_parameter(base + 4, ts)?;
+                            insert.raw_bind_parameter(base + 5, m.payload.as_ref())?;
+                            insert.raw_bind_parameter(base + 6, encode_attributes(&m.attributes))?;
+                            if chunk.len() != ROWS_PER_INSERT {
+                                insert.raw_execute()?;
+                            }
+                            self.next_seq += 1;
+                            row.last_ordinal = ordinal;
+                            row.bytes += m.payload.len() as u64;
+                            stored.push(Arc::new(StoredMessage {
+                                sequence: seq,
+                                ordinal,
+                                id: MessageId::new(ts, seq, topic),
+                                timestamp_ms: ts,
+                                payload: m.payload.clone(),
+                                attributes: m.attributes.clone(),
+                            }));
+                        }
+                        if chunk.len() == ROWS_PER_INSERT {
+                            insert.raw_execute()?;
+                        }
                     }
                     appended += stored.len() as u64;
                     out.push(WriteOutcome::Appended {
