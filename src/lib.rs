@@ -14,3 +14,4 @@ pub mod proto;
 pub mod reactor;
 pub mod server;
 pub mod storage;
+pub mod telemetry;

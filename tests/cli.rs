@@ -18,8 +18,7 @@ fn sluice(server: &Server, args: &[&str], stdin: &[u8]) -> Output {
         .spawn()
         .expect("spawn cli");
     child.stdin.take().unwrap().write_all(stdin).unwrap();
-    let out = child.wait_with_output().unwrap();
-    out
+    child.wait_with_output().unwrap()
 }
 
 fn stdout(o: &Output) -> String {

@@ -13,7 +13,8 @@ fn daemon_notifies_ready_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut server = Server::start_with_env(&[], &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
     let mut buf = [0u8; 512];
     let n = sock.recv(&mut buf).expect("READY=1 within 10 s");
@@ -23,13 +24,16 @@ fn daemon_notifies_ready_and_stopping() {
     std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("listening when READY");
     server.signal(15);
     let n = sock.recv(&mut buf).expect("STOPPING=1 at shutdown");
-    assert!(String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == "STOPPING=1"));
+    assert!(String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .any(|l| l == "STOPPING=1"));
     assert_eq!(server.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
 #[test]
 fn unit_file_has_the_required_settings() {
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dist/sluice.service")).unwrap();
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dist/sluice.service"))
+        .unwrap();
     for line in [
         "Type=notify",
         "DynamicUser=yes",
@@ -42,12 +46,19 @@ fn unit_file_has_the_required_settings() {
     ] {
         assert!(unit.lines().any(|l| l.trim() == line), "missing {line}");
     }
-    assert!(unit.contains("--data-dir ${STATE_DIRECTORY}") || unit.contains("SLUICE_DATA_DIR=%S/sluice"));
+    assert!(
+        unit.contains("--data-dir ${STATE_DIRECTORY}")
+            || unit.contains("SLUICE_DATA_DIR=%S/sluice")
+    );
 }
 
 #[test]
 fn unit_file_passes_systemd_analyze_verify() {
-    if std::process::Command::new("systemd-analyze").arg("--version").output().is_err() {
+    if std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("systemd-analyze is not installed here; .ci/run installs it so CI always checks");
         return;
     }
@@ -57,9 +68,16 @@ fn unit_file_passes_systemd_analyze_verify() {
         .replace("/usr/local/bin/sluice", BIN);
     let path = dir.path().join("sluice.service");
     std::fs::write(&path, unit).unwrap();
-    let out = std::process::Command::new("systemd-analyze").arg("verify").arg(&path).output().unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Only complaints about this unit count (the host's own units may be odd).
     let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("sluice")).collect();
-    assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {stderr}");
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
 }

@@ -637,8 +637,13 @@ impl Broker {
         }
         s.page_fetch = None;
         let from = s.next;
-        s.page
-            .extend(messages.into_iter().filter(|m| m.sequence >= from));
+        // A page read just before retention deleted its start is trimmed.
+        let oldest = self.topics.get(&s.topic).map_or(0, |t| t.view.first_seq);
+        s.page.extend(
+            messages
+                .into_iter()
+                .filter(|m| m.sequence >= from && m.sequence >= oldest),
+        );
         if let Some(last) = s.page.back() {
             s.next = last.sequence + 1;
         }
@@ -817,16 +822,33 @@ impl Broker {
         let Some(t) = self.topics.get_mut(topic) else {
             return;
         };
-        match first {
+        let oldest = match first {
             Some((seq, ordinal, ts)) => {
                 t.view.first_seq = seq;
                 t.view.first_ordinal = ordinal;
                 t.view.first_ts = ts;
+                seq
             }
             None => {
                 t.view.first_seq = 0;
                 t.view.first_ordinal = t.view.last_ordinal + 1;
                 t.view.first_ts = 0;
+                t.view.last_seq + 1
+            }
+        };
+        // What is gone from disk is gone everywhere: the in-memory tail,
+        // pages and redeliveries; positions in the deleted range continue
+        // from the oldest message left.
+        self.tail.trim_before(topic, oldest);
+        for sub in t.subs.clone() {
+            if let Some(s) = self.subs.get_mut(&sub) {
+                s.page.retain(|m| m.sequence >= oldest);
+                s.redeliver_due.retain(|m| m.sequence >= oldest);
+                s.redeliver_pending = s.redeliver_pending.split_off(&oldest);
+                if s.next < oldest && s.page.is_empty() {
+                    s.next = oldest;
+                    s.page_fetch = None;
+                }
             }
         }
     }

@@ -75,6 +75,19 @@ impl MessageTail {
         }
     }
 
+    /// Drops a topic's messages below `seq` (deleted by retention).
+    pub fn trim_before(&mut self, topic: &str, seq: u64) {
+        let Some(t) = self.topics.get_mut(topic) else {
+            return;
+        };
+        while t.messages.front().is_some_and(|m| m.sequence < seq) {
+            if let Some(m) = t.messages.pop_front() {
+                self.bytes -= m.footprint();
+            }
+        }
+        // Their entries in `order` no longer match a front and are skipped.
+    }
+
     /// The lowest sequence served from memory for `topic`.
     pub fn floor(&self, topic: &str) -> u64 {
         self.topics.get(topic).map_or(u64::MAX, |t| t.floor)

@@ -2,14 +2,15 @@
 //! keeps (age, message count, payload bytes; all off by default), applied by
 //! the writer between batches, oldest messages first, a bounded chunk per
 //! topic per pass so publishing never waits behind a large deletion. Freed
-//! pages are reused by later inserts (and returned to the file system by
-//! incremental vacuum), so the database stops growing under steady load.
+//! pages are reused by later inserts (and, when the writer is idle, handed
+//! back to the file system by incremental vacuum), so the database stops
+//! growing under steady load.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::writer::TopicRow;
 
@@ -31,18 +32,18 @@ impl RetentionPolicy {
 pub type Trim = (Arc<str>, Option<(u64, u64, i64)>, u64);
 
 /// One retention pass over every topic, deleting at most `chunk` messages
-/// per topic in one transaction. Returns what was trimmed and whether any
+/// per topic, inside the caller's transaction (the writer runs it in a
+/// commit it makes anyway, so it costs no fsync of its own). Returns what was trimmed and whether any
 /// topic still has more to remove. `last_seq` keeps sequences from being
 /// reused if the newest messages go.
 pub fn apply(
-    conn: &Connection,
+    tx: &Connection,
     policy: &RetentionPolicy,
     topics: &mut HashMap<Arc<str>, TopicRow>,
     now_ms: i64,
     chunk: i64,
     last_seq: u64,
 ) -> rusqlite::Result<(Vec<Trim>, bool)> {
-    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
     let mut trims = Vec::new();
     let mut more = false;
     let cutoff_ms = policy
@@ -103,13 +104,6 @@ pub fn apply(
     if !trims.is_empty() {
         tx.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE key = 'seq_floor'")?
             .execute([last_seq as i64])?;
-    }
-    tx.commit()?;
-    if !trims.is_empty() {
-        // Hand a bounded number of free pages back to the file system.
-        let mut vacuum = conn.prepare_cached("PRAGMA incremental_vacuum(256)")?;
-        let mut rows = vacuum.query([])?;
-        while rows.next()?.is_some() {}
     }
     Ok((trims, more))
 }

@@ -22,8 +22,10 @@ use super::retention::{self, RetentionPolicy};
 use super::{encode_attributes, StorageError, Wake};
 use crate::broker::{MessageId, StoredMessage};
 
-/// Rows deleted per housekeeping transaction.
+/// Rows deleted per transaction when purging a deleted topic.
 const PURGE_CHUNK: i64 = 2_000;
+/// Rows retention deletes per topic per pass (small: it rides in commits).
+const RETENTION_CHUNK: i64 = 500;
 
 /// Rows per multi-row INSERT.
 const ROWS_PER_INSERT: usize = 16;
@@ -38,7 +40,15 @@ fn multi_row_insert() -> &'static str {
         let rows: Vec<String> = (0..ROWS_PER_INSERT)
             .map(|k| {
                 let b = k * 6;
-                format!("(?{}, ?{}, ?{}, ?{}, ?{}, ?{})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6)
+                format!(
+                    "(?{}, ?{}, ?{}, ?{}, ?{}, ?{})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6
+                )
             })
             .collect();
         format!(
@@ -191,6 +201,7 @@ struct GroupCommit {
     /// Ids of deleted topics whose messages are still being purged.
     doomed: VecDeque<i64>,
     next_retention: Instant,
+    next_vacuum: Instant,
     stats: Arc<WriterStats>,
 }
 
@@ -227,6 +238,7 @@ pub fn spawn(
         topics: HashMap::new(),
         doomed: VecDeque::new(),
         next_retention: Instant::now(),
+        next_vacuum: Instant::now(),
         stats: stats.clone(),
     };
     gc.reload().map_err(|e| StorageError::from_sqlite(&e))?;
@@ -357,37 +369,71 @@ impl GroupCommit {
                 Err(e) => log::error!("writer: purging deleted topic {id} failed: {e}"),
             }
         }
-        if self.config.retention.is_enabled() && Instant::now() >= self.next_retention {
-            match retention::apply(
-                &self.conn,
-                &self.config.retention,
-                &mut self.topics,
-                wall_ms(),
-                PURGE_CHUNK,
-                self.next_seq - 1,
-            ) {
-                Ok((trimmed, more)) => {
-                    for (topic, first, removed) in trimmed {
-                        out.push(WriteOutcome::Trimmed {
-                            topic,
-                            first,
-                            removed,
-                        });
-                    }
-                    // Keep going soon while a pass was cut short.
-                    let pause = if more {
-                        Duration::from_millis(10)
-                    } else {
-                        Duration::from_secs(1)
-                    };
-                    self.next_retention = Instant::now() + pause;
-                }
-                Err(e) => {
-                    log::error!("writer: retention failed: {e}");
-                    self.next_retention = Instant::now() + Duration::from_secs(5);
-                }
+        if self.retention_due() {
+            let result =
+                rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)
+                    .and_then(|tx| {
+                        Self::run_retention(
+                            &tx,
+                            &self.config.retention,
+                            &mut self.topics,
+                            self.next_seq - 1,
+                            &mut self.next_retention,
+                            out,
+                        )?;
+                        tx.commit()
+                    });
+            if let Err(e) = result {
+                log::error!("writer: retention failed: {e}");
+                self.next_retention = Instant::now() + Duration::from_secs(5);
+            }
+        } else if Instant::now() >= self.next_vacuum {
+            // Idle: hand some free pages back to the file system.
+            self.next_vacuum = Instant::now() + Duration::from_secs(30);
+            let vacuum = self
+                .conn
+                .prepare_cached("PRAGMA incremental_vacuum(512)")
+                .and_then(|mut st| {
+                    let mut rows = st.query([])?;
+                    while rows.next()?.is_some() {}
+                    Ok(())
+                });
+            if let Err(e) = vacuum {
+                log::warn!("writer: incremental vacuum failed: {e}");
             }
         }
+    }
+
+    fn retention_due(&self) -> bool {
+        self.config.retention.is_enabled() && Instant::now() >= self.next_retention
+    }
+
+    /// One retention pass in the open transaction `tx`.
+    fn run_retention(
+        tx: &Connection,
+        policy: &RetentionPolicy,
+        topics: &mut HashMap<Arc<str>, TopicRow>,
+        last_seq: u64,
+        next_retention: &mut Instant,
+        out: &mut Vec<WriteOutcome>,
+    ) -> rusqlite::Result<()> {
+        let (trimmed, more) =
+            retention::apply(tx, policy, topics, wall_ms(), RETENTION_CHUNK, last_seq)?;
+        for (topic, first, removed) in trimmed {
+            out.push(WriteOutcome::Trimmed {
+                topic,
+                first,
+                removed,
+            });
+        }
+        // Come back soon while a pass was cut short.
+        let pause = if more {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(500)
+        };
+        *next_retention = Instant::now() + pause;
+        Ok(())
     }
 
     /// Deletes up to a chunk of a deleted topic's messages; true when none are left.
@@ -464,6 +510,16 @@ impl GroupCommit {
         out: &mut Vec<WriteOutcome>,
     ) -> rusqlite::Result<u64> {
         let tx = rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        if self.config.retention.is_enabled() && Instant::now() >= self.next_retention {
+            Self::run_retention(
+                &tx,
+                &self.config.retention,
+                &mut self.topics,
+                self.next_seq - 1,
+                &mut self.next_retention,
+                out,
+            )?;
+        }
         let mut appended = 0u64;
         for req in batch {
             match req {
@@ -486,13 +542,18 @@ impl GroupCommit {
                         for (k, m) in chunk.iter().enumerate() {
                             let seq = self.next_seq;
                             let ordinal = row.last_ordinal + 1;
-                            let base = if chunk.len() == ROWS_PER_INSERT { k * 6 } else { 0 };
+                            let base = if chunk.len() == ROWS_PER_INSERT {
+                                k * 6
+                            } else {
+                                0
+                            };
                             insert.raw_bind_parameter(base + 1, seq as i64)?;
                             insert.raw_bind_parameter(base + 2, row.id)?;
                             insert.raw_bind_parameter(base + 3, ordinal as i64)?;
                             insert.raw_bind_parameter(base + 4, ts)?;
                             insert.raw_bind_parameter(base + 5, m.payload.as_ref())?;
-                            insert.raw_bind_parameter(base + 6, encode_attributes(&m.attributes))?;
+                            insert
+                                .raw_bind_parameter(base + 6, encode_attributes(&m.attributes))?;
                             if chunk.len() != ROWS_PER_INSERT {
                                 insert.raw_execute()?;
                             }
@@ -637,8 +698,12 @@ fn topic_row<'a>(
     created_at_ms: i64,
 ) -> rusqlite::Result<&'a mut TopicRow> {
     if !topics.contains_key(topic) {
+        // Never reuse the id of a deleted topic whose messages are still
+        // being purged (a plain rowid could be handed out again).
         tx.prepare_cached(
-            "INSERT INTO topics (name, created_at, last_ordinal) VALUES (?1, ?2, 0)",
+            "INSERT INTO topics (id, name, created_at, last_ordinal) VALUES (
+                1 + max(coalesce((SELECT max(id) FROM topics), 0), coalesce((SELECT max(id) FROM doomed_topics), 0)),
+                ?1, ?2, 0)",
         )?
         .execute(params![topic.as_ref(), created_at_ms])?;
         let id = tx.last_insert_rowid();

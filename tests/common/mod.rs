@@ -26,7 +26,7 @@ pub struct Server {
     pub port: u16,
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
-        pub log: Arc<Mutex<String>>,
+    pub log: Arc<Mutex<String>>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
 }
@@ -45,14 +45,14 @@ impl Server {
             dir,
             _tmp: Some(tmp),
             log: Arc::new(Mutex::new(String::new())),
-                        args: args.iter().map(|s| s.to_string()).collect(),
+            args: args.iter().map(|s| s.to_string()).collect(),
             envs: Vec::new(),
         };
         s.spawn(0);
         s
     }
 
-        /// Like `start_with`, with extra environment variables for the daemon.
+    /// Like `start_with`, with extra environment variables for the daemon.
     pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
@@ -63,7 +63,10 @@ impl Server {
             _tmp: Some(tmp),
             log: Arc::new(Mutex::new(String::new())),
             args: args.iter().map(|s| s.to_string()).collect(),
-            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         s.spawn(0);
         s
@@ -78,7 +81,7 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(&self.args)
-                        .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info")
             .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

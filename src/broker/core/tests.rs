@@ -456,3 +456,58 @@ fn delete_and_reset_affect_live_streams() {
     assert!(!b.delete_topic("t"));
     assert_eq!(b.subscription_count(), 0);
 }
+
+#[test]
+fn retention_trims_memory_and_moves_positions_forward() {
+    let mut b = Broker::new(BrokerConfig {
+        heartbeat_interval_ms: 0,
+        ..Default::default()
+    });
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    publish(&mut b, "t", 1..=10);
+    b.grant(1, 2);
+    assert_eq!(drain(&mut b, 1, 0).len(), 2);
+    // Retention deleted 1..=7: the consumer continues at 8, BROWSE from 1 too.
+    b.on_trimmed("t", Some((8, 8, 1_008)));
+    b.grant(1, 100);
+    assert_eq!(
+        drain(&mut b, 1, 0).iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![8, 9, 10]
+    );
+    b.subscribe(
+        2,
+        SubscribeRequest {
+            topic: "t".into(),
+            group: None,
+            start: Start::Earliest,
+        },
+        0,
+        0,
+    )
+    .unwrap();
+    b.grant(2, 100);
+    assert_eq!(
+        drain(&mut b, 2, 0).iter().map(|d| d.0).collect::<Vec<_>>(),
+        vec![8, 9, 10]
+    );
+    assert_eq!(b.topic("t").unwrap().total_messages(), 3);
+    // Everything expired.
+    b.on_trimmed("t", None);
+    assert_eq!(b.topic("t").unwrap().total_messages(), 0);
+    b.subscribe(
+        3,
+        SubscribeRequest {
+            topic: "t".into(),
+            group: None,
+            start: Start::Earliest,
+        },
+        0,
+        0,
+    )
+    .unwrap();
+    b.grant(3, 100);
+    assert!(drain(&mut b, 3, 0).is_empty());
+    publish(&mut b, "t", 11..=11);
+    assert_eq!(drain(&mut b, 3, 0), vec![(11, 1)]);
+}
