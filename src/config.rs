@@ -22,6 +22,8 @@ pub struct ServeConfig {
     pub max_concurrent_streams: u32,
     pub shutdown_grace: Duration,
     pub max_db_bytes: Option<u64>,
+    pub otel_endpoint: Option<String>,
+    pub otel_interval: Option<Duration>,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub retention_max_age: Option<Duration>,
@@ -45,6 +47,8 @@ impl Default for ServeConfig {
             max_concurrent_streams: 256,
             shutdown_grace: Duration::from_secs(5),
             max_db_bytes: None,
+            otel_endpoint: None,
+            otel_interval: None,
             keepalive_interval: Duration::from_secs(60),
             keepalive_timeout: Duration::from_secs(20),
             retention_max_age: None,
@@ -84,6 +88,10 @@ OPTIONS (each also read from the environment variable shown):
     --shutdown-grace DUR         how long SIGTERM waits for in-flight calls [SLUICE_SHUTDOWN_GRACE] (default 5s)
             --max-db-bytes SIZE          cap the database size; publishes past it fail UNAVAILABLE
                                  [SLUICE_MAX_DB_BYTES] (default: no cap)
+        --otel-endpoint URL          OTLP/HTTP collector base URL, e.g. http://127.0.0.1:4318; empty
+                                 disables [SLUICE_OTEL_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT] (default off)
+    --otel-interval DUR          metric export interval [SLUICE_OTEL_INTERVAL, else
+                                 OTEL_METRIC_EXPORT_INTERVAL in ms] (default 10s)
     --keepalive-interval DUR     ping each connection this often [SLUICE_KEEPALIVE_INTERVAL] (default 60s)
     --keepalive-timeout DUR      drop a peer that does not answer a ping (or finish its HTTP/2
                                  handshake) within this [SLUICE_KEEPALIVE_TIMEOUT] (default 20s)
@@ -212,6 +220,16 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
         "retention-max-messages" => {
             cfg.retention_max_messages = Some(positive(&flag, v)? as u64);
         }
+        "otel-endpoint" => cfg.otel_endpoint = Some(v.to_string()),
+        "otel-interval" => {
+            let d = parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
+            if d.is_zero() {
+                return Err(format!(
+                    "invalid value {v:?} for {flag}: must be more than 0"
+                ));
+            }
+            cfg.otel_interval = Some(d);
+        }
         "max-db-bytes" => {
             let n = parse_size(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
             if n < 64 << 10 {
@@ -249,6 +267,8 @@ const SETTINGS: &[&str] = &[
     "max-concurrent-streams",
     "shutdown-grace",
     "max-db-bytes",
+    "otel-endpoint",
+    "otel-interval",
     "keepalive-interval",
     "keepalive-timeout",
     "retention-max-age",

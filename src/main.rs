@@ -42,8 +42,19 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Command::Serve(cfg)) => {
+            let telemetry = match sluice::telemetry::TelemetryConfig::resolve(
+                cfg.otel_endpoint.clone(),
+                cfg.otel_interval,
+                |k| std::env::var(k).ok(),
+            ) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("sluice: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             init_logging(cfg.log_level.as_deref());
-            match sluice::server::run(&cfg) {
+            match sluice::server::run(&cfg, &telemetry) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");

@@ -14,11 +14,19 @@ use crate::broker::{Broker, BrokerConfig};
 use crate::config::ServeConfig;
 use crate::reactor::connection::{H2Settings, Keepalive};
 use crate::reactor::task::ReadyQueue;
-use crate::reactor::{Reactor, ReactorConfig, StorageLinks, WAKER};
+use crate::reactor::{Reactor, ReactorConfig, ReactorIo, StorageLinks, WAKER};
 use crate::storage::{self, checkpointer, reader, schema, writer};
+use crate::telemetry::{Telemetry, TelemetryConfig};
 
-pub fn run(cfg: &ServeConfig) -> Result<(), String> {
+pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), String> {
     let started = Instant::now();
+    let telemetry = Arc::new(Telemetry::start(telemetry_cfg)?);
+    if let Some(endpoint) = &telemetry_cfg.endpoint {
+        log::info!(
+            "exporting OTLP metrics (every {:?}) and spans to {endpoint}",
+            telemetry.export_interval()
+        );
+    }
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("cannot create data dir {}: {e}", cfg.data_dir.display()))?;
     let conn = schema::open_writer(&cfg.data_dir, cfg.max_db_bytes)
@@ -68,6 +76,7 @@ pub fn run(cfg: &ServeConfig) -> Result<(), String> {
         cfg.writer_queue,
         outcome_tx,
         wake.clone(),
+        telemetry.clone(),
     )
     .map_err(|e| format!("cannot start writer: {}", e.message))?;
     let (page_tx, page_rx) = crossbeam_channel::bounded(1024);
@@ -96,11 +105,14 @@ pub fn run(cfg: &ServeConfig) -> Result<(), String> {
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
 
     let reactor = Reactor::new(
-        poll,
-        queue,
-        listener,
-        signals,
+        ReactorIo {
+            poll,
+            queue,
+            listener,
+            signals,
+        },
         broker,
+        telemetry.clone(),
         StorageLinks {
             writer: writer.requests,
             outcomes: outcome_rx,
@@ -139,6 +151,7 @@ pub fn run(cfg: &ServeConfig) -> Result<(), String> {
     }
     drop(checkpointer.stop);
     let _ = checkpointer.thread.join();
+    telemetry.shutdown();
     result.map_err(|e| format!("reactor failed: {e}"))?;
     log::info!("shutdown complete");
     Ok(())

@@ -118,6 +118,15 @@ pub struct Delivery {
     pub delivery_count: u32,
 }
 
+/// One open subscription as the gauges see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionStatus {
+    pub topic: Arc<str>,
+    pub group: Arc<str>,
+    pub lag: u64,
+    pub backpressure: bool,
+}
+
 /// A consumer group as reported to operators.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupView {
@@ -297,6 +306,31 @@ impl Broker {
 
     pub fn subscription_count(&self) -> usize {
         self.subs.len()
+    }
+
+    /// Lag and backpressure of every open subscription, for gauges. Lag is
+    /// the topic's latest sequence minus the group's cursor (BROWSE streams,
+    /// reported as group `_browse`, count from their position).
+    pub fn subscription_gauges(&self) -> Vec<SubscriptionStatus> {
+        let browse: Arc<str> = Arc::from("_browse");
+        self.subs
+            .values()
+            .filter_map(|s| {
+                let t = self.topics.get(&s.topic)?;
+                let (group, acked) = match &s.group {
+                    Some(g) => (g.clone(), t.groups.get(g).map_or(0, |g| g.cursor)),
+                    None => (browse.clone(), s.next.saturating_sub(1)),
+                };
+                let waiting =
+                    !s.page.is_empty() || !s.redeliver_due.is_empty() || s.next <= t.view.last_seq;
+                Some(SubscriptionStatus {
+                    topic: s.topic.clone(),
+                    group,
+                    lag: t.view.last_seq.saturating_sub(acked),
+                    backpressure: waiting && s.credit.is_empty(),
+                })
+            })
+            .collect()
     }
 
     /// Credit the subscription holds now (None: no such subscription).

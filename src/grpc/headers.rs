@@ -83,6 +83,9 @@ pub struct CallInfo {
     /// Response messages may be gzip-compressed (the client sent gzip and
     /// accepts it back).
     pub respond_gzip: bool,
+    /// W3C trace context metadata, if the client sent it.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 /// Why a request is refused before any message is read.
@@ -155,7 +158,16 @@ pub fn check_request<B>(req: &Request<B>) -> Result<CallInfo, Refusal> {
         timeout,
         request_gzip,
         respond_gzip: request_gzip && accepts_gzip,
+        traceparent: header_text(req, "traceparent"),
+        tracestate: header_text(req, "tracestate"),
     })
+}
+
+fn header_text<B>(req: &Request<B>, name: &str) -> Option<String> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).

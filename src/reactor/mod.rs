@@ -37,6 +37,7 @@ use crate::broker::{Action, Broker};
 use crate::grpc::Status;
 use crate::storage::reader::{Page, PageRequest};
 use crate::storage::writer::{WriteOutcome, WriteRequest};
+use crate::telemetry::{GaugeSnapshot, SubscriptionGauge, Telemetry};
 
 pub const LISTENER: Token = Token(0);
 pub const WAKER: Token = Token(1);
@@ -71,6 +72,8 @@ pub enum Timer {
     Deadline(u64),
     /// A connection's keepalive check is due.
     Keepalive(usize),
+    /// Refresh the gauge snapshot the metrics exporter reads.
+    Gauges,
 }
 
 /// State every call handler may touch.
@@ -89,6 +92,7 @@ pub struct Shared {
     pub cursors: HashMap<(Arc<str>, Arc<str>), (u64, i64)>,
     /// Deadlines and keepalive checks, earliest first.
     timers: BTreeSet<(Instant, Timer)>,
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl Shared {
@@ -151,6 +155,14 @@ pub struct ReactorConfig {
     pub shutdown_grace: Duration,
 }
 
+/// The reactor's own event sources, created on its thread.
+pub struct ReactorIo {
+    pub poll: Poll,
+    pub queue: Arc<ReadyQueue>,
+    pub listener: TcpListener,
+    pub signals: Signals,
+}
+
 /// Channels to and from the storage threads.
 pub struct StorageLinks {
     pub writer: Sender<WriteRequest>,
@@ -178,14 +190,18 @@ pub struct Reactor {
 impl Reactor {
     /// Builds the reactor. Must run on the thread that will call `run`.
     pub fn new(
-        poll: Poll,
-        queue: Arc<ReadyQueue>,
-        mut listener: TcpListener,
-        mut signals: Signals,
+        io: ReactorIo,
         broker: Broker,
+        telemetry: Arc<Telemetry>,
         links: StorageLinks,
         config: ReactorConfig,
     ) -> std::io::Result<Self> {
+        let ReactorIo {
+            poll,
+            queue,
+            mut listener,
+            mut signals,
+        } = io;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         poll.registry()
@@ -209,7 +225,14 @@ impl Reactor {
                 shutting_down: false,
                 uid: 0,
                 cursors: HashMap::new(),
-                timers: BTreeSet::new(),
+                timers: {
+                    let mut timers = BTreeSet::new();
+                    if telemetry.is_enabled() {
+                        timers.insert((Instant::now(), Timer::Gauges));
+                    }
+                    timers
+                },
+                telemetry,
             },
             outcomes: links.outcomes,
             pages: links.pages,
@@ -296,6 +319,15 @@ impl Reactor {
                         }
                         c.schedule_slot(slot);
                     }
+                }
+                Timer::Gauges => {
+                    self.refresh_gauges();
+                    let every = self
+                        .shared
+                        .telemetry
+                        .export_interval()
+                        .min(Duration::from_secs(5));
+                    self.shared.add_timer(now + every / 2, Timer::Gauges);
                 }
                 Timer::Keepalive(token) => {
                     let Some(c) = self.conns.get_mut(&token) else {
@@ -450,6 +482,30 @@ impl Reactor {
                 .broker
                 .on_page(page.sub, page.fetch, page.messages, page.end);
         }
+    }
+
+    /// Copies what the gauges report into the exporter's snapshot.
+    fn refresh_gauges(&mut self) {
+        let subscriptions = self
+            .shared
+            .broker
+            .subscription_gauges()
+            .into_iter()
+            .map(|g| SubscriptionGauge {
+                topic: g.topic,
+                consumer_group: g.group,
+                lag: g.lag,
+                backpressure: g.backpressure,
+            })
+            .collect();
+        let gauges = self.shared.telemetry.gauges();
+        if let Ok(mut snap) = gauges.lock() {
+            *snap = GaugeSnapshot {
+                connections: self.conns.len() as u64,
+                writer_queue_depth: self.shared.writer_backlog() as u64,
+                subscriptions,
+            };
+        };
     }
 
     /// Hands a finished writer round trip to the unary call waiting on it.

@@ -2,6 +2,7 @@
 //! at once from broker state, or submit it to the writer and answer when the
 //! commit returns (`reply_for_append`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -9,11 +10,12 @@ use prost::Message;
 
 use super::Shared;
 use crate::broker::{validate_topic_name, Broker};
-use crate::grpc::headers::Method;
+use crate::grpc::headers::{CallInfo, Method};
 use crate::grpc::{encode_message, Code, Status};
 use crate::proto;
 use crate::storage::writer::{Appended, NewMessage, WriteRequest};
 use crate::storage::StorageError;
+use crate::telemetry::{PublishSpan, TraceContext};
 
 /// The handler's answer: now, or after the writer.
 pub enum Handled {
@@ -33,25 +35,93 @@ fn decode<M: Message + Default>(body: Bytes) -> Result<M, Status> {
     })
 }
 
-pub fn handle_unary(method: Method, body: Bytes, uid: u64, shared: &mut Shared) -> Handled {
-    match dispatch(method, body, uid, shared) {
+/// A publish in flight: what its reply must report to telemetry.
+pub struct PublishMeta {
+    pub topic: Arc<str>,
+    pub messages: u64,
+    pub batch: bool,
+    pub span: PublishSpan,
+}
+
+pub fn handle_unary(
+    method: Method,
+    body: Bytes,
+    uid: u64,
+    shared: &mut Shared,
+    info: &CallInfo,
+    meta: &mut Option<PublishMeta>,
+) -> Handled {
+    match dispatch(method, body, uid, shared, info, meta) {
         Ok(h) => h,
         Err(status) => Handled::Reply(Err(status)),
     }
 }
 
-fn dispatch(method: Method, body: Bytes, uid: u64, shared: &mut Shared) -> Result<Handled, Status> {
+/// The trace parent of a publish: the call's metadata, else the first
+/// message's own `traceparent` attribute.
+fn trace_parent(info: &CallInfo, first: Option<&HashMap<String, String>>) -> Option<TraceContext> {
+    if let Some(tp) = &info.traceparent {
+        if let Some(cx) = TraceContext::parse(tp, info.tracestate.as_deref()) {
+            return Some(cx);
+        }
+    }
+    let attrs = first?;
+    TraceContext::parse(
+        attrs.get("traceparent")?,
+        attrs.get("tracestate").map(String::as_str),
+    )
+}
+
+/// Starts the publish span and stamps its trace context on the messages, so
+/// consumers can continue the trace.
+fn traced(
+    shared: &Shared,
+    info: &CallInfo,
+    topic: &Arc<str>,
+    messages: &mut [NewMessage],
+    batch: bool,
+) -> PublishMeta {
+    let parent = trace_parent(info, messages.first().map(|m| &m.attributes));
+    let span = shared
+        .telemetry
+        .start_publish_span(parent.as_ref(), topic, messages.len());
+    if let Some(tp) = span.traceparent() {
+        for m in messages.iter_mut() {
+            m.attributes.insert("traceparent".into(), tp.to_string());
+            if let Some(ts) = span.tracestate() {
+                m.attributes.insert("tracestate".into(), ts.to_string());
+            }
+        }
+    }
+    PublishMeta {
+        topic: topic.clone(),
+        messages: messages.len() as u64,
+        batch,
+        span,
+    }
+}
+
+fn dispatch(
+    method: Method,
+    body: Bytes,
+    uid: u64,
+    shared: &mut Shared,
+    info: &CallInfo,
+    meta: &mut Option<PublishMeta>,
+) -> Result<Handled, Status> {
     match method {
         Method::Publish => {
             let req: proto::PublishRequest = decode(body)?;
             validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
-            let messages = vec![NewMessage {
+            let mut messages = vec![NewMessage {
                 payload: req.payload,
                 attributes: req.attributes,
             }];
+            let topic: Arc<str> = req.topic.into();
+            *meta = Some(traced(shared, info, &topic, &mut messages, false));
             shared.submit(WriteRequest::Append {
                 token: uid,
-                topic: req.topic.into(),
+                topic,
                 messages,
             });
             Ok(Handled::Submitted)
@@ -64,7 +134,7 @@ fn dispatch(method: Method, body: Bytes, uid: u64, shared: &mut Shared) -> Resul
                     "BatchPublish needs at least one message",
                 ));
             }
-            let messages = req
+            let mut messages: Vec<NewMessage> = req
                 .messages
                 .into_iter()
                 .map(|m| NewMessage {
@@ -72,9 +142,11 @@ fn dispatch(method: Method, body: Bytes, uid: u64, shared: &mut Shared) -> Resul
                     attributes: m.attributes,
                 })
                 .collect();
+            let topic: Arc<str> = req.topic.into();
+            *meta = Some(traced(shared, info, &topic, &mut messages, true));
             shared.submit(WriteRequest::Append {
                 token: uid,
-                topic: req.topic.into(),
+                topic,
                 messages,
             });
             Ok(Handled::Submitted)

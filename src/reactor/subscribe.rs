@@ -4,6 +4,7 @@
 //! is pulled from the broker only while the stream has HTTP/2 send capacity;
 //! at most one encoded message waits for capacity, nothing more.
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -28,6 +29,8 @@ pub struct SubscribeCall {
     gzip: bool,
     /// The client ended its side of the stream.
     half_closed: bool,
+    /// (topic, group) for metrics, once initialised.
+    labels: Option<(Arc<str>, Arc<str>)>,
 }
 
 fn encode_delivery(d: Delivery, gzip: bool) -> Bytes {
@@ -63,6 +66,7 @@ impl SubscribeCall {
             initialised: false,
             gzip: info.respond_gzip,
             half_closed: false,
+            labels: None,
         }
     }
 
@@ -130,13 +134,20 @@ impl SubscribeCall {
         let (initialised, gzip) = (self.initialised, self.gzip);
         let now = shared.clock.now_ms();
         let broker = &mut shared.broker;
+        let metrics = shared.telemetry.metrics();
+        let labels = &self.labels;
         let flushed = self.out.flush(cx, || {
             if !initialised {
                 return None;
             }
-            broker
-                .next_delivery(uid, now)
-                .map(|d| encode_delivery(d, gzip))
+            let d = broker.next_delivery(uid, now)?;
+            if let Some((t, g)) = labels {
+                metrics.delivered(t, g, 1);
+                if d.delivery_count > 1 {
+                    metrics.redelivered(t, g, 1);
+                }
+            }
+            Some(encode_delivery(d, gzip))
         });
         let mut done = flushed.unwrap_or(true);
         // Half-closed and out of credit: nothing more can be sent, so the
@@ -251,6 +262,11 @@ impl SubscribeCall {
                 }
             };
             let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
+            let label: Arc<str> = match &group {
+                Some(g) if g.is_empty() => "default".into(),
+                Some(g) => g.as_str().into(),
+                None => "_browse".into(),
+            };
             shared
                 .broker
                 .subscribe(
@@ -265,6 +281,7 @@ impl SubscribeCall {
                 )
                 .map_err(Status::invalid_argument)?;
             self.initialised = true;
+            self.labels = Some((init.topic.as_str().into(), label));
             log::debug!(
                 "sub {uid}: subscribed to {} (consumer {:?})",
                 init.topic,
@@ -279,14 +296,33 @@ impl SubscribeCall {
                     "SubscriptionInit may be sent only once per stream",
                 ))
             }
-            subscribe_upstream::Request::Credit(c) => shared.broker.grant(uid, c.credits),
-            subscribe_upstream::Request::Ack(a) => shared.broker.ack(uid, &a.message_id, wall),
+            subscribe_upstream::Request::Credit(c) => {
+                if let Some((t, g)) = &self.labels {
+                    shared
+                        .telemetry
+                        .metrics()
+                        .credits_granted(t, g, u64::from(c.credits));
+                }
+                shared.broker.grant(uid, c.credits)
+            }
+            subscribe_upstream::Request::Ack(a) => {
+                if let Some((t, g)) = &self.labels {
+                    shared.telemetry.metrics().acked(t, g, 1);
+                }
+                shared.broker.ack(uid, &a.message_id, wall)
+            }
             subscribe_upstream::Request::Nack(n) => {
                 shared
                     .broker
                     .nack(uid, &n.message_id, n.redelivery_delay_ms, now)
             }
             subscribe_upstream::Request::BatchAck(b) => {
+                if let Some((t, g)) = &self.labels {
+                    shared
+                        .telemetry
+                        .metrics()
+                        .acked(t, g, b.message_ids.len() as u64);
+                }
                 shared
                     .broker
                     .ack_many(uid, b.message_ids.iter().map(String::as_str), wall)

@@ -4,16 +4,18 @@
 //! after the writer's commit returned). Errors before that go Trailers-Only.
 
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 
-use super::rpc::{self, Handled};
+use super::rpc::{self, Handled, PublishMeta};
 use super::Shared;
 use crate::grpc::framing::compress_framed;
 use crate::grpc::headers::{response_headers_with, trailers, trailers_only, CallInfo, Method};
 use crate::grpc::{FrameError, MessageDecoder, Status};
+use crate::telemetry::Telemetry;
 
 enum State {
     Reading,
@@ -24,6 +26,10 @@ enum State {
 }
 
 pub struct UnaryCall {
+    info: CallInfo,
+    started: Instant,
+    /// Set for publishes: metrics and the span to finish with the reply.
+    publish: Option<PublishMeta>,
     method: Method,
     /// Compress the response (the client negotiated gzip).
     gzip: bool,
@@ -60,6 +66,9 @@ impl UnaryCall {
         max_message: usize,
     ) -> Self {
         UnaryCall {
+            info: info.clone(),
+            started: Instant::now(),
+            publish: None,
             method: info.method,
             gzip: info.respond_gzip,
             recv: Some(recv),
@@ -105,7 +114,7 @@ impl UnaryCall {
         }
         if let State::Reply(_) = self.state {
             if let State::Reply(reply) = std::mem::replace(&mut self.state, State::Done) {
-                self.send(reply);
+                self.send(reply, &shared.telemetry);
             }
         }
         matches!(self.state, State::Done)
@@ -125,7 +134,14 @@ impl UnaryCall {
                         Ok(Some(body)) => {
                             // One message is the whole request: stop reading.
                             self.recv = None;
-                            self.state = match rpc::handle_unary(self.method, body, uid, shared) {
+                            self.state = match rpc::handle_unary(
+                                self.method,
+                                body,
+                                uid,
+                                shared,
+                                &self.info,
+                                &mut self.publish,
+                            ) {
                                 Handled::Reply(r) => State::Reply(r),
                                 Handled::Submitted => State::Waiting,
                             };
@@ -162,7 +178,21 @@ impl UnaryCall {
         }
     }
 
-    fn send(&mut self, reply: Result<Bytes, Status>) {
+    fn send(&mut self, reply: Result<Bytes, Status>, telemetry: &Telemetry) {
+        if let Some(p) = self.publish.take() {
+            let metrics = telemetry.metrics();
+            if reply.is_ok() {
+                metrics.published(&p.topic, p.messages);
+                if p.batch {
+                    metrics.batch_published(&p.topic);
+                }
+            }
+            metrics.publish_latency(&p.topic, self.started.elapsed());
+            p.span.end(match &reply {
+                Ok(_) => Ok(()),
+                Err(s) => Err((s.code as i32, s.message.as_str())),
+            });
+        }
         match reply {
             Ok(body) => match self
                 .respond

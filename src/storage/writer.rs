@@ -21,6 +21,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::retention::{self, RetentionPolicy};
 use super::{encode_attributes, StorageError, Wake};
 use crate::broker::{MessageId, StoredMessage};
+use crate::telemetry::Telemetry;
 
 /// Rows deleted per transaction when purging a deleted topic.
 const PURGE_CHUNK: i64 = 2_000;
@@ -203,6 +204,7 @@ struct GroupCommit {
     next_retention: Instant,
     next_vacuum: Instant,
     stats: Arc<WriterStats>,
+    telemetry: Arc<Telemetry>,
 }
 
 /// Handle to a running writer thread.
@@ -227,6 +229,7 @@ pub fn spawn(
     capacity: usize,
     outcomes: Sender<WriteOutcome>,
     wake: Wake,
+    telemetry: Arc<Telemetry>,
 ) -> Result<Writer, StorageError> {
     let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
     let stats = Arc::new(WriterStats::default());
@@ -240,6 +243,7 @@ pub fn spawn(
         next_retention: Instant::now(),
         next_vacuum: Instant::now(),
         stats: stats.clone(),
+        telemetry,
     };
     gc.reload().map_err(|e| StorageError::from_sqlite(&e))?;
     let thread = std::thread::Builder::new()
@@ -467,6 +471,9 @@ impl GroupCommit {
                 self.stats
                     .commit_nanos
                     .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+                if messages > 0 {
+                    self.telemetry.metrics().committed(messages, elapsed);
+                }
                 batch.clear();
                 outcomes
             }
