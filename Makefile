@@ -28,8 +28,9 @@ lint:
 test: lint
 	$(CARGO) test --locked
 
-bench:
-	$(CARGO) bench --locked
+bench: release
+	SLUICE_BIN=$(CURDIR)/target/$(TARGET)/release/sluice $(CARGO) bench --locked
+	SLUICE_BIN=$(CURDIR)/target/$(TARGET)/release/sluice bench/h2load.sh
 
 # A stripped, statically linked binary (glibc crt-static) in target/$(TARGET)/release.
 release:

@@ -25,7 +25,11 @@ impl Daemon {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("bench data dir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        // `make bench` points SLUICE_BIN at the static release binary (what
+        // ships); plain `cargo bench` uses the bench profile's build.
+        let bin = std::env::var("SLUICE_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").to_string());
+        let mut child = Command::new(bin)
             .args([
                 "serve",
                 "--port",

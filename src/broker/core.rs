@@ -42,8 +42,8 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
-            tail_max_messages: 4096,
-            tail_max_bytes: 2 << 20,
+            tail_max_messages: 2048,
+            tail_max_bytes: 1 << 20,
             page_max: 256,
             heartbeat_interval_ms: 5_000,
             ledger_cap: 65_536,

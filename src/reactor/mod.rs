@@ -43,6 +43,8 @@ pub const LISTENER: Token = Token(0);
 pub const WAKER: Token = Token(1);
 pub const SIGNALS: Token = Token(2);
 const FIRST_CONN: usize = 3;
+/// How long the loop polls without sleeping while a commit is in flight.
+const SPIN: Duration = Duration::from_micros(100);
 /// Rounds of task polling per loop turn, so IO events are not starved.
 const TASK_ROUNDS: usize = 32;
 
@@ -93,6 +95,8 @@ pub struct Shared {
     /// Deadlines and keepalive checks, earliest first.
     timers: BTreeSet<(Instant, Timer)>,
     pub telemetry: Arc<Telemetry>,
+    /// Appends sent to (or parked for) the writer and not yet answered.
+    appends_in_flight: usize,
 }
 
 impl Shared {
@@ -107,6 +111,9 @@ impl Shared {
 
     /// Sends a request to the writer, or parks it (in order) if it is full.
     pub fn submit(&mut self, req: WriteRequest) {
+        if matches!(req, WriteRequest::Append { .. }) {
+            self.appends_in_flight += 1;
+        }
         if !self.parked.is_empty() {
             self.parked.push_back(req);
             return;
@@ -233,6 +240,7 @@ impl Reactor {
                     timers
                 },
                 telemetry,
+                appends_in_flight: 0,
             },
             outcomes: links.outcomes,
             pages: links.pages,
@@ -247,11 +255,16 @@ impl Reactor {
     pub fn run(mut self) -> std::io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut ids = Vec::new();
+        let mut idle_since = Instant::now();
         loop {
-            let timeout = if self.queue.is_empty() {
-                self.next_timeout()
-            } else {
+            // While a commit is in flight, poll without sleeping for a short
+            // while: the reply is usually microseconds away, and waking from
+            // a sleep costs more than that on small VMs.
+            let spinning = self.outcomes_expected() && idle_since.elapsed() < SPIN;
+            let timeout = if !self.queue.is_empty() || spinning {
                 Some(Duration::ZERO)
+            } else {
+                self.next_timeout()
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != ErrorKind::Interrupted {
@@ -274,6 +287,9 @@ impl Reactor {
                         }
                     }
                 }
+            }
+            if !events.is_empty() || !self.outcomes.is_empty() {
+                idle_since = Instant::now();
             }
             self.drain_storage();
             self.fire_timers();
@@ -343,6 +359,11 @@ impl Reactor {
                 }
             }
         }
+    }
+
+    /// Whether the writer owes replies to waiting calls.
+    fn outcomes_expected(&self) -> bool {
+        self.shared.appends_in_flight > 0
     }
 
     fn next_timeout(&self) -> Option<Duration> {
@@ -419,6 +440,7 @@ impl Reactor {
         while let Ok(outcome) = self.outcomes.try_recv() {
             match outcome {
                 WriteOutcome::Appended { token, result } => {
+                    self.shared.appends_in_flight = self.shared.appends_in_flight.saturating_sub(1);
                     if let Ok(a) = &result {
                         self.shared
                             .broker

@@ -44,9 +44,13 @@ const MIGRATIONS: &[&str] = &[
 
 pub const DB_FILE: &str = "sluice.db";
 
+/// Page cache per connection, KiB: memory is bounded by design, and the hot
+/// pages (the newest) are few.
+const CACHE_KIB: i64 = 512;
+
 fn tune(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "cache_size", -1024)?;
+    conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(())
