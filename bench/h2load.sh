@@ -16,7 +16,7 @@ fi
 BIN=${SLUICE_BIN:-}
 if [ -z "$BIN" ]; then cargo build --release --locked -q; BIN=./target/release/sluice; fi
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/sluice-h2load.XXXXXX")
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 python3 - "$work/publish.bin" <<'PY'
 import struct, sys
 topic, payload = b"h2load", b"x" * 256
@@ -76,3 +76,4 @@ kill -TERM $pid; wait $pid || true
 rows=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from messages').fetchone()[0])" "$work/data/sluice.db")
 echo
 echo "rows stored: $rows (expected $(( N * 3 + N / 20 * 2 * 100 )))"
+exit 0

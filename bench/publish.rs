@@ -73,7 +73,7 @@ async fn open_loop(port: u16, rate: u64) -> Summary {
     let total = rate * RUN.as_secs();
     let mut tasks = Vec::with_capacity(total as usize);
     for i in 0..total {
-                let due = start + interval * i as u32;
+        let due = start + interval * i as u32;
         // tokio's timer ticks in whole milliseconds: pace by yielding instead
         // so calls go out evenly, not in bursts.
         while now() < due {
@@ -113,49 +113,112 @@ fn report(name: &str, s: &Summary, daemon: &Daemon) {
     );
 }
 
+/// The runs, each against a fresh daemon (fresh data dir), so one run's
+/// backlog and checkpoints do not colour the next one's latencies.
+#[derive(Clone, Copy)]
+enum Load {
+    Closed {
+        conns: usize,
+        per_conn: usize,
+        batch: bool,
+    },
+    Open {
+        rate: u64,
+    },
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let daemon = Daemon::start("publish", &[]);
-    std::thread::sleep(Duration::from_millis(500));
     println!("machine: {}", machine());
-    println!("idle RSS: {:.1} MiB", daemon.rss_kb() as f64 / 1024.0);
+    {
+        let d = Daemon::start("publish-idle", &[]);
+        std::thread::sleep(Duration::from_millis(500));
+        println!("idle RSS: {:.1} MiB", d.rss_kb() as f64 / 1024.0);
+    }
     println!();
     println!("| run | msgs/s | p50 ms | p99 ms | p999 ms | errors | peak RSS MiB |");
     println!("|---|---|---|---|---|---|---|");
-    rt.block_on(async {
-        let port = daemon.port;
-        let s = closed_loop(port, 1, 1, "Publish", publish_body(256), 1).await;
-        report("unary 256 B, 1 in flight", &s, &daemon);
-        let s = closed_loop(port, 1, 16, "Publish", publish_body(256), 1).await;
-        report("unary 256 B, 16 in flight (1 conn)", &s, &daemon);
-        let s = closed_loop(port, 4, 16, "Publish", publish_body(256), 1).await;
-        report("unary 256 B, 64 in flight (4 conns)", &s, &daemon);
-        let s = closed_loop(port, 4, 64, "Publish", publish_body(256), 1).await;
-        report("unary 256 B, 256 in flight (4 conns)", &s, &daemon);
-        let s = open_loop(port, 5_000).await;
-        report("unary 256 B, open loop 5,000/s", &s, &daemon);
-        let batch = frame(&proto::BatchPublishRequest {
-            topic: "bench-batch".into(),
-            messages: (0..100)
-                .map(|_| proto::BatchMessage {
-                    payload: vec![b'y'; 256].into(),
-                    attributes: Default::default(),
-                })
-                .collect(),
-        });
-        let s = closed_loop(port, 1, 1, "BatchPublish", batch.clone(), 100).await;
-        report("BatchPublish 100 × 256 B, 1 in flight", &s, &daemon);
-        let s = closed_loop(port, 2, 4, "BatchPublish", batch, 100).await;
-        report("BatchPublish 100 × 256 B, 8 in flight", &s, &daemon);
+    let batch = frame(&proto::BatchPublishRequest {
+        topic: "bench-batch".into(),
+        messages: (0..100)
+            .map(|_| proto::BatchMessage {
+                payload: vec![b'y'; 256].into(),
+                attributes: Default::default(),
+            })
+            .collect(),
     });
-    std::thread::sleep(Duration::from_millis(300));
-    println!();
-    println!(
-        "RSS after runs: {:.1} MiB; data dir {:.1} MiB",
-        daemon.rss_kb() as f64 / 1024.0,
-        daemon.data_bytes() as f64 / 1048576.0
-    );
+    let runs = [
+        (
+            "unary 256 B, 1 in flight",
+            Load::Closed {
+                conns: 1,
+                per_conn: 1,
+                batch: false,
+            },
+        ),
+        (
+            "unary 256 B, 16 in flight (1 conn)",
+            Load::Closed {
+                conns: 1,
+                per_conn: 16,
+                batch: false,
+            },
+        ),
+        (
+            "unary 256 B, 64 in flight (4 conns)",
+            Load::Closed {
+                conns: 4,
+                per_conn: 16,
+                batch: false,
+            },
+        ),
+        (
+            "unary 256 B, 256 in flight (4 conns)",
+            Load::Closed {
+                conns: 4,
+                per_conn: 64,
+                batch: false,
+            },
+        ),
+        ("unary 256 B, open loop 5,000/s", Load::Open { rate: 5_000 }),
+        (
+            "BatchPublish 100 × 256 B, 1 in flight",
+            Load::Closed {
+                conns: 1,
+                per_conn: 1,
+                batch: true,
+            },
+        ),
+        (
+            "BatchPublish 100 × 256 B, 8 in flight",
+            Load::Closed {
+                conns: 2,
+                per_conn: 4,
+                batch: true,
+            },
+        ),
+    ];
+    for (name, load) in runs {
+        let daemon = Daemon::start("publish", &[]);
+        let port = daemon.port;
+        let s = rt.block_on(async {
+            match load {
+                Load::Closed {
+                    conns,
+                    per_conn,
+                    batch: false,
+                } => closed_loop(port, conns, per_conn, "Publish", publish_body(256), 1).await,
+                Load::Closed {
+                    conns,
+                    per_conn,
+                    batch: true,
+                } => closed_loop(port, conns, per_conn, "BatchPublish", batch.clone(), 100).await,
+                Load::Open { rate } => open_loop(port, rate).await,
+            }
+        });
+        report(name, &s, &daemon);
+    }
 }

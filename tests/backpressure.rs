@@ -91,3 +91,77 @@ async fn saturating_publisher_and_consumer_share_one_connection() {
         "memory stays bounded under a flood: {rss_mb} MiB"
     );
 }
+
+/// A consumer that grants plenty of credit and a huge HTTP/2 window, then
+/// stops reading its socket: the broker must not buffer the backlog for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_reading_costs_bounded_memory() {
+    use bytes::{BufMut, Bytes, BytesMut};
+    use prost::Message;
+    let server = Server::start();
+    let mut c = server.client().await;
+    c.publish("stall", b"warm-up").await.unwrap();
+
+    let frame = |m: &proto::SubscribeUpstream| {
+        let mut b = BytesMut::new();
+        b.put_u8(0);
+        b.put_u32(m.encoded_len() as u32);
+        m.encode(&mut b).unwrap();
+        b.freeze()
+    };
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .unwrap();
+    let (send, mut conn) = h2::client::Builder::new()
+        .initial_window_size(i32::MAX as u32)
+        .initial_connection_window_size(i32::MAX as u32)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let setup = async {
+        let mut send = send.ready().await.unwrap();
+        let req = http::Request::post(format!(
+            "http://127.0.0.1:{}/sluice.v1.Sluice/Subscribe",
+            server.port
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+        let (resp, mut stream) = send.send_request(req, false).unwrap();
+        let mut first = BytesMut::new();
+        first.extend_from_slice(&frame(&init(
+            "stall",
+            "g",
+            proto::InitialPosition::Earliest,
+        )));
+        first.extend_from_slice(&frame(&credit(1_000_000)));
+        stream.send_data(first.freeze(), false).unwrap();
+        let resp = resp.await.unwrap();
+        (stream, resp)
+    };
+    // Drive the connection only until the stream is set up; then never
+    // again: nothing more is read from the socket.
+    let (_stream, _resp) = tokio::select! {
+        r = &mut conn => panic!("connection ended: {r:?}"),
+        s = setup => s,
+    };
+    let before = server.rss_kb();
+    // 64 MiB of backlog the stalled consumer is entitled to by credit.
+    let payload = vec![3u8; 256 * 1024];
+    let refs: Vec<&[u8]> = (0..16).map(|_| payload.as_slice()).collect();
+    for _ in 0..16 {
+        c.batch_publish("stall", &refs).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let grown_mb = server.rss_kb().saturating_sub(before) / 1024;
+    assert!(
+        grown_mb < 24,
+        "a stalled consumer made the broker hold {grown_mb} MiB"
+    );
+    // Everyone else is unaffected.
+    let t = Instant::now();
+    c.publish("other", b"x").await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2));
+    drop(conn);
+}

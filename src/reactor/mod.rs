@@ -43,8 +43,6 @@ pub const LISTENER: Token = Token(0);
 pub const WAKER: Token = Token(1);
 pub const SIGNALS: Token = Token(2);
 const FIRST_CONN: usize = 3;
-/// How long the loop polls without sleeping while a commit is in flight.
-const SPIN: Duration = Duration::from_micros(100);
 /// Rounds of task polling per loop turn, so IO events are not starved.
 const TASK_ROUNDS: usize = 32;
 
@@ -95,8 +93,6 @@ pub struct Shared {
     /// Deadlines and keepalive checks, earliest first.
     timers: BTreeSet<(Instant, Timer)>,
     pub telemetry: Arc<Telemetry>,
-    /// Appends sent to (or parked for) the writer and not yet answered.
-    appends_in_flight: usize,
 }
 
 impl Shared {
@@ -111,9 +107,6 @@ impl Shared {
 
     /// Sends a request to the writer, or parks it (in order) if it is full.
     pub fn submit(&mut self, req: WriteRequest) {
-        if matches!(req, WriteRequest::Append { .. }) {
-            self.appends_in_flight += 1;
-        }
         if !self.parked.is_empty() {
             self.parked.push_back(req);
             return;
@@ -240,7 +233,6 @@ impl Reactor {
                     timers
                 },
                 telemetry,
-                appends_in_flight: 0,
             },
             outcomes: links.outcomes,
             pages: links.pages,
@@ -255,16 +247,11 @@ impl Reactor {
     pub fn run(mut self) -> std::io::Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut ids = Vec::new();
-        let mut idle_since = Instant::now();
         loop {
-            // While a commit is in flight, poll without sleeping for a short
-            // while: the reply is usually microseconds away, and waking from
-            // a sleep costs more than that on small VMs.
-            let spinning = self.outcomes_expected() && idle_since.elapsed() < SPIN;
-            let timeout = if !self.queue.is_empty() || spinning {
-                Some(Duration::ZERO)
-            } else {
+            let timeout = if self.queue.is_empty() {
                 self.next_timeout()
+            } else {
+                Some(Duration::ZERO)
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != ErrorKind::Interrupted {
@@ -287,9 +274,6 @@ impl Reactor {
                         }
                     }
                 }
-            }
-            if !events.is_empty() || !self.outcomes.is_empty() {
-                idle_since = Instant::now();
             }
             self.drain_storage();
             self.fire_timers();
@@ -359,11 +343,6 @@ impl Reactor {
                 }
             }
         }
-    }
-
-    /// Whether the writer owes replies to waiting calls.
-    fn outcomes_expected(&self) -> bool {
-        self.shared.appends_in_flight > 0
     }
 
     fn next_timeout(&self) -> Option<Duration> {
@@ -440,7 +419,6 @@ impl Reactor {
         while let Ok(outcome) = self.outcomes.try_recv() {
             match outcome {
                 WriteOutcome::Appended { token, result } => {
-                    self.shared.appends_in_flight = self.shared.appends_in_flight.saturating_sub(1);
                     if let Ok(a) = &result {
                         self.shared
                             .broker
