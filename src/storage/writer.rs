@@ -28,8 +28,7 @@ const PURGE_CHUNK: i64 = 2_000;
 /// Rows retention deletes per topic per pass (small: it rides in commits).
 const RETENTION_CHUNK: i64 = 500;
 
-/// Commits between the writer's own WAL-restarting checkpoints.
-const WAL_RESTART_COMMITS: u32 = 256;
+
 
 /// Rows per multi-row INSERT.
 const ROWS_PER_INSERT: usize = 16;
@@ -206,7 +205,7 @@ struct GroupCommit {
     doomed: VecDeque<i64>,
     next_retention: Instant,
     next_vacuum: Instant,
-    commits_since_checkpoint: u32,
+    
     stats: Arc<WriterStats>,
     telemetry: Arc<Telemetry>,
 }
@@ -246,7 +245,7 @@ pub fn spawn(
         doomed: VecDeque::new(),
         next_retention: Instant::now(),
         next_vacuum: Instant::now(),
-        commits_since_checkpoint: 0,
+        
         stats: stats.clone(),
         telemetry,
     };
@@ -361,31 +360,10 @@ impl GroupCommit {
                         return;
                     }
                 }
-                wake();
-                self.restart_wal_now_and_then();
+                                wake();
             }
         }
         log::debug!("writer: request channel closed, exiting");
-    }
-
-    /// Every few hundred commits, once the replies are out, checkpoint from
-    /// the writer itself: the checkpointer thread has copied most frames
-    /// already, and a checkpoint that catches up while no write is running
-    /// lets the next commit start the WAL from its beginning again. The WAL
-    /// then stays small and is overwritten in place instead of growing (a
-    /// growing file makes every fsync pay for metadata).
-    fn restart_wal_now_and_then(&mut self) {
-        self.commits_since_checkpoint += 1;
-        if self.commits_since_checkpoint < WAL_RESTART_COMMITS {
-            return;
-        }
-        self.commits_since_checkpoint = 0;
-        if let Err(e) = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        {
-            log::warn!("writer: checkpoint failed: {e}");
-        }
     }
 
     /// One bounded step of purging deleted topics, and retention when due.
