@@ -149,8 +149,8 @@ async fn a_consumer_that_stops_reading_costs_bounded_memory() {
     let before = server.rss_kb();
     // 64 MiB of backlog the stalled consumer is entitled to by credit.
     let payload = vec![3u8; 256 * 1024];
-    let refs: Vec<&[u8]> = (0..16).map(|_| payload.as_slice()).collect();
-    for _ in 0..16 {
+    let refs: Vec<&[u8]> = (0..15).map(|_| payload.as_slice()).collect();
+    for _ in 0..17 {
         c.batch_publish("stall", &refs).await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -18,6 +18,20 @@ use super::message_id::MessageId;
 use super::tail::MessageTail;
 use super::topic_name::validate_topic_name;
 
+/// Longest Nack delay honoured (a longer one is cut to this).
+const MAX_REDELIVERY_DELAY_MS: u32 = 24 * 3600 * 1000;
+
+/// Removes the timers of redeliveries that will no longer happen.
+fn drop_redelivery_timers(
+    timers: &mut BTreeSet<(u64, Timer)>,
+    sub: SubId,
+    pending: BTreeMap<u64, u64>,
+) {
+    for (seq, due) in pending {
+        timers.remove(&(due, Timer::Redeliver { sub, seq }));
+    }
+}
+
 /// Unacked first deliveries a subscription remembers the ordinals of.
 const RECENT_CAP: usize = 4096;
 
@@ -199,7 +213,8 @@ struct Subscription {
     /// Nacked messages due now, waiting for credit.
     redeliver_due: VecDeque<Arc<StoredMessage>>,
     /// Nacked sequences waiting for their delay or their read.
-    redeliver_pending: BTreeSet<u64>,
+    /// Nacked sequence -> when its redelivery timer fires.
+    redeliver_pending: BTreeMap<u64, u64>,
     /// Outstanding redelivery reads: fetch id -> sequence.
     redeliver_fetches: HashMap<u64, u64>,
     /// BROWSE subscriptions count deliveries for themselves.
@@ -456,10 +471,16 @@ impl Broker {
                                 reason: EndReason::TakenOver,
                             });
                             t.subs.retain(|s| *s != old);
-                            self.subs.remove(&old);
+                            if let Some(gone) = self.subs.remove(&old) {
+                                drop_redelivery_timers(
+                                    &mut self.timers,
+                                    old,
+                                    gone.redeliver_pending,
+                                );
+                            }
                         }
                         existing.active = Some(sub);
-                        existing.cursor + 1
+                        existing.cursor.saturating_add(1)
                     }
                     None => {
                         let cursor = start_next - 1;
@@ -501,7 +522,7 @@ impl Broker {
                 page: VecDeque::new(),
                 page_fetch: None,
                 redeliver_due: VecDeque::new(),
-                redeliver_pending: BTreeSet::new(),
+                redeliver_pending: BTreeMap::new(),
                 redeliver_fetches: HashMap::new(),
                 own_ledger,
                 recent: VecDeque::new(),
@@ -517,6 +538,7 @@ impl Broker {
         let Some(s) = self.subs.remove(&sub) else {
             return;
         };
+        drop_redelivery_timers(&mut self.timers, sub, s.redeliver_pending);
         if let Some(t) = self.topics.get_mut(&s.topic) {
             t.subs.retain(|x| *x != sub);
             if let Some(g) = s.group.as_ref().and_then(|g| t.groups.get_mut(g)) {
@@ -589,7 +611,9 @@ impl Broker {
         g.cursor_ordinal = ordinal.unwrap_or(g.cursor_ordinal);
         g.last_ack_ms = wall_ms;
         g.ledger.forget_through(seq);
-        s.redeliver_pending = s.redeliver_pending.split_off(&(seq + 1));
+        let keep = s.redeliver_pending.split_off(&(seq + 1));
+        let acked = std::mem::replace(&mut s.redeliver_pending, keep);
+        drop_redelivery_timers(&mut self.timers, sub, acked);
         s.redeliver_due.retain(|m| m.sequence > seq);
         self.actions.push_back(Action::PersistCursor {
             topic: s.topic.clone(),
@@ -629,7 +653,7 @@ impl Broker {
             },
             (None, None) => return,
         };
-        if seq <= cursor || seq > delivered_max || s.redeliver_pending.contains(&seq) {
+        if seq <= cursor || seq > delivered_max || s.redeliver_pending.contains_key(&seq) {
             debug!(
                 "sub {sub}: nack of {message_id} ignored (acked, never sent, or already pending)"
             );
@@ -639,9 +663,9 @@ impl Broker {
             log::warn!("sub {sub}: too many pending redeliveries, nack of {message_id} dropped");
             return;
         }
-        s.redeliver_pending.insert(seq);
-        self.timers
-            .insert((now_ms + u64::from(delay_ms), Timer::Redeliver { sub, seq }));
+        let due = now_ms + u64::from(delay_ms.min(MAX_REDELIVERY_DELAY_MS));
+        s.redeliver_pending.insert(seq, due);
+        self.timers.insert((due, Timer::Redeliver { sub, seq }));
     }
 
     /// A page requested by [`Action::Fetch`] arrived. `end` is set when the
@@ -658,7 +682,7 @@ impl Broker {
         };
         if let Some(seq) = s.redeliver_fetches.remove(&fetch) {
             match messages.into_iter().find(|m| m.sequence == seq) {
-                Some(m) if s.redeliver_pending.contains(&seq) => s.redeliver_due.push_back(m),
+                Some(m) if s.redeliver_pending.contains_key(&seq) => s.redeliver_due.push_back(m),
                 _ => {
                     s.redeliver_pending.remove(&seq);
                 }
@@ -672,7 +696,13 @@ impl Broker {
         s.page_fetch = None;
         let from = s.next;
         // A page read just before retention deleted its start is trimmed.
-        let oldest = self.topics.get(&s.topic).map_or(0, |t| t.view.first_seq);
+        let oldest = self.topics.get(&s.topic).map_or(0, |t| {
+            if t.view.first_seq == 0 && t.view.last_seq > 0 {
+                t.view.last_seq + 1 // retention emptied it
+            } else {
+                t.view.first_seq
+            }
+        });
         s.page.extend(
             messages
                 .into_iter()
@@ -830,7 +860,7 @@ impl Broker {
         let Some(s) = self.subs.get_mut(&sub) else {
             return;
         };
-        if !s.redeliver_pending.contains(&seq) {
+        if !s.redeliver_pending.contains_key(&seq) {
             return;
         }
         if let Some(m) = self.tail.get(&s.topic, seq) {
@@ -878,12 +908,17 @@ impl Broker {
             if let Some(s) = self.subs.get_mut(&sub) {
                 s.page.retain(|m| m.sequence >= oldest);
                 s.redeliver_due.retain(|m| m.sequence >= oldest);
-                s.redeliver_pending = s.redeliver_pending.split_off(&oldest);
+                let keep = s.redeliver_pending.split_off(&oldest);
+                let gone = std::mem::replace(&mut s.redeliver_pending, keep);
+                drop_redelivery_timers(&mut self.timers, sub, gone);
                 if s.next < oldest && s.page.is_empty() {
                     s.next = oldest;
+                    // An in-flight read of the deleted range is now stale:
+                    // ask again from the new position.
                     s.page_fetch = None;
                 }
             }
+            self.poke(sub);
         }
     }
 
@@ -896,7 +931,9 @@ impl Broker {
         };
         self.tail.remove_topic(topic);
         for sub in t.subs {
-            self.subs.remove(&sub);
+            if let Some(gone) = self.subs.remove(&sub) {
+                drop_redelivery_timers(&mut self.timers, sub, gone.redeliver_pending);
+            }
             self.actions.push_back(Action::End {
                 sub,
                 reason: EndReason::TopicDeleted,
@@ -915,7 +952,9 @@ impl Broker {
         };
         if let Some(sub) = g.active {
             t.subs.retain(|s| *s != sub);
-            self.subs.remove(&sub);
+            if let Some(gone) = self.subs.remove(&sub) {
+                drop_redelivery_timers(&mut self.timers, sub, gone.redeliver_pending);
+            }
             self.actions.push_back(Action::End {
                 sub,
                 reason: EndReason::GroupDeleted,
@@ -942,11 +981,12 @@ impl Broker {
         g.ledger.reset();
         if let Some(sub) = g.active {
             if let Some(s) = self.subs.get_mut(&sub) {
-                s.next = sequence + 1;
+                s.next = sequence.saturating_add(1);
                 s.page.clear();
                 s.page_fetch = None;
                 s.redeliver_due.clear();
-                s.redeliver_pending.clear();
+                let gone = std::mem::take(&mut s.redeliver_pending);
+                drop_redelivery_timers(&mut self.timers, sub, gone);
                 s.redeliver_fetches.clear();
                 s.recent.clear();
             }

@@ -47,6 +47,8 @@ impl Call {
 
 struct Slot {
     uid: u64,
+    /// When the call's `grpc-timeout` expires (its timer goes with it).
+    deadline: Option<Instant>,
     task: Arc<TaskWaker>,
     waker: Waker,
     call: Call,
@@ -339,11 +341,13 @@ impl Connection {
         );
         task.schedule();
         shared.routes.insert(uid, (self.token, slot));
-        if let Some(timeout) = info.timeout {
-            shared.add_timer(Instant::now() + timeout, Timer::Deadline(uid));
+        let deadline = info.timeout.map(|t| Instant::now() + t);
+        if let Some(at) = deadline {
+            shared.add_timer(at, Timer::Deadline(uid));
         }
         self.slots[slot] = Some(Slot {
             uid,
+            deadline,
             task,
             waker,
             call,
@@ -373,6 +377,9 @@ impl Connection {
     fn release(&mut self, slot: usize, shared: &mut Shared) {
         if let Some(Some(s)) = self.slots.get_mut(slot).map(Option::take) {
             shared.routes.remove(&s.uid);
+            if let Some(at) = s.deadline {
+                shared.remove_timer(at, Timer::Deadline(s.uid));
+            }
             self.free.push(slot);
             // Frames the call queued are written by the connection task.
             self.schedule();
@@ -384,6 +391,9 @@ impl Connection {
         for (i, s) in self.slots.iter_mut().enumerate() {
             if let Some(mut s) = s.take() {
                 shared.routes.remove(&s.uid);
+                if let Some(at) = s.deadline {
+                    shared.remove_timer(at, Timer::Deadline(s.uid));
+                }
                 if let Call::Subscribe(c) = &mut s.call {
                     c.forget(s.uid, shared);
                 }

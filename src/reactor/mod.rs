@@ -100,6 +100,10 @@ impl Shared {
         self.timers.insert((at, timer));
     }
 
+    pub fn remove_timer(&mut self, at: Instant, timer: Timer) {
+        self.timers.remove(&(at, timer));
+    }
+
     pub fn next_uid(&mut self) -> u64 {
         self.uid += 1;
         self.uid
@@ -454,11 +458,15 @@ impl Reactor {
                 } => {
                     // Applied now, in commit order: appends committed before
                     // the delete are already in, later ones re-create it.
-                    let existed = self.shared.broker.delete_topic(&topic);
-                    self.shared.cursors.retain(|(t, _), _| *t != topic);
-                    let reply = result
-                        .map(|stored| rpc::delete_topic_reply(stored || existed))
-                        .map_err(|e| rpc::storage_status(&e));
+                    // A failed delete changed nothing on disk: nor here.
+                    let reply = match result {
+                        Ok(stored) => {
+                            let existed = self.shared.broker.delete_topic(&topic);
+                            self.shared.cursors.retain(|(t, _), _| *t != topic);
+                            Ok(rpc::delete_topic_reply(stored || existed))
+                        }
+                        Err(e) => Err(rpc::storage_status(&e)),
+                    };
                     self.complete_call(token, reply);
                 }
                 WriteOutcome::GroupDeleted { token, result } => {
@@ -466,6 +474,9 @@ impl Reactor {
                         .map(|_| rpc::delete_group_reply(true))
                         .map_err(|e| rpc::storage_status(&e));
                     self.complete_call(token, reply);
+                }
+                WriteOutcome::Failed { token, error } => {
+                    self.complete_call(token, Err(rpc::storage_status(&error)));
                 }
                 WriteOutcome::Trimmed {
                     topic,

@@ -187,12 +187,54 @@ impl ReflectionCall {
         self.recv = None;
     }
 
+    /// Answers buffered requests while fewer than `MAX_QUEUED` answers wait.
+    fn answer_buffered(&mut self) {
+        while self.out.queued() < MAX_QUEUED && !self.out.is_finishing() {
+            match self.decoder.next_message() {
+                Ok(None) => return,
+                Ok(Some(body)) => match ServerReflectionRequest::decode(body) {
+                    Ok(req) => {
+                        let answer = req
+                            .message_request
+                            .as_ref()
+                            .map(|m| Descriptors::get().answer(m))
+                            .unwrap_or_else(|| {
+                                MessageResponse::ErrorResponse(ErrorResponse {
+                                    error_code: Code::InvalidArgument as i32,
+                                    error_message: "empty reflection request".into(),
+                                })
+                            });
+                        self.out.push(encode_message(&ServerReflectionResponse {
+                            valid_host: req.host.clone(),
+                            original_request: Some(req),
+                            message_response: Some(answer),
+                        }));
+                    }
+                    Err(e) => {
+                        self.finish(Status::internal(format!(
+                            "failed to decode ServerReflectionRequest: {e}"
+                        )));
+                        return;
+                    }
+                },
+                Err(e) => {
+                    self.finish(frame_status(e));
+                    return;
+                }
+            }
+        }
+    }
+
     /// Drives the stream; true once it is finished.
     pub fn poll(&mut self, cx: &mut Context<'_>) -> bool {
         if self.out.poll_reset(cx) {
             return true;
         }
-        while self.out.queued() < MAX_QUEUED {
+        loop {
+            self.answer_buffered();
+            if self.out.queued() >= MAX_QUEUED {
+                break;
+            }
             let Some(recv) = self.recv.as_mut() else {
                 break;
             };
@@ -200,47 +242,28 @@ impl ReflectionCall {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let _ = recv.flow_control().release_capacity(chunk.len());
                     self.decoder.push(&chunk);
-                    loop {
-                        match self.decoder.next_message() {
-                            Ok(None) => break,
-                            Ok(Some(body)) => match ServerReflectionRequest::decode(body) {
-                                Ok(req) => {
-                                    let answer = req
-                                        .message_request
-                                        .as_ref()
-                                        .map(|m| Descriptors::get().answer(m))
-                                        .unwrap_or_else(|| {
-                                            MessageResponse::ErrorResponse(ErrorResponse {
-                                                error_code: Code::InvalidArgument as i32,
-                                                error_message: "empty reflection request".into(),
-                                            })
-                                        });
-                                    self.out.push(encode_message(&ServerReflectionResponse {
-                                        valid_host: req.host.clone(),
-                                        original_request: Some(req),
-                                        message_response: Some(answer),
-                                    }));
-                                }
-                                Err(e) => {
-                                    self.finish(Status::internal(format!(
-                                        "failed to decode ServerReflectionRequest: {e}"
-                                    )));
-                                    break;
-                                }
-                            },
-                            Err(e) => {
-                                self.finish(frame_status(e));
-                                break;
-                            }
-                        }
-                    }
                 }
-                Poll::Ready(None) => self.finish(Status::ok()),
+                Poll::Ready(None) => self.recv = None,
                 Poll::Ready(Some(Err(_))) => return true,
                 Poll::Pending => break,
             }
         }
-        self.out.flush(cx, || None).unwrap_or(true)
+        // The client is done: once every request is answered, so are we.
+        if self.recv.is_none() && self.out.queued() < MAX_QUEUED {
+            self.answer_buffered();
+            if self.out.queued() < MAX_QUEUED {
+                match self.decoder.buffered() {
+                    0 => self.finish(Status::ok()),
+                    _ => self.finish(Status::internal("request stream ended inside a message")),
+                }
+            }
+        }
+        let done = self.out.flush(cx, || None).unwrap_or(true);
+        // Answers went out and requests are still buffered: come back.
+        if !done && self.out.queued() < MAX_QUEUED && self.decoder.buffered() > 0 {
+            cx.waker().wake_by_ref();
+        }
+        done
     }
 }
 

@@ -177,10 +177,10 @@ fn dispatch(
             }
             // The broker forgets the topic when the writer reports the delete,
             // so it is ordered with the appends around it.
-            shared.submit(WriteRequest::DeleteTopic {
-                token: uid,
-                topic: req.topic.into(),
-            });
+            let topic: Arc<str> = req.topic.into();
+            // Coalesced cursor writes for it must not land after the delete.
+            shared.cursors.retain(|(t, _), _| *t != topic);
+            shared.submit(WriteRequest::DeleteTopic { token: uid, topic });
             Ok(Handled::Submitted)
         }
         Method::DeleteConsumerGroup => {

@@ -28,8 +28,6 @@ const PURGE_CHUNK: i64 = 2_000;
 /// Rows retention deletes per topic per pass (small: it rides in commits).
 const RETENTION_CHUNK: i64 = 500;
 
-
-
 /// Rows per multi-row INSERT.
 const ROWS_PER_INSERT: usize = 16;
 
@@ -147,6 +145,8 @@ pub enum WriteOutcome {
         token: u64,
         result: Result<bool, StorageError>,
     },
+    /// A request that carried a token failed with its batch.
+    Failed { token: u64, error: StorageError },
     /// Retention removed a topic's oldest messages; `first` is the oldest
     /// left (sequence, ordinal, timestamp).
     Trimmed {
@@ -205,7 +205,7 @@ struct GroupCommit {
     doomed: VecDeque<i64>,
     next_retention: Instant,
     next_vacuum: Instant,
-    
+
     stats: Arc<WriterStats>,
     telemetry: Arc<Telemetry>,
 }
@@ -245,7 +245,7 @@ pub fn spawn(
         doomed: VecDeque::new(),
         next_retention: Instant::now(),
         next_vacuum: Instant::now(),
-        
+
         stats: stats.clone(),
         telemetry,
     };
@@ -356,11 +356,18 @@ impl GroupCommit {
             self.housekeeping(&mut out);
             if !out.is_empty() {
                 for outcome in out {
+                    // Wake the reactor before blocking on a full channel.
+                    let outcome = match outcomes.try_send(outcome) {
+                        Ok(()) => continue,
+                        Err(crossbeam_channel::TrySendError::Full(o)) => o,
+                        Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
+                    };
+                    wake();
                     if outcomes.send(outcome).is_err() {
                         return;
                     }
                 }
-                                wake();
+                wake();
             }
         }
         log::debug!("writer: request channel closed, exiting");
@@ -374,10 +381,16 @@ impl GroupCommit {
                     self.doomed.pop_front();
                 }
                 Ok(false) => {}
-                Err(e) => log::error!("writer: purging deleted topic {id} failed: {e}"),
+                Err(e) => {
+                    log::error!("writer: purging deleted topic {id} failed: {e}");
+                    // Do not spin on a failing purge: retry later.
+                    std::thread::sleep(Duration::from_millis(200));
+                }
             }
         }
         if self.retention_due() {
+            // Trims are reported only once committed.
+            let mut trims = Vec::new();
             let result =
                 rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)
                     .and_then(|tx| {
@@ -387,13 +400,19 @@ impl GroupCommit {
                             &mut self.topics,
                             self.next_seq - 1,
                             &mut self.next_retention,
-                            out,
+                            &mut trims,
                         )?;
                         tx.commit()
                     });
-            if let Err(e) = result {
-                log::error!("writer: retention failed: {e}");
-                self.next_retention = Instant::now() + Duration::from_secs(5);
+            match result {
+                Ok(()) => out.append(&mut trims),
+                Err(e) => {
+                    log::error!("writer: retention failed: {e}");
+                    self.next_retention = Instant::now() + Duration::from_secs(5);
+                    if let Err(e) = self.reload() {
+                        log::error!("writer: re-reading state failed: {e}");
+                    }
+                }
             }
         } else if Instant::now() >= self.next_vacuum {
             // Idle: hand some free pages back to the file system.
@@ -507,6 +526,12 @@ impl GroupCommit {
                                 result: Err(err.clone()),
                             })
                         }
+                        WriteRequest::SetCursor {
+                            token: Some(token), ..
+                        } => Some(WriteOutcome::Failed {
+                            token,
+                            error: err.clone(),
+                        }),
                         _ => None,
                     })
                     .collect()

@@ -511,3 +511,75 @@ fn retention_trims_memory_and_moves_positions_forward() {
     publish(&mut b, "t", 11..=11);
     assert_eq!(drain(&mut b, 3, 0), vec![(11, 1)]);
 }
+
+#[test]
+fn redelivery_timers_go_with_their_nacks() {
+    let mut b = Broker::new(BrokerConfig {
+        heartbeat_interval_ms: 0,
+        ..Default::default()
+    });
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    publish(&mut b, "t", 1..=3);
+    b.grant(1, 3);
+    drain(&mut b, 1, 0);
+    b.nack(1, &msg("t", 1).id.to_string(), 60_000, 0);
+    b.nack(1, &msg("t", 3).id.to_string(), u32::MAX, 0);
+    assert_eq!(b.next_deadline(), Some(60_000));
+    b.ack(1, &msg("t", 2).id.to_string(), 0);
+    assert_eq!(
+        b.next_deadline(),
+        Some(24 * 3600 * 1000),
+        "acked nack gone; long delay capped"
+    );
+    b.unsubscribe(1);
+    assert_eq!(b.next_deadline(), None, "a closed stream leaves no timers");
+}
+
+#[test]
+fn reset_to_the_largest_sequence_does_not_wrap() {
+    let mut b = Broker::new(BrokerConfig::default());
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    publish(&mut b, "t", 1..=3);
+    b.grant(1, 10);
+    assert!(b.reset_cursor("t", "g", u64::MAX));
+    assert!(drain(&mut b, 1, 0).is_empty());
+    b.unsubscribe(1);
+    b.subscribe(2, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    b.grant(2, 10);
+    assert!(drain(&mut b, 2, 0).is_empty());
+}
+
+#[test]
+fn a_trim_wakes_a_consumer_waiting_on_a_stale_read() {
+    let mut b = Broker::new(BrokerConfig::default());
+    b.load_topic(
+        TopicView {
+            name: "t".into(),
+            created_at_ms: 0,
+            first_seq: 1,
+            first_ordinal: 1,
+            first_ts: 0,
+            last_seq: 100,
+            last_ordinal: 100,
+            last_ts: 0,
+        },
+        100,
+    );
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    b.grant(1, 5);
+    actions(&mut b);
+    // Retention removes 1..=49 while the read from 1 is in flight.
+    b.on_trimmed("t", Some((50, 50, 0)));
+    let fetch = actions(&mut b)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Fetch(f) => Some(f),
+            _ => None,
+        })
+        .expect("a new read from the oldest message left");
+    assert_eq!(fetch.from, 50);
+}
