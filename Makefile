@@ -11,7 +11,7 @@ UNITDIR ?= $(DESTDIR)/etc/systemd/system
 TARGET ?= $(shell rustc -vV | sed -n 's/^host: //p')
 ARGS   ?=
 
-.PHONY: all build run test lint bench release install clean
+.PHONY: all build run test lint bench release install install-files clean
 
 all: build
 
@@ -38,8 +38,13 @@ release:
 	strip target/$(TARGET)/release/sluice
 	@ls -l target/$(TARGET)/release/sluice
 
-install: build
-	install -D -m 0755 target/release/sluice $(BINDIR)/sluice
+BIN ?= target/release/sluice
+
+install: build install-files
+
+# Copies an already built $(BIN) and the unit (the unit's ExecStart follows PREFIX).
+install-files:
+	install -D -m 0755 $(BIN) $(BINDIR)/sluice
 	install -D -m 0644 dist/sluice.service $(UNITDIR)/sluice.service
 	sed -i 's|/usr/local/bin/sluice|$(PREFIX)/bin/sluice|' $(UNITDIR)/sluice.service
 

@@ -471,3 +471,30 @@ async fn stream_limit_holds_extra_streams_back() {
         .expect("admitted once a stream ended");
     assert!(r.unwrap().is_ok());
 }
+
+#[tokio::test]
+async fn client_keepalive_pings_are_tolerated_on_idle_streams() {
+    let server = Server::start();
+    // A client pinging far more often than every 10 s.
+    let channel = tonic::transport::Channel::from_shared(server.url())
+        .unwrap()
+        .http2_keep_alive_interval(Duration::from_millis(100))
+        .keep_alive_timeout(Duration::from_millis(500))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .unwrap();
+    let mut c = Client {
+        grpc: tonic::client::Grpc::new(channel),
+    };
+    let mut sub = c
+        .subscribe("pinged", "g", proto::InitialPosition::Latest)
+        .await;
+    sub.send(credit(1)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.publish("pinged", b"after many pings").await.unwrap();
+    assert_eq!(
+        sub.delivery(Duration::from_secs(5)).await.payload.as_ref(),
+        b"after many pings"
+    );
+}

@@ -81,3 +81,31 @@ fn unit_file_passes_systemd_analyze_verify() {
         "systemd-analyze verify: {stderr}"
     );
 }
+
+#[test]
+fn make_install_honours_prefix_and_destdir() {
+    let dest = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("make")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("install-files")
+        .arg(format!("BIN={BIN}"))
+        .arg(format!("DESTDIR={}", dest.path().display()))
+        .arg("PREFIX=/usr")
+        .output()
+        .expect("make");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = dest.path().join("usr/bin/sluice");
+    assert!(bin.exists());
+    let v = std::process::Command::new(&bin)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("sluice "));
+    let unit =
+        std::fs::read_to_string(dest.path().join("etc/systemd/system/sluice.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/sluice serve"), "{unit}");
+}

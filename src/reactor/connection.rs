@@ -290,10 +290,15 @@ impl Connection {
         let info = match check_request(&request) {
             Ok(info) => info,
             Err(Refusal::Http(code, why)) => {
+                super::unary::warn_rejected(
+                    request.uri().path(),
+                    &Status::new(Code::Unknown, format!("HTTP {code}: {why}")),
+                );
                 let _ = respond.send_response(http_refusal(code, why), true);
                 return;
             }
             Err(Refusal::Grpc(status)) => {
+                super::unary::warn_rejected(request.uri().path(), &status);
                 let _ = respond.send_response(trailers_only(&status), true);
                 return;
             }

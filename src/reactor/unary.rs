@@ -39,6 +39,28 @@ pub struct UnaryCall {
     state: State,
 }
 
+/// Logs refused input at warn level, at most once a second (a misbehaving
+/// client must not flood the log); the rest are counted and reported.
+pub fn warn_rejected(method: &str, status: &Status) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LAST_SECOND.swap(now, Ordering::Relaxed) == now {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        log::debug!("{method} refused: {status}");
+        return;
+    }
+    let skipped = SUPPRESSED.swap(0, Ordering::Relaxed);
+    if skipped > 0 {
+        log::warn!("{method} refused: {status} ({skipped} more refused requests not logged)");
+    } else {
+        log::warn!("{method} refused: {status}");
+    }
+}
+
 /// The status for a framing error on a request stream.
 pub fn frame_status(e: FrameError) -> Status {
     match e {
@@ -210,8 +232,15 @@ impl UnaryCall {
                 Err(e) => log::debug!("response not sent: {e}"),
             },
             Err(status) => {
-                if status.code != crate::grpc::Code::Ok {
-                    log::debug!("{} failed: {status}", self.method.name());
+                use crate::grpc::Code;
+                match status.code {
+                    // The client's input was refused: worth a (rate-limited) warning.
+                    Code::InvalidArgument
+                    | Code::ResourceExhausted
+                    | Code::Unimplemented
+                    | Code::Internal => warn_rejected(self.method.name(), &status),
+                    Code::Ok => {}
+                    _ => log::debug!("{} failed: {status}", self.method.name()),
                 }
                 let _ = self.respond.send_response(trailers_only(&status), true);
             }
