@@ -89,7 +89,7 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
     let checkpointer = checkpointer::spawn(
         checkpoint_conn,
         std::time::Duration::from_millis(200),
-        16_384,
+        262_144, // 1 GiB of WAL: a last resort that blocks the writer
     )
     .map_err(|e| format!("cannot start checkpointer: {e}"))?;
 

@@ -1,9 +1,11 @@
 //! `Checkpointer`: copies the WAL back into the database file on its own
 //! thread and connection, so the writer's commits never pay for a
 //! checkpoint (the writer runs with `wal_autocheckpoint=0`). Passive
-//! checkpoints never block the writer; only if the WAL has grown past
-//! `restart_pages` does it ask for a RESTART checkpoint, which makes the next
-//! writer start from the beginning of the file again.
+//! checkpoints never block the writer, and whenever one catches up the next
+//! commit starts the WAL from its beginning again (the file is reused in
+//! place, truncated to `journal_size_limit`). Only if the WAL has grown past
+//! `restart_pages` anyway does it force a RESTART checkpoint, which blocks
+//! the writer while it runs: a last resort against unbounded disk use.
 
 use std::thread::JoinHandle;
 use std::time::Duration;
