@@ -61,6 +61,7 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
     };
 
     let (outcome_tx, outcome_rx) = crossbeam_channel::bounded(cfg.writer_queue * 2);
+    let wal_wrap = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let group_commit = writer::GroupCommitConfig {
         max_messages: cfg.commit_max_messages,
         max_bytes: cfg.commit_max_bytes,
@@ -77,6 +78,7 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
         outcome_tx,
         wake.clone(),
         telemetry.clone(),
+        wal_wrap.clone(),
     )
     .map_err(|e| format!("cannot start writer: {}", e.message))?;
     let (page_tx, page_rx) = crossbeam_channel::bounded(1024);
@@ -90,6 +92,7 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
         checkpoint_conn,
         std::time::Duration::from_millis(200),
         262_144, // 1 GiB of WAL: a last resort that blocks the writer
+        wal_wrap,
     )
     .map_err(|e| format!("cannot start checkpointer: {e}"))?;
 

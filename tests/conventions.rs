@@ -498,3 +498,87 @@ async fn client_keepalive_pings_are_tolerated_on_idle_streams() {
         b"after many pings"
     );
 }
+
+/// Encodes one HPACK header as "literal without indexing" with a name from
+/// the static table (index < 15) or a literal name.
+fn hpack_literal(out: &mut Vec<u8>, name_index: Option<u8>, name: &str, value: &str) {
+    match name_index {
+        Some(i) => out.push(i),
+        None => {
+            out.push(0);
+            out.push(name.len() as u8);
+            out.extend_from_slice(name.as_bytes());
+        }
+    }
+    out.push(value.len() as u8);
+    out.extend_from_slice(value.as_bytes());
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![
+        (payload.len() >> 16) as u8,
+        (payload.len() >> 8) as u8,
+        payload.len() as u8,
+        kind,
+        flags,
+    ];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn streams_past_the_limit_are_refused() {
+    let server = Server::start_with(&["--max-concurrent-streams", "2"]);
+    let mut sock = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    sock.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    sock.write_all(&frame(4, 0, 0, &[])).unwrap(); // SETTINGS
+                                                   // Let the server's SETTINGS (with its limit) arrive, and acknowledge it.
+    std::thread::sleep(Duration::from_millis(300));
+    sock.write_all(&frame(4, 1, 0, &[])).unwrap();
+    // Three Subscribe streams (left open) on a connection allowed two.
+    for stream in [1u32, 3, 5] {
+        let mut block = vec![0x83, 0x86]; // :method POST, :scheme http (indexed)
+        hpack_literal(&mut block, Some(4), ":path", "/sluice.v1.Sluice/Subscribe");
+        hpack_literal(&mut block, Some(1), ":authority", "localhost");
+        hpack_literal(&mut block, None, "content-type", "application/grpc");
+        hpack_literal(&mut block, None, "te", "trailers");
+        sock.write_all(&frame(1, 0x4, stream, &block)).unwrap(); // HEADERS, END_HEADERS
+    }
+    // Read frames until an RST_STREAM for stream 5 (REFUSED_STREAM = 7).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut refused = None;
+    while Instant::now() < deadline && refused.is_none() {
+        match sock.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => continue,
+        }
+        let mut at = 0;
+        while buf.len() >= at + 9 {
+            let len = (buf[at] as usize) << 16 | (buf[at + 1] as usize) << 8 | buf[at + 2] as usize;
+            if buf.len() < at + 9 + len {
+                break;
+            }
+            let (kind, stream) = (
+                buf[at + 3],
+                u32::from_be_bytes([buf[at + 5], buf[at + 6], buf[at + 7], buf[at + 8]])
+                    & 0x7fff_ffff,
+            );
+            if kind == 3 && len == 4 {
+                let p = &buf[at + 9..at + 13];
+                refused = Some((stream, u32::from_be_bytes([p[0], p[1], p[2], p[3]])));
+            }
+            at += 9 + len;
+        }
+    }
+    assert_eq!(
+        refused,
+        Some((5, 7)),
+        "the third stream is refused with REFUSED_STREAM"
+    );
+}

@@ -1,17 +1,23 @@
 //! `Checkpointer`: copies the WAL back into the database file on its own
 //! thread and connection, so the writer's commits never pay for a
 //! checkpoint (the writer runs with `wal_autocheckpoint=0`). Passive
-//! checkpoints never block the writer, and whenever one catches up the next
-//! commit starts the WAL from its beginning again (the file is reused in
-//! place, truncated to `journal_size_limit`). Only if the WAL has grown past
-//! `restart_pages` anyway does it force a RESTART checkpoint, which blocks
-//! the writer while it runs: a last resort against unbounded disk use.
+//! checkpoints never block the writer. Once the WAL has grown past
+//! `WAL_WRAP_PAGES` it asks the writer to finish a checkpoint itself between
+//! batches (it then completes, and the next commit starts the WAL from its
+//! beginning again, reusing the file in place). Only past `restart_pages`
+//! does it force a RESTART checkpoint, which blocks the writer while it
+//! runs: a last resort against unbounded disk use.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::Connection;
+
+/// WAL size, in pages, past which the writer is asked to finish a checkpoint.
+pub const WAL_WRAP_PAGES: i64 = 4096;
 
 pub struct Checkpointer {
     /// Dropping this stops the thread (after one last checkpoint).
@@ -23,11 +29,12 @@ pub fn spawn(
     conn: Connection,
     every: Duration,
     restart_pages: i64,
+    wrap_wanted: Arc<AtomicBool>,
 ) -> std::io::Result<Checkpointer> {
     let (stop, rx) = crossbeam_channel::bounded::<()>(1);
     let thread = std::thread::Builder::new()
         .name("sluice-checkpoint".into())
-        .spawn(move || run(conn, rx, every, restart_pages))?;
+        .spawn(move || run(conn, rx, every, restart_pages, wrap_wanted))?;
     Ok(Checkpointer { stop, thread })
 }
 
@@ -37,7 +44,13 @@ fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64, i64)
     })
 }
 
-fn run(conn: Connection, stop: Receiver<()>, every: Duration, restart_pages: i64) {
+fn run(
+    conn: Connection,
+    stop: Receiver<()>,
+    every: Duration,
+    restart_pages: i64,
+    wrap_wanted: Arc<AtomicBool>,
+) {
     loop {
         let stopping = !matches!(stop.recv_timeout(every), Err(RecvTimeoutError::Timeout));
         match checkpoint(&conn, "PASSIVE") {
@@ -46,6 +59,7 @@ fn run(conn: Connection, stop: Receiver<()>, every: Duration, restart_pages: i64
                     log::warn!("checkpoint: restart failed: {e}");
                 }
             }
+            Ok((_, log, _)) if log > WAL_WRAP_PAGES => wrap_wanted.store(true, Ordering::Relaxed),
             Ok(_) => {}
             Err(e) => log::warn!("checkpoint failed: {e}"),
         }

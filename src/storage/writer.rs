@@ -208,6 +208,8 @@ struct GroupCommit {
 
     stats: Arc<WriterStats>,
     telemetry: Arc<Telemetry>,
+    /// Set by the checkpointer when the WAL has grown: see `wrap_wal`.
+    wal_wrap: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Handle to a running writer thread.
@@ -233,6 +235,7 @@ pub fn spawn(
     outcomes: Sender<WriteOutcome>,
     wake: Wake,
     telemetry: Arc<Telemetry>,
+    wal_wrap: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Writer, StorageError> {
     let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
     let stats = Arc::new(WriterStats::default());
@@ -248,6 +251,7 @@ pub fn spawn(
 
         stats: stats.clone(),
         telemetry,
+        wal_wrap,
     };
     gc.reload().map_err(|e| StorageError::from_sqlite(&e))?;
     let thread = std::thread::Builder::new()
@@ -368,9 +372,27 @@ impl GroupCommit {
                     }
                 }
                 wake();
+                self.wrap_wal();
             }
         }
         log::debug!("writer: request channel closed, exiting");
+    }
+
+    /// Once the WAL has grown (the checkpointer says so) and this batch's
+    /// replies are out, finish the checkpoint from here: no write can race
+    /// it, so it completes, and the next commit starts the WAL from its
+    /// beginning again. The checkpointer copied most frames already, so this
+    /// is short; it keeps the WAL small and reused in place.
+    fn wrap_wal(&mut self) {
+        if !self.wal_wrap.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
+            log::warn!("writer: checkpoint failed: {e}");
+        }
     }
 
     /// One bounded step of purging deleted topics, and retention when due.
