@@ -353,11 +353,6 @@ impl Broker {
         self.subs.get(&sub).map(|s| s.credit.available())
     }
 
-    /// Memory used by the in-memory tail.
-    pub fn tail_bytes(&self) -> usize {
-        self.tail.bytes()
-    }
-
     pub fn pop_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }

@@ -64,33 +64,7 @@ fn status_from(headers: &http::HeaderMap) -> Option<Status> {
         .and_then(|v| v.to_str().ok())
         .map(percent_decode)
         .unwrap_or_default();
-    Some(Status::new(code_of(code), message))
-}
-
-fn code_of(n: i32) -> Code {
-    use Code::*;
-    [
-        Ok,
-        Cancelled,
-        Unknown,
-        InvalidArgument,
-        DeadlineExceeded,
-        NotFound,
-        AlreadyExists,
-        PermissionDenied,
-        ResourceExhausted,
-        FailedPrecondition,
-        Aborted,
-        OutOfRange,
-        Unimplemented,
-        Internal,
-        Unavailable,
-        DataLoss,
-        Unauthenticated,
-    ]
-    .get(n as usize)
-    .copied()
-    .unwrap_or(Unknown)
+    Some(Status::new(Code::from_i32(code), message))
 }
 
 fn percent_decode(s: &str) -> String {

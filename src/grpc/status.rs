@@ -26,6 +26,35 @@ pub enum Code {
 }
 
 impl Code {
+    /// The code for a `grpc-status` number (unknown numbers are `Unknown`).
+    pub fn from_i32(n: i32) -> Code {
+        use Code::*;
+        const ALL: [Code; 17] = [
+            Ok,
+            Cancelled,
+            Unknown,
+            InvalidArgument,
+            DeadlineExceeded,
+            NotFound,
+            AlreadyExists,
+            PermissionDenied,
+            ResourceExhausted,
+            FailedPrecondition,
+            Aborted,
+            OutOfRange,
+            Unimplemented,
+            Internal,
+            Unavailable,
+            DataLoss,
+            Unauthenticated,
+        ];
+        usize::try_from(n)
+            .ok()
+            .and_then(|i| ALL.get(i))
+            .copied()
+            .unwrap_or(Unknown)
+    }
+
     pub fn as_str(self) -> &'static str {
         // Decimal text as it goes in `grpc-status`.
         const TEXT: [&str; 17] = [
@@ -96,6 +125,15 @@ mod tests {
         assert_eq!(percent_encode("plain text: ok"), "plain text: ok");
         assert_eq!(percent_encode("100%\n"), "100%25%0A");
         assert_eq!(percent_encode("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn codes_round_trip_their_numbers() {
+        for n in 0..17 {
+            assert_eq!(Code::from_i32(n) as i32, n);
+        }
+        assert_eq!(Code::from_i32(99), Code::Unknown);
+        assert_eq!(Code::from_i32(-1), Code::Unknown);
     }
 
     #[test]

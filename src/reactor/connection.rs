@@ -407,8 +407,4 @@ impl Connection {
         }
         self.phase = Phase::Closed;
     }
-
-    pub fn active_calls(&self) -> usize {
-        self.slots.iter().filter(|s| s.is_some()).count()
-    }
 }

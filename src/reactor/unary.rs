@@ -30,9 +30,6 @@ pub struct UnaryCall {
     started: Instant,
     /// Set for publishes: metrics and the span to finish with the reply.
     publish: Option<PublishMeta>,
-    method: Method,
-    /// Compress the response (the client negotiated gzip).
-    gzip: bool,
     recv: Option<RecvStream>,
     respond: SendResponse<Bytes>,
     decoder: MessageDecoder,
@@ -91,8 +88,6 @@ impl UnaryCall {
             info: info.clone(),
             started: Instant::now(),
             publish: None,
-            method: info.method,
-            gzip: info.respond_gzip,
             recv: Some(recv),
             respond,
             decoder: MessageDecoder::new(max_message).with_gzip(info.request_gzip),
@@ -101,7 +96,7 @@ impl UnaryCall {
     }
 
     pub fn method(&self) -> Method {
-        self.method
+        self.info.method
     }
 
     /// The call's deadline passed: answer DEADLINE_EXCEEDED unless done.
@@ -157,7 +152,7 @@ impl UnaryCall {
                             // One message is the whole request: stop reading.
                             self.recv = None;
                             self.state = match rpc::handle_unary(
-                                self.method,
+                                self.info.method,
                                 body,
                                 uid,
                                 shared,
@@ -191,7 +186,7 @@ impl UnaryCall {
                     };
                     self.state = State::Reply(Err(Status::internal(format!(
                         "{} {why}",
-                        self.method.name()
+                        self.info.method.name()
                     ))));
                     return;
                 }
@@ -218,10 +213,10 @@ impl UnaryCall {
         match reply {
             Ok(body) => match self
                 .respond
-                .send_response(response_headers_with(self.gzip), false)
+                .send_response(response_headers_with(self.info.respond_gzip), false)
             {
                 Ok(mut stream) => {
-                    let body = if self.gzip {
+                    let body = if self.info.respond_gzip {
                         compress_framed(body)
                     } else {
                         body
@@ -238,9 +233,9 @@ impl UnaryCall {
                     Code::InvalidArgument
                     | Code::ResourceExhausted
                     | Code::Unimplemented
-                    | Code::Internal => warn_rejected(self.method.name(), &status),
+                    | Code::Internal => warn_rejected(self.info.method.name(), &status),
                     Code::Ok => {}
-                    _ => log::debug!("{} failed: {status}", self.method.name()),
+                    _ => log::debug!("{} failed: {status}", self.info.method.name()),
                 }
                 let _ = self.respond.send_response(trailers_only(&status), true);
             }

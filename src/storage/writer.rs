@@ -9,7 +9,7 @@
 //! retention a chunk at a time, so neither ever stalls publishing.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -174,14 +174,6 @@ impl Default for GroupCommitConfig {
     }
 }
 
-/// Counters the writer keeps for observers (metrics, benchmarks).
-#[derive(Debug, Default)]
-pub struct WriterStats {
-    pub commits: AtomicU64,
-    pub messages: AtomicU64,
-    pub commit_nanos: AtomicU64,
-}
-
 /// What the writer remembers of a topic.
 #[derive(Debug, Clone, Copy)]
 pub struct TopicRow {
@@ -206,7 +198,6 @@ struct GroupCommit {
     next_retention: Instant,
     next_vacuum: Instant,
 
-    stats: Arc<WriterStats>,
     telemetry: Arc<Telemetry>,
     /// Set by the checkpointer when the WAL has grown: see `wrap_wal`.
     wal_wrap: Arc<std::sync::atomic::AtomicBool>,
@@ -215,7 +206,6 @@ struct GroupCommit {
 /// Handle to a running writer thread.
 pub struct Writer {
     pub requests: Sender<WriteRequest>,
-    pub stats: Arc<WriterStats>,
     pub thread: JoinHandle<()>,
 }
 
@@ -238,7 +228,6 @@ pub fn spawn(
     wal_wrap: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Writer, StorageError> {
     let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
-    let stats = Arc::new(WriterStats::default());
     let mut gc = GroupCommit {
         conn,
         config,
@@ -249,7 +238,6 @@ pub fn spawn(
         next_retention: Instant::now(),
         next_vacuum: Instant::now(),
 
-        stats: stats.clone(),
         telemetry,
         wal_wrap,
     };
@@ -263,7 +251,6 @@ pub fn spawn(
         })?;
     Ok(Writer {
         requests: tx,
-        stats,
         thread,
     })
 }
@@ -511,11 +498,7 @@ impl GroupCommit {
         match result {
             Ok(messages) => {
                 self.last_ts = ts;
-                self.stats.commits.fetch_add(1, Ordering::Relaxed);
-                self.stats.messages.fetch_add(messages, Ordering::Relaxed);
-                self.stats
-                    .commit_nanos
-                    .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+
                 if messages > 0 {
                     self.telemetry.metrics().committed(messages, elapsed);
                 }
