@@ -279,6 +279,32 @@ pub fn now() -> Instant {
     Instant::now()
 }
 
+/// Paces an open-loop run: a thread sleeps until each call's due time and
+/// hands that instant to the runtime, which starts the call. The thread's
+/// timer slack is cut to 1 ns so it wakes on time. (Spinning on the runtime
+/// thread instead, as the first version of these benches did, kept one of
+/// the machine's two cores busy and took it from the daemon.)
+pub fn pace(rate: u64, total: u64) -> tokio::sync::mpsc::Receiver<Instant> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4096);
+    std::thread::spawn(move || {
+        // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+        let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
+        let start = Instant::now();
+        for i in 0..total {
+            let due = start + interval * i as u32;
+            let wait = due.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+            }
+            if tx.blocking_send(due).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Prints the machine line for RESULTS.md.
 pub fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

@@ -68,17 +68,11 @@ async fn closed_loop(
 async fn open_loop(port: u16, rate: u64) -> Summary {
     let conn = connect(port).await;
     let body = publish_body(256);
-    let interval = Duration::from_nanos(1_000_000_000 / rate);
     let start = now();
     let total = rate * RUN.as_secs();
     let mut tasks = Vec::with_capacity(total as usize);
-    for i in 0..total {
-        let due = start + interval * i as u32;
-        // tokio's timer ticks in whole milliseconds: pace by yielding instead
-        // so calls go out evenly, not in bursts.
-        while now() < due {
-            tokio::task::yield_now().await;
-        }
+    let mut ticks = pace(rate, total);
+    while let Some(due) = ticks.recv().await {
         let mut conn = conn.clone();
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
@@ -201,7 +195,13 @@ fn main() {
             },
         ),
     ];
+    // `cargo bench --bench publish -- <text>` runs only the rows whose name
+    // contains <text> (cargo passes `--bench` itself; skip flags).
+    let only = std::env::args().skip(1).find(|a| !a.starts_with("--"));
     for (name, load) in runs {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let daemon = Daemon::start("publish", &[]);
         let port = daemon.port;
         let s = rt.block_on(async {
