@@ -1,7 +1,7 @@
 //! `Checkpointer`: copies the WAL back into the database file on its own
-//! thread and connection, so the writer's commits never pay for a
-//! checkpoint (the writer runs with `wal_autocheckpoint=0`). Passive
-//! checkpoints never block the writer. Once the WAL has grown past
+//! thread and connection while publishing never pauses (the writer runs
+//! with `wal_autocheckpoint=0` and checkpoints by itself only when it has
+//! nothing queued). Passive checkpoints never block the writer. Once the WAL has grown past
 //! `WAL_WRAP_PAGES` it asks the writer to finish a checkpoint itself between
 //! batches (it then completes, and the next commit starts the WAL from its
 //! beginning again, reusing the file in place). Only past `restart_pages`

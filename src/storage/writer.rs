@@ -6,7 +6,8 @@
 //! It assigns each message its global sequence (never reused, continuing
 //! after restart), its topic ordinal, the batch timestamp and its id. Between
 //! batches it does bounded housekeeping: purging deleted topics and applying
-//! retention a chunk at a time, so neither ever stalls publishing.
+//! retention a chunk at a time, so neither ever stalls publishing, and when
+//! nothing is queued a short checkpoint that keeps the WAL small.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -30,6 +31,15 @@ const RETENTION_CHUNK: i64 = 500;
 
 /// Rows per multi-row INSERT.
 const ROWS_PER_INSERT: usize = 16;
+
+/// How long the writer keeps polling for the next request after answering a
+/// small batch, before it sleeps. Waking a sleeping thread costs ≈ 25 µs on
+/// the VMs we measure on, a sixth of a durable round trip, and a lone
+/// publisher's next request arrives ≈ 80 µs after its reply.
+const SPIN_FOR: Duration = Duration::from_micros(150);
+/// Only after batches this small: behind big ones the reactor is busy
+/// decoding and needs the CPU more than the writer needs a fast wake-up.
+const SPIN_MAX_MESSAGES: usize = 16;
 
 const SINGLE_ROW_INSERT: &str =
     "INSERT INTO messages (seq, topic_id, ordinal, ts, payload, attributes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
@@ -174,6 +184,25 @@ impl Default for GroupCommitConfig {
     }
 }
 
+/// Polls `rx` for up to `SPIN_FOR`, yielding the CPU between polls so a
+/// runnable thread on this core goes first. `Err` when the channel closed.
+fn poll_briefly(rx: &Receiver<WriteRequest>) -> Result<Option<WriteRequest>, ()> {
+    let until = Instant::now() + SPIN_FOR;
+    loop {
+        match rx.try_recv() {
+            Ok(r) => return Ok(Some(r)),
+            Err(TryRecvError::Disconnected) => return Err(()),
+            Err(TryRecvError::Empty) if Instant::now() >= until => return Ok(None),
+            Err(TryRecvError::Empty) => std::thread::yield_now(),
+        }
+    }
+}
+
+/// The writer checkpoints by itself when it has nothing queued and this many
+/// commits, or this many payload bytes, went into the WAL since it last did.
+const IDLE_CHECKPOINT_COMMITS: u64 = 100;
+const IDLE_CHECKPOINT_BYTES: usize = 256 << 10;
+
 /// What the writer remembers of a topic.
 #[derive(Debug, Clone, Copy)]
 pub struct TopicRow {
@@ -201,6 +230,24 @@ struct GroupCommit {
     telemetry: Arc<Telemetry>,
     /// Set by the checkpointer when the WAL has grown: see `wrap_wal`.
     wal_wrap: Arc<std::sync::atomic::AtomicBool>,
+    /// What was committed since this connection last checkpointed.
+    unchecked: WalDebt,
+}
+
+/// Commits and payload bytes written to the WAL since the writer last
+/// checkpointed it.
+#[derive(Debug, Default, Clone, Copy)]
+struct WalDebt {
+    commits: u64,
+    bytes: usize,
+}
+
+impl WalDebt {
+    /// Small enough that the checkpoint it takes is short (≈ 0.3 ms here),
+    /// big enough that most commits pay nothing for it.
+    fn due(&self) -> bool {
+        self.commits >= IDLE_CHECKPOINT_COMMITS || self.bytes >= IDLE_CHECKPOINT_BYTES
+    }
 }
 
 /// Handle to a running writer thread.
@@ -240,6 +287,7 @@ pub fn spawn(
 
         telemetry,
         wal_wrap,
+        unchecked: WalDebt::default(),
     };
     gc.reload().map_err(|e| StorageError::from_sqlite(&e))?;
     let thread = std::thread::Builder::new()
@@ -305,9 +353,20 @@ impl GroupCommit {
 
     fn run(mut self, rx: Receiver<WriteRequest>, outcomes: Sender<WriteOutcome>, wake: Wake) {
         let mut batch = Vec::new();
+        let mut spin_next = false;
         loop {
+            let spun = if spin_next {
+                match poll_briefly(&rx) {
+                    Err(()) => break,
+                    Ok(r) => r,
+                }
+            } else {
+                None
+            };
             // Block for work only when there is no housekeeping to do.
-            let first = if !self.doomed.is_empty() {
+            let first = if spun.is_some() {
+                spun
+            } else if !self.doomed.is_empty() {
                 match rx.try_recv() {
                     Ok(r) => Some(r),
                     Err(TryRecvError::Empty) => None,
@@ -329,6 +388,7 @@ impl GroupCommit {
                 }
             };
             let mut out = Vec::new();
+            spin_next = false;
             if let Some(first) = first {
                 let (mut count, mut bytes) = (first.message_count(), first.payload_bytes());
                 batch.push(first);
@@ -342,7 +402,15 @@ impl GroupCommit {
                         Err(_) => break,
                     }
                 }
+                // Spin next time only after a small batch of publishes (not
+                // after cursor writes: a draining consumer's reactor is busy).
+                spin_next = count <= SPIN_MAX_MESSAGES
+                    && batch
+                        .iter()
+                        .any(|r| matches!(r, WriteRequest::Append { .. }));
                 out = self.commit(&mut batch);
+                self.unchecked.commits += 1;
+                self.unchecked.bytes += bytes;
             }
             self.housekeeping(&mut out);
             if !out.is_empty() {
@@ -360,6 +428,9 @@ impl GroupCommit {
                 }
                 wake();
                 self.wrap_wal();
+                if rx.is_empty() {
+                    self.checkpoint_when_idle();
+                }
             }
         }
         log::debug!("writer: request channel closed, exiting");
@@ -374,6 +445,26 @@ impl GroupCommit {
         if !self.wal_wrap.swap(false, Ordering::Relaxed) {
             return;
         }
+        self.unchecked = WalDebt::default();
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        {
+            log::warn!("writer: checkpoint failed: {e}");
+        }
+    }
+
+    /// With nothing queued, copy the WAL back into the database from here
+    /// once enough went into it. No write can race the writer's own
+    /// checkpoint, so it completes and the next commit starts the WAL from
+    /// its beginning again: the WAL stays small and is rewritten in place,
+    /// and the checkpointer thread, whose I/O competes with commits, finds
+    /// little left to do unless publishing never pauses.
+    fn checkpoint_when_idle(&mut self) {
+        if !self.unchecked.due() {
+            return;
+        }
+        self.unchecked = WalDebt::default();
         if let Err(e) = self
             .conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
