@@ -63,7 +63,7 @@ fn multi_row_insert() -> &'static str {
             })
             .collect();
         format!(
-            "INSERT INTO messages (seq, topic_id, ordinal, ts, payload, attributes) VALUES {}",
+            "INSERT OR FAIL INTO messages (seq, topic_id, ordinal, ts, payload, attributes) VALUES {}",
             rows.join(", ")
         )
     })
