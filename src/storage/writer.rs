@@ -39,7 +39,7 @@ const ROWS_PER_INSERT: usize = 16;
 const SPIN_FOR: Duration = Duration::from_micros(150);
 /// Only after batches this small: behind big ones the reactor is busy
 /// decoding and needs the CPU more than the writer needs a fast wake-up.
-const SPIN_MAX_MESSAGES: usize = 16;
+const SPIN_MAX_MESSAGES: usize = 4;
 
 const SINGLE_ROW_INSERT: &str =
     "INSERT INTO messages (seq, topic_id, ordinal, ts, payload, attributes) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
