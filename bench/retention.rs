@@ -114,7 +114,6 @@ async fn run(name: &str, extra: &[&str], rate: u64, length: Duration) -> Run {
         attributes: Default::default(),
     });
     let total = (rate as f64 * length.as_secs_f64()) as u64;
-    let interval = Duration::from_nanos(1_000_000_000 / rate);
     // (sampling window of the call's due time, latency from its due time)
     let lat: Arc<Mutex<Vec<(u32, Duration)>>> =
         Arc::new(Mutex::new(Vec::with_capacity(total as usize)));
@@ -123,12 +122,9 @@ async fn run(name: &str, extra: &[&str], rate: u64, length: Duration) -> Run {
     let mut samples = vec![sample(&d, Duration::ZERO)];
     let start = now();
     let mut next_sample = SAMPLE_EVERY;
-    for i in 0..total {
-        let offset = interval * i as u32;
-        let due = start + offset;
-        while now() < due {
-            tokio::task::yield_now().await;
-        }
+    let mut ticks = pace(rate, total);
+    while let Some(due) = ticks.recv().await {
+        let offset = due.saturating_duration_since(start);
         if offset >= next_sample {
             samples.push(sample(&d, next_sample));
             next_sample += SAMPLE_EVERY;
