@@ -547,8 +547,9 @@ async fn group_resumes_after_broker_sigkill() {
     a.send(credit(1)).await;
     assert_eq!(a.delivery(WAIT).await.payload.as_ref(), b"m5"); // ack barrier
 
-    // Cursor writes are batched: give the writer a moment.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The reactor hands the cursor write to the writer before this publish,
+    // and the writer commits in order: its reply means the cursor is on disk.
+    c.publish("barrier", b"x").await.unwrap();
     drop(a);
     drop(c);
 

@@ -20,6 +20,17 @@ use tonic_prost::ProstCodec;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
+/// Held by the heavy tests of one test binary (large backlogs, purges,
+/// latency comparisons) so two of them never share this 2-core machine's
+/// CPU and disk at once; the others still run in parallel.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    HEAVY
+        .get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
+}
+
 /// A running broker. Killed (SIGKILL) when dropped.
 pub struct Server {
     pub child: Option<Child>,
