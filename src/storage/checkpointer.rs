@@ -1,8 +1,9 @@
 //! `Checkpointer`: copies the WAL back into the database file on its own
 //! thread and connection while publishing never pauses (the writer runs
 //! with `wal_autocheckpoint=0` and checkpoints by itself only when it has
-//! nothing queued). Passive checkpoints never block the writer. Once the WAL has grown past
-//! `WAL_WRAP_PAGES` it asks the writer to finish a checkpoint itself between
+//! nothing queued). Passive checkpoints never block the writer. Once the WAL
+//! has grown past `WAL_WRAP_PAGES` it catches up (passes back to back until
+//! one is short), then asks the writer to finish a checkpoint itself between
 //! batches (it then completes, and the next commit starts the WAL from its
 //! beginning again, reusing the file in place). Only past `restart_pages`
 //! does it force a RESTART checkpoint, which blocks the writer while it
@@ -11,7 +12,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::Connection;
@@ -44,6 +45,31 @@ fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64, i64)
     })
 }
 
+/// A pass this short means little was left to copy.
+const SHORT_PASS: Duration = Duration::from_millis(5);
+/// At most this many passes in a row (the writer may outpace them).
+const CATCH_UP_PASSES: usize = 20;
+
+/// Copies again right away while passes are long (frames arrive while a
+/// pass runs), so that the checkpoint the writer then finishes itself, during
+/// which it commits nothing, copies only the last few milliseconds of frames
+/// instead of a whole interval's.
+fn catch_up(conn: &Connection, stop: &Receiver<()>) {
+    for _ in 0..CATCH_UP_PASSES {
+        if !matches!(stop.try_recv(), Err(crossbeam_channel::TryRecvError::Empty)) {
+            return;
+        }
+        let started = Instant::now();
+        if let Err(e) = checkpoint(conn, "PASSIVE") {
+            log::warn!("checkpoint failed: {e}");
+            return;
+        }
+        if started.elapsed() < SHORT_PASS {
+            return;
+        }
+    }
+}
+
 fn run(
     conn: Connection,
     stop: Receiver<()>,
@@ -59,7 +85,10 @@ fn run(
                     log::warn!("checkpoint: restart failed: {e}");
                 }
             }
-            Ok((_, log, _)) if log > WAL_WRAP_PAGES => wrap_wanted.store(true, Ordering::Relaxed),
+            Ok((_, log, _)) if log > WAL_WRAP_PAGES => {
+                catch_up(&conn, &stop);
+                wrap_wanted.store(true, Ordering::Relaxed);
+            }
             Ok(_) => {}
             Err(e) => log::warn!("checkpoint failed: {e}"),
         }
