@@ -442,15 +442,8 @@ impl GroupCommit {
     /// beginning again. The checkpointer copied most frames already, so this
     /// is short; it keeps the WAL small and reused in place.
     fn wrap_wal(&mut self) {
-        if !self.wal_wrap.swap(false, Ordering::Relaxed) {
-            return;
-        }
-        self.unchecked = WalDebt::default();
-        if let Err(e) = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        {
-            log::warn!("writer: checkpoint failed: {e}");
+        if self.wal_wrap.swap(false, Ordering::Relaxed) {
+            self.checkpoint();
         }
     }
 
@@ -461,9 +454,13 @@ impl GroupCommit {
     /// and the checkpointer thread, whose I/O competes with commits, finds
     /// little left to do unless publishing never pauses.
     fn checkpoint_when_idle(&mut self) {
-        if !self.unchecked.due() {
-            return;
+        if self.unchecked.due() {
+            self.checkpoint();
         }
+    }
+
+    /// A checkpoint on the write connection: it always completes.
+    fn checkpoint(&mut self) {
         self.unchecked = WalDebt::default();
         if let Err(e) = self
             .conn
