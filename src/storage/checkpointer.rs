@@ -39,7 +39,9 @@ pub fn spawn(
     Ok(Checkpointer { stop, thread })
 }
 
-fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64, i64)> {
+/// Runs `PRAGMA wal_checkpoint(mode)`: (busy, frames in the WAL, frames
+/// copied). The writer calls it too, on its own connection.
+pub(super) fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<(i64, i64, i64)> {
     conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     })

@@ -462,10 +462,7 @@ impl GroupCommit {
     /// A checkpoint on the write connection: it always completes.
     fn checkpoint(&mut self) {
         self.unchecked = WalDebt::default();
-        if let Err(e) = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-        {
+        if let Err(e) = super::checkpointer::checkpoint(&self.conn, "PASSIVE") {
             log::warn!("writer: checkpoint failed: {e}");
         }
     }
