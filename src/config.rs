@@ -14,6 +14,7 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub log_level: Option<String>,
     pub max_message_bytes: usize,
+    pub max_batch_messages: usize,
     pub commit_max_messages: usize,
     pub commit_max_bytes: usize,
     pub writer_queue: usize,
@@ -39,6 +40,7 @@ impl Default for ServeConfig {
             data_dir: PathBuf::from("./sluice-data"),
             log_level: None,
             max_message_bytes: 4 << 20,
+            max_batch_messages: 10_000,
             commit_max_messages: 10_000,
             commit_max_bytes: 16 << 20,
             writer_queue: 4096,
@@ -78,6 +80,9 @@ OPTIONS (each also read from the environment variable shown):
     --log-level LEVEL            error|warn|info|debug|trace or an env_logger filter
                                  [SLUICE_LOG_LEVEL, else RUST_LOG] (default info)
     --max-message-bytes N        largest gRPC message accepted [SLUICE_MAX_MESSAGE_BYTES] (default 4194304)
+    --max-batch-messages N       most messages in one BatchPublish call; larger calls fail INVALID_ARGUMENT
+                                 before anything is stored, so every reply fits a client's default
+                                 4 MiB limit (at most 65536) [SLUICE_MAX_BATCH_MESSAGES] (default 10000)
     --commit-max-messages N      most messages in one group commit [SLUICE_COMMIT_MAX_MESSAGES] (default 10000)
     --commit-max-bytes N         most payload bytes in one group commit [SLUICE_COMMIT_MAX_BYTES] (default 16777216)
     --writer-queue N             requests queued for the writer before publishers are held back
@@ -86,9 +91,9 @@ OPTIONS (each also read from the environment variable shown):
     --max-connections N          connections served at once [SLUICE_MAX_CONNECTIONS] (default 1024)
     --max-concurrent-streams N   HTTP/2 streams per connection [SLUICE_MAX_CONCURRENT_STREAMS] (default 256)
     --shutdown-grace DUR         how long SIGTERM waits for in-flight calls [SLUICE_SHUTDOWN_GRACE] (default 5s)
-            --max-db-bytes SIZE          cap the database size; publishes past it fail UNAVAILABLE
+    --max-db-bytes SIZE          cap the database size; publishes past it fail UNAVAILABLE
                                  [SLUICE_MAX_DB_BYTES] (default: no cap)
-        --otel-endpoint URL          OTLP/HTTP collector base URL, e.g. http://127.0.0.1:4318; empty
+    --otel-endpoint URL          OTLP/HTTP collector base URL, e.g. http://127.0.0.1:4318; empty
                                  disables [SLUICE_OTEL_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT] (default off)
     --otel-interval DUR          metric export interval [SLUICE_OTEL_INTERVAL, else
                                  OTEL_METRIC_EXPORT_INTERVAL in ms] (default 10s)
@@ -184,6 +189,15 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
         }
         "log-level" => cfg.log_level = Some(v.into()),
         "max-message-bytes" => cfg.max_message_bytes = positive(&flag, v)?,
+        "max-batch-messages" => {
+            let n = positive(&flag, v)?;
+            if n > MAX_BATCH_MESSAGES {
+                return Err(format!(
+                    "invalid value {v:?} for {flag}: at most {MAX_BATCH_MESSAGES}, so a reply fits 4 MiB"
+                ));
+            }
+            cfg.max_batch_messages = n;
+        }
         "commit-max-messages" => cfg.commit_max_messages = positive(&flag, v)?,
         "commit-max-bytes" => cfg.commit_max_bytes = positive(&flag, v)?,
         "writer-queue" => cfg.writer_queue = positive(&flag, v)?,
@@ -253,12 +267,17 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A BatchPublish reply spends at most 64 bytes per message (id, sequence,
+/// timestamp), so this many fit a client's default 4 MiB receive limit.
+pub const MAX_BATCH_MESSAGES: usize = 65_536;
+
 const SETTINGS: &[&str] = &[
     "host",
     "port",
     "data-dir",
     "log-level",
     "max-message-bytes",
+    "max-batch-messages",
     "commit-max-messages",
     "commit-max-bytes",
     "writer-queue",

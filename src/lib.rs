@@ -8,7 +8,9 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod failpoint;
 pub mod grpc;
+pub mod log_limit;
 pub mod notify;
 pub mod proto;
 pub mod reactor;

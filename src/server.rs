@@ -15,6 +15,8 @@ use crate::config::ServeConfig;
 use crate::reactor::connection::{H2Settings, Keepalive};
 use crate::reactor::task::ReadyQueue;
 use crate::reactor::{Reactor, ReactorConfig, ReactorIo, StorageLinks, WAKER};
+use crate::storage::dir_lock::DataDirLock;
+use crate::storage::high_water::{HighWaterMark, Recorded};
 use crate::storage::{self, checkpointer, reader, schema, writer};
 use crate::telemetry::{Telemetry, TelemetryConfig};
 
@@ -27,18 +29,30 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
             telemetry.export_interval()
         );
     }
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| format!("cannot create data dir {}: {e}", cfg.data_dir.display()))?;
-    let conn = schema::open_writer(&cfg.data_dir, cfg.max_db_bytes)
-        .map_err(|e| format!("cannot open database in {}: {e}", cfg.data_dir.display()))?;
+    // The port first, then the data dir's lock: a second daemon (same port,
+    // or the same dir by any path) fails before it touches the database.
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let sock_addr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+        .map_err(|e| format!("invalid listen address {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("invalid listen address {addr}"))?;
+    let listener =
+        TcpListener::bind(sock_addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let dir_lock = DataDirLock::acquire(&cfg.data_dir)?;
+    let data_dir = dir_lock.dir().to_path_buf();
+    let conn = schema::open_writer(&data_dir, cfg.max_db_bytes)
+        .map_err(|e| format!("cannot open database in {}: {e}", data_dir.display()))?;
+    schema::check_writable(&conn, &data_dir)?;
     let state = schema::load_state(&conn).map_err(|e| format!("cannot load state: {e}"))?;
     log::info!(
         "recovered {} topics, {} consumer groups, last sequence {} from {}",
         state.topics.len(),
         state.groups.len(),
         state.last_seq,
-        cfg.data_dir.display()
+        data_dir.display()
     );
+    let (hwm, recorded) = HighWaterMark::open(&data_dir)?;
+    report_lost_tail(&state, recorded);
     let mut broker = Broker::new(BrokerConfig {
         heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
         ..BrokerConfig::default()
@@ -70,6 +84,7 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
             max_messages: cfg.retention_max_messages,
             max_bytes: cfg.retention_max_bytes,
         },
+        max_store_bytes: cfg.max_db_bytes,
     };
     let writer = writer::spawn(
         conn,
@@ -79,14 +94,15 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
         wake.clone(),
         telemetry.clone(),
         wal_wrap.clone(),
+        hwm,
     )
     .map_err(|e| format!("cannot start writer: {}", e.message))?;
     let (page_tx, page_rx) = crossbeam_channel::bounded(1024);
-    let dir = cfg.data_dir.clone();
+    let dir = data_dir.clone();
     let readers = reader::spawn(1, move || schema::open_reader(&dir), 1024, page_tx, wake)
         .map_err(|e| format!("cannot start reader: {}", e.message))?;
 
-    let checkpoint_conn = schema::open_checkpointer(&cfg.data_dir)
+    let checkpoint_conn = schema::open_checkpointer(&data_dir)
         .map_err(|e| format!("cannot open checkpoint connection: {e}"))?;
     let checkpointer = checkpointer::spawn(
         checkpoint_conn,
@@ -96,13 +112,6 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
     )
     .map_err(|e| format!("cannot start checkpointer: {e}"))?;
 
-    let addr = format!("{}:{}", cfg.host, cfg.port);
-    let sock_addr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
-        .map_err(|e| format!("invalid listen address {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("invalid listen address {addr}"))?;
-    let listener =
-        TcpListener::bind(sock_addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let signals = Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
@@ -133,6 +142,7 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
                 max_message_bytes: cfg.max_message_bytes,
             },
             max_connections: cfg.max_connections,
+            max_batch_messages: cfg.max_batch_messages,
             shutdown_grace: cfg.shutdown_grace,
         },
     )
@@ -157,5 +167,26 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
     telemetry.shutdown();
     result.map_err(|e| format!("reactor failed: {e}"))?;
     log::info!("shutdown complete");
+    drop(dir_lock);
     Ok(())
+}
+
+/// Says once, loudly, when the database holds less than was committed: the
+/// high-water mark or a consumer group's cursor is past its last sequence
+/// (a damaged or truncated WAL). New sequences continue after the mark, so
+/// none is reused and no cursor skips a new message.
+fn report_lost_tail(state: &schema::LoadedState, recorded: Recorded) {
+    let cursor_max = state.groups.iter().map(|(_, g)| g.cursor).max().unwrap_or(0);
+    let committed = recorded.committed.max(cursor_max);
+    if committed > state.last_seq {
+        log::error!(
+            "the database lost its tail: sequences up to {committed} were committed (high-water mark {}, \
+             highest consumer-group cursor {cursor_max}) but the last one stored is {}; \
+             up to {} acknowledged messages are missing. New messages continue after sequence {}",
+            recorded.committed,
+            state.last_seq,
+            committed - state.last_seq,
+            recorded.ceiling.max(state.last_seq)
+        );
+    }
 }

@@ -191,6 +191,10 @@ struct Group {
     last_ack_ms: i64,
     active: Option<SubId>,
     ledger: DeliveryLedger,
+    /// Admin operations (delete, reset) waiting for their commit: while any
+    /// is, acks move the cursor here but are not persisted, so none lands
+    /// after the operation's own write.
+    fences: u32,
 }
 
 #[derive(Debug)]
@@ -492,6 +496,7 @@ impl Broker {
                                 last_ack_ms: 0,
                                 active: Some(sub),
                                 ledger: DeliveryLedger::new(ledger_cap),
+                                fences: 0,
                             },
                         );
                         self.actions.push_back(Action::PersistCursor {
@@ -610,6 +615,10 @@ impl Broker {
         let acked = std::mem::replace(&mut s.redeliver_pending, keep);
         drop_redelivery_timers(&mut self.timers, sub, acked);
         s.redeliver_due.retain(|m| m.sequence > seq);
+        if g.fences > 0 {
+            // Persisted when the admin operation fails, forgotten if it commits.
+            return;
+        }
         self.actions.push_back(Action::PersistCursor {
             topic: s.topic.clone(),
             group: group_name,
@@ -937,6 +946,63 @@ impl Broker {
         true
     }
 
+    /// Holds back a group's cursor writes while an admin operation on it
+    /// commits (see [`Broker::unfence_group`]). False if there is no such group.
+    pub fn fence_group(&mut self, topic: &str, group: &str) -> bool {
+        match self
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.groups.get_mut(group))
+        {
+            Some(g) => {
+                g.fences += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// An admin operation on the group failed: its cursor as it is now is
+    /// persisted again, so acks held back meanwhile are not lost.
+    pub fn unfence_group(&mut self, topic: &str, group: &str, wall_ms: i64) {
+        let Some(t) = self.topics.get_mut(topic) else {
+            return;
+        };
+        let Some(name) = t.groups.get_key_value(group).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        let Some(g) = t.groups.get_mut(group) else {
+            return;
+        };
+        g.fences = g.fences.saturating_sub(1);
+        if g.fences == 0 && g.cursor > 0 {
+            self.actions.push_back(Action::PersistCursor {
+                topic: t.view.name.clone(),
+                group: name.clone(),
+                sequence: g.cursor,
+                acked_at_ms: if g.last_ack_ms > 0 { g.last_ack_ms } else { wall_ms },
+            });
+        }
+    }
+
+    /// A topic's delete failed: every group's cursor is persisted again (their
+    /// coalesced writes were dropped when the delete was asked for).
+    pub fn repersist_cursors(&mut self, topic: &str) {
+        let Some(t) = self.topics.get(topic) else {
+            return;
+        };
+        for (name, g) in &t.groups {
+            if g.cursor > 0 && g.fences == 0 {
+                self.actions.push_back(Action::PersistCursor {
+                    topic: t.view.name.clone(),
+                    group: name.clone(),
+                    sequence: g.cursor,
+                    acked_at_ms: g.last_ack_ms,
+                });
+            }
+        }
+    }
+
     /// Forgets a group; its active consumer ends with `GroupDeleted`.
     pub fn delete_group(&mut self, topic: &str, group: &str) -> bool {
         let Some(t) = self.topics.get_mut(topic) else {
@@ -958,8 +1024,9 @@ impl Broker {
         true
     }
 
-    /// Moves a group's cursor (its last acknowledged sequence); an active
-    /// consumer continues from the message after it. The caller persists it.
+    /// Moves a group's cursor (its last acknowledged sequence) once the move
+    /// is committed, lifting the fence taken for it; an active consumer
+    /// continues from the message after it.
     pub fn reset_cursor(&mut self, topic: &str, group: &str, sequence: u64) -> bool {
         let Some(t) = self.topics.get_mut(topic) else {
             return false;
@@ -967,6 +1034,7 @@ impl Broker {
         let Some(g) = t.groups.get_mut(group) else {
             return false;
         };
+        g.fences = g.fences.saturating_sub(1);
         g.cursor = sequence;
         g.cursor_ordinal = match sequence {
             0 => 0,
@@ -999,6 +1067,7 @@ impl Group {
             last_ack_ms: v.last_ack_ms,
             active: None,
             ledger: DeliveryLedger::new(ledger_cap),
+            fences: 0,
         }
     }
 }

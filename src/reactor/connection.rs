@@ -306,7 +306,7 @@ impl Connection {
         // Health checks are answered during shutdown (NOT_SERVING).
         let health = matches!(info.method, Method::HealthCheck | Method::HealthWatch);
         if (self.draining || shared.shutting_down) && !health {
-            let status = Status::unavailable("server is shutting down");
+            let status = shared.stopping_status();
             let _ = respond.send_response(trailers_only(&status), true);
             return;
         }
@@ -371,7 +371,7 @@ impl Connection {
         let done = match &mut s.call {
             Call::Unary(c) => c.poll(uid, shared, &mut cx),
             Call::Subscribe(c) => c.poll(uid, shared, &mut cx),
-            Call::Watch(c) => c.poll(shared.shutting_down, &mut cx),
+            Call::Watch(c) => c.poll(!shared.serving(), &mut cx),
             Call::Reflection(c) => c.poll(&mut cx),
         };
         if done {

@@ -85,8 +85,14 @@ pub struct Shared {
     /// Call uid -> (connection token, slot).
     pub routes: HashMap<u64, (usize, usize)>,
     pub max_message_bytes: usize,
+    /// Most messages one BatchPublish may carry.
+    pub max_batch_messages: usize,
     pub clock: Clock,
     pub shutting_down: bool,
+    /// A read found the database damaged: health says NOT_SERVING.
+    pub store_damaged: bool,
+    /// A storage thread died: every call is refused and the process exits.
+    pub storage_failed: Option<String>,
     uid: u64,
     /// Cursor writes coalesced per group until the writer has room.
     pub cursors: HashMap<(Arc<str>, Arc<str>), (u64, i64)>,
@@ -149,6 +155,45 @@ impl Shared {
     pub fn writer_backlog(&self) -> usize {
         self.writer.len() + self.parked.len()
     }
+
+    /// What health checks report: false while shutting down, after a storage
+    /// thread died, or once the database was found damaged.
+    pub fn serving(&self) -> bool {
+        !self.shutting_down && !self.store_damaged && self.storage_failed.is_none()
+    }
+
+    /// The status for a call refused because the server is stopping.
+    pub fn stopping_status(&self) -> Status {
+        match &self.storage_failed {
+            Some(why) => Status::unavailable(format!("storage is unavailable: {why}")),
+            None => Status::unavailable("server is shutting down"),
+        }
+    }
+
+    /// At exit: hands the writer everything still parked or coalesced,
+    /// waiting for room, so acked cursors are not lost (the writer drains
+    /// its queue before it exits).
+    fn flush_blocking(&mut self) {
+        if self.storage_failed.is_some() {
+            return;
+        }
+        let cursors: Vec<_> = self.cursors.drain().collect();
+        for ((topic, group), (sequence, acked_at_ms)) in cursors {
+            self.parked.push_back(WriteRequest::SetCursor {
+                token: None,
+                topic,
+                group,
+                sequence,
+                acked_at_ms,
+            });
+        }
+        while let Some(req) = self.parked.pop_front() {
+            if self.writer.send(req).is_err() {
+                log::error!("shutdown: the writer is gone; {} writes not stored", self.parked.len() + 1);
+                return;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -156,6 +201,7 @@ pub struct ReactorConfig {
     pub h2: H2Settings,
     pub keepalive: Keepalive,
     pub max_connections: usize,
+    pub max_batch_messages: usize,
     pub shutdown_grace: Duration,
 }
 
@@ -223,10 +269,13 @@ impl Reactor {
                 parked: VecDeque::new(),
                 routes: HashMap::new(),
                 max_message_bytes: config.h2.max_message_bytes,
+                max_batch_messages: config.max_batch_messages,
                 clock: Clock {
                     start: Instant::now(),
                 },
                 shutting_down: false,
+                store_damaged: false,
+                storage_failed: None,
                 uid: 0,
                 cursors: HashMap::new(),
                 timers: {
@@ -288,16 +337,22 @@ impl Reactor {
             self.shared.flush_parked();
             self.flush_fetches();
             if let Some(deadline) = self.shutdown_deadline {
-                if self.conns.is_empty() && self.shared.parked.is_empty() {
+                let done = self.conns.is_empty()
+                    && (self.shared.parked.is_empty() || self.shared.storage_failed.is_some());
+                if done {
                     log::info!("shutdown: all connections closed");
-                    return Ok(());
-                }
-                if Instant::now() >= deadline {
+                } else if Instant::now() >= deadline {
                     log::warn!(
                         "shutdown: grace period over, closing {} connections",
                         self.conns.len()
                     );
-                    return Ok(());
+                }
+                if done || Instant::now() >= deadline {
+                    self.shared.flush_blocking();
+                    return match &self.shared.storage_failed {
+                        Some(why) => Err(std::io::Error::other(format!("storage failed: {why}"))),
+                        None => Ok(()),
+                    };
                 }
             }
         }
@@ -420,7 +475,15 @@ impl Reactor {
     }
 
     fn drain_storage(&mut self) {
-        while let Ok(outcome) = self.outcomes.try_recv() {
+        loop {
+            let outcome = match self.outcomes.try_recv() {
+                Ok(o) => o,
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    self.storage_failed("the writer thread stopped");
+                    break;
+                }
+            };
             match outcome {
                 WriteOutcome::Appended { token, result } => {
                     if let Ok(a) = &result {
@@ -444,12 +507,24 @@ impl Reactor {
                     sequence,
                     ordinal,
                 } => {
+                    // A ResetCursor (it carries a token) applies now, committed.
+                    let reset = token.map(|_| self.shared.broker.reset_cursor(&topic, &group, sequence));
                     self.shared
                         .broker
                         .set_cursor_ordinal(&topic, &group, sequence, ordinal);
-                    if let Some(token) = token {
-                        self.complete_call(token, Ok(rpc::reset_reply(true)));
+                    if let (Some(token), Some(found)) = (token, reset) {
+                        self.complete_call(token, Ok(rpc::reset_reply(found)));
                     }
+                }
+                WriteOutcome::CursorFailed {
+                    token,
+                    topic,
+                    group,
+                    error,
+                } => {
+                    let wall = self.shared.clock.wall_ms();
+                    self.shared.broker.unfence_group(&topic, &group, wall);
+                    self.complete_call(token, Err(rpc::storage_status(&error)));
                 }
                 WriteOutcome::TopicDeleted {
                     token,
@@ -458,25 +533,40 @@ impl Reactor {
                 } => {
                     // Applied now, in commit order: appends committed before
                     // the delete are already in, later ones re-create it.
-                    // A failed delete changed nothing on disk: nor here.
+                    // A failed delete changed nothing on disk: nor here, and
+                    // the cursor writes dropped when it was asked for go again.
                     let reply = match result {
                         Ok(stored) => {
                             let existed = self.shared.broker.delete_topic(&topic);
                             self.shared.cursors.retain(|(t, _), _| *t != topic);
                             Ok(rpc::delete_topic_reply(stored || existed))
                         }
-                        Err(e) => Err(rpc::storage_status(&e)),
+                        Err(e) => {
+                            self.shared.broker.repersist_cursors(&topic);
+                            Err(rpc::storage_status(&e))
+                        }
                     };
                     self.complete_call(token, reply);
                 }
-                WriteOutcome::GroupDeleted { token, result } => {
-                    let reply = result
-                        .map(|_| rpc::delete_group_reply(true))
-                        .map_err(|e| rpc::storage_status(&e));
+                WriteOutcome::GroupDeleted {
+                    token,
+                    topic,
+                    group,
+                    result,
+                } => {
+                    let reply = match result {
+                        Ok(stored) => {
+                            let existed = self.shared.broker.delete_group(&topic, &group);
+                            self.shared.cursors.remove(&(topic, group));
+                            Ok(rpc::delete_group_reply(stored || existed))
+                        }
+                        Err(e) => {
+                            let wall = self.shared.clock.wall_ms();
+                            self.shared.broker.unfence_group(&topic, &group, wall);
+                            Err(rpc::storage_status(&e))
+                        }
+                    };
                     self.complete_call(token, reply);
-                }
-                WriteOutcome::Failed { token, error } => {
-                    self.complete_call(token, Err(rpc::storage_status(&error)));
                 }
                 WriteOutcome::Trimmed {
                     topic,
@@ -488,11 +578,82 @@ impl Reactor {
                 }
             }
         }
-        while let Ok(page) = self.pages.try_recv() {
-            self.shared
-                .broker
-                .on_page(page.sub, page.fetch, page.messages, page.end);
+        loop {
+            let page = match self.pages.try_recv() {
+                Ok(p) => p,
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    self.storage_failed("the reader thread stopped");
+                    break;
+                }
+            };
+            match page.error {
+                None => self
+                    .shared
+                    .broker
+                    .on_page(page.sub, page.fetch, page.messages, page.end),
+                Some(e) => self.read_failed(page.sub, &e),
+            }
         }
+    }
+
+    /// A backlog read failed: the subscription ends with the error (no
+    /// retry loop); a damaged database also turns health NOT_SERVING.
+    fn read_failed(&mut self, sub: u64, e: &crate::storage::StorageError) {
+        let code = if e.corrupt {
+            if !self.shared.store_damaged {
+                self.shared.store_damaged = true;
+                log::error!(
+                    "the database is damaged ({}); health now reports NOT_SERVING. \
+                     Stop sluice and run `sluice check --data-dir DIR`",
+                    e.message
+                );
+            }
+            crate::grpc::Code::DataLoss
+        } else {
+            crate::grpc::Code::Internal
+        };
+        let status = Status::new(
+            code,
+            format!("cannot read stored messages: {}", e.message),
+        );
+        self.with_subscription(sub, |call, shared| {
+            call.forget(sub, shared);
+            call.finish(status);
+        });
+    }
+
+    /// A storage thread died: said once, every waiting and new call gets
+    /// UNAVAILABLE, health reports NOT_SERVING, and the reactor stops soon
+    /// after so the process exits non-zero and its service manager restarts
+    /// it.
+    fn storage_failed(&mut self, why: &str) {
+        if self.shared.storage_failed.is_some() {
+            return;
+        }
+        log::error!(
+            "storage failed: {why}; answering UNAVAILABLE and exiting so the service manager restarts sluice"
+        );
+        self.shared.storage_failed = Some(why.to_string());
+        self.shared.parked.clear();
+        self.shared.cursors.clear();
+        self.fetches.clear();
+        let status = self.shared.stopping_status();
+        for conn in self.conns.values_mut() {
+            let mut slots = Vec::new();
+            for (_, slot, call) in conn.calls_mut() {
+                if let Call::Unary(u) = call {
+                    u.complete(Err(status.clone()));
+                    slots.push(slot);
+                }
+            }
+            for slot in slots {
+                conn.schedule_slot(slot);
+            }
+        }
+        self.begin_shutdown(&[]);
+        let soon = Instant::now() + Duration::from_secs(1);
+        self.shutdown_deadline = self.shutdown_deadline.map(|d| d.min(soon));
     }
 
     /// Copies what the gauges report into the exporter's snapshot.
@@ -662,10 +823,14 @@ impl Reactor {
             self.shutdown_deadline = Some(Instant::now());
             return;
         }
-        log::info!(
-            "shutdown: signal {signals:?}, draining {} connections",
-            self.conns.len()
-        );
+        if signals.is_empty() {
+            log::info!("shutdown: draining {} connections", self.conns.len());
+        } else {
+            log::info!(
+                "shutdown: signal {signals:?}, draining {} connections",
+                self.conns.len()
+            );
+        }
         crate::notify::notify("STOPPING=1");
         self.shared.shutting_down = true;
         self.shutdown_deadline = Some(Instant::now() + self.config.shutdown_grace);
@@ -679,7 +844,7 @@ impl Reactor {
                 match call {
                     Call::Subscribe(s) => {
                         s.forget(uid, &mut self.shared);
-                        s.finish(Status::unavailable("server is shutting down"));
+                        s.finish(self.shared.stopping_status());
                         slots.push(slot);
                     }
                     Call::Watch(w) => {
@@ -687,7 +852,7 @@ impl Reactor {
                         slots.push(slot);
                     }
                     Call::Reflection(r) => {
-                        r.finish(Status::unavailable("server is shutting down"));
+                        r.finish(self.shared.stopping_status());
                         slots.push(slot);
                     }
                     Call::Unary(_) => {}

@@ -51,6 +51,9 @@ pub fn handle_unary(
     info: &CallInfo,
     meta: &mut Option<PublishMeta>,
 ) -> Handled {
+    if shared.storage_failed.is_some() && method != Method::HealthCheck {
+        return Handled::Reply(Err(shared.stopping_status()));
+    }
     match dispatch(method, body, uid, shared, info, meta) {
         Ok(h) => h,
         Err(status) => Handled::Reply(Err(status)),
@@ -134,6 +137,14 @@ fn dispatch(
                     "BatchPublish needs at least one message",
                 ));
             }
+            if req.messages.len() > shared.max_batch_messages {
+                return Err(Status::invalid_argument(format!(
+                    "BatchPublish carries {} messages; at most {} are accepted per call \
+                     (--max-batch-messages): split the batch",
+                    req.messages.len(),
+                    shared.max_batch_messages
+                )));
+            }
             let mut messages: Vec<NewMessage> = req
                 .messages
                 .into_iter()
@@ -187,7 +198,9 @@ fn dispatch(
             let req: proto::DeleteConsumerGroupRequest = decode(body)?;
             validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
             let group = group_name(req.consumer_group);
-            if !shared.broker.delete_group(&req.topic, &group) {
+            // The broker forgets the group when the delete is committed; until
+            // then its acks are held back so none re-creates it on disk.
+            if !shared.broker.fence_group(&req.topic, &group) {
                 return Ok(Handled::Reply(Ok(delete_group_reply(false))));
             }
             let (topic, group): (Arc<str>, Arc<str>) = (req.topic.into(), group.into());
@@ -203,7 +216,15 @@ fn dispatch(
             let req: proto::ResetCursorRequest = decode(body)?;
             validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
             let group = group_name(req.consumer_group);
-            if !shared.broker.reset_cursor(&req.topic, &group, req.sequence) {
+            let last = shared.broker.last_sequence();
+            if req.sequence > last.saturating_add(1) {
+                return Err(Status::invalid_argument(format!(
+                    "sequence {} is past the newest message (last sequence {last})",
+                    req.sequence
+                )));
+            }
+            // The cursor moves in the broker once the move is committed.
+            if !shared.broker.fence_group(&req.topic, &group) {
                 return Ok(Handled::Reply(Ok(reset_reply(false))));
             }
             let (topic, group): (Arc<str>, Arc<str>) = (req.topic.into(), group.into());
@@ -221,7 +242,7 @@ fn dispatch(
         }
         Method::HealthCheck => Ok(Handled::Reply(super::health::check(
             body,
-            shared.shutting_down,
+            !shared.serving(),
         ))),
         Method::Subscribe | Method::HealthWatch | Method::Reflection { .. } => Err(
             Status::internal("a streaming method reached the unary handler"),

@@ -36,26 +36,11 @@ pub struct UnaryCall {
     state: State,
 }
 
-/// Logs refused input at warn level, at most once a second (a misbehaving
-/// client must not flood the log); the rest are counted and reported.
+/// Logs refused input at warn level, rate-limited (a misbehaving client must
+/// not flood the log); the rest are counted and reported.
 pub fn warn_rejected(method: &str, status: &Status) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
-    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    if LAST_SECOND.swap(now, Ordering::Relaxed) == now {
-        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
-        log::debug!("{method} refused: {status}");
-        return;
-    }
-    let skipped = SUPPRESSED.swap(0, Ordering::Relaxed);
-    if skipped > 0 {
-        log::warn!("{method} refused: {status} ({skipped} more refused requests not logged)");
-    } else {
-        log::warn!("{method} refused: {status}");
-    }
+    log::debug!("{method} refused: {status}");
+    crate::log_limited!(log::Level::Warn, "{method} refused: {status}");
 }
 
 /// The status for a framing error on a request stream.

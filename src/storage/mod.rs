@@ -9,6 +9,8 @@
 //! go back over channels plus a wake-up callback.
 
 pub mod checkpointer;
+pub mod dir_lock;
+pub mod high_water;
 pub mod reader;
 pub mod retention;
 pub mod schema;
@@ -22,22 +24,53 @@ use prost::Message as _;
 /// Wakes the thread that consumes a storage thread's replies.
 pub type Wake = Arc<dyn Fn() + Send + Sync>;
 
+/// Held by a storage thread for its whole life: when the thread ends, by
+/// returning or by a panic, its consumer is woken to notice the closed
+/// channel instead of sleeping on it.
+pub struct WakeOnExit(pub Wake);
+
+impl Drop for WakeOnExit {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            log::error!(
+                "storage thread {:?} panicked",
+                std::thread::current().name().unwrap_or("?")
+            );
+        }
+        (self.0)();
+    }
+}
+
 /// Why a storage operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageError {
     /// The disk (or the database's size limit) is full.
     pub disk_full: bool,
+    /// The database file is damaged (SQLite reports corruption).
+    pub corrupt: bool,
     pub message: String,
 }
 
 impl StorageError {
-    fn from_sqlite(e: &rusqlite::Error) -> Self {
-        let disk_full = matches!(
-            e,
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull
-        );
+    pub fn new(message: impl Into<String>) -> Self {
         StorageError {
-            disk_full,
+            disk_full: false,
+            corrupt: false,
+            message: message.into(),
+        }
+    }
+
+    fn from_sqlite(e: &rusqlite::Error) -> Self {
+        let code = match e {
+            rusqlite::Error::SqliteFailure(f, _) => Some(f.code),
+            _ => None,
+        };
+        StorageError {
+            disk_full: code == Some(rusqlite::ErrorCode::DiskFull),
+            corrupt: matches!(
+                code,
+                Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+            ),
             message: e.to_string(),
         }
     }

@@ -23,12 +23,14 @@ pub struct PageRequest {
 
 /// The answer. `end` is set when the page is short: the store held nothing
 /// more of the topic up to that (global) sequence when it was read.
+/// `error` is set when the read failed (then nothing else is).
 #[derive(Debug)]
 pub struct Page {
     pub sub: u64,
     pub fetch: u64,
     pub messages: Vec<Arc<StoredMessage>>,
     pub end: Option<u64>,
+    pub error: Option<StorageError>,
 }
 
 /// Largest page, in payload bytes (a page stops early past this).
@@ -54,11 +56,11 @@ pub fn spawn(
         let (rx, pages, wake) = (rx.clone(), pages.clone(), wake.clone());
         let t = std::thread::Builder::new()
             .name(format!("sluice-reader-{i}"))
-            .spawn(move || serve(conn, rx, pages, wake))
-            .map_err(|e| StorageError {
-                disk_full: false,
-                message: e.to_string(),
-            })?;
+            .spawn(move || {
+                let _exit = super::WakeOnExit(wake.clone());
+                serve(conn, rx, pages, wake)
+            })
+            .map_err(|e| StorageError::new(e.to_string()))?;
         threads.push(t);
     }
     Ok(BacklogReader {
@@ -69,20 +71,25 @@ pub fn spawn(
 
 fn serve(conn: Connection, rx: Receiver<PageRequest>, pages: Sender<Page>, wake: Wake) {
     while let Ok(req) = rx.recv() {
+        if crate::failpoint::hit("reader-panic") {
+            panic!("failpoint reader-panic");
+        }
         let page = match read_page(&conn, &req) {
             Ok(p) => p,
             Err(e) => {
-                log::error!(
-                    "reader: page of {} from {} failed: {e}",
+                crate::log_limited!(
+                    log::Level::Error,
+                    "reader: page of {} from sequence {} failed: {e}",
                     req.topic,
                     req.from
                 );
-                // An empty, non-final page: the subscriber will ask again.
+                // The subscriber's stream ends with this error: no retry loop.
                 Page {
                     sub: req.sub,
                     fetch: req.fetch,
                     messages: Vec::new(),
                     end: None,
+                    error: Some(StorageError::from_sqlite(&e)),
                 }
             }
         };
@@ -144,5 +151,6 @@ pub fn read_page(conn: &Connection, req: &PageRequest) -> rusqlite::Result<Page>
         fetch: req.fetch,
         messages,
         end,
+        error: None,
     })
 }

@@ -86,6 +86,26 @@ pub fn open_writer(dir: &Path, max_bytes: Option<u64>) -> rusqlite::Result<Conne
     Ok(conn)
 }
 
+/// Refuses a database this process cannot write (read-only files, or a
+/// read-only WAL or shared-memory file): better a clear error at start than
+/// every publish failing later.
+pub fn check_writable(conn: &Connection, dir: &Path) -> Result<(), String> {
+    let readonly = conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(true);
+    let probe = if readonly {
+        Err("the database was opened read-only".to_string())
+    } else {
+        conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+            .map_err(|e| e.to_string())
+    };
+    probe.map_err(|e| {
+        format!(
+            "the database in {} is not writable ({e}): check the permissions and owner of {DB_FILE}, \
+             {DB_FILE}-wal and {DB_FILE}-shm for the user sluice runs as",
+            dir.display()
+        )
+    })
+}
+
 /// Opens the checkpointer's connection (the schema must exist).
 pub fn open_checkpointer(dir: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(dir.join(DB_FILE), OpenFlags::SQLITE_OPEN_READ_WRITE)?;

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use super::high_water::HighWaterMark;
 use super::retention::{self, RetentionPolicy};
 use super::{encode_attributes, StorageError, Wake};
 use crate::broker::{MessageId, StoredMessage};
@@ -153,10 +154,17 @@ pub enum WriteOutcome {
     },
     GroupDeleted {
         token: u64,
+        topic: Arc<str>,
+        group: Arc<str>,
         result: Result<bool, StorageError>,
     },
-    /// A request that carried a token failed with its batch.
-    Failed { token: u64, error: StorageError },
+    /// A cursor write that carried a token (ResetCursor) failed with its batch.
+    CursorFailed {
+        token: u64,
+        topic: Arc<str>,
+        group: Arc<str>,
+        error: StorageError,
+    },
     /// Retention removed a topic's oldest messages; `first` is the oldest
     /// left (sequence, ordinal, timestamp).
     Trimmed {
@@ -172,6 +180,9 @@ pub struct GroupCommitConfig {
     pub max_messages: usize,
     pub max_bytes: usize,
     pub retention: RetentionPolicy,
+    /// `--max-db-bytes`: appends are refused once the database and its WAL
+    /// together would pass this.
+    pub max_store_bytes: Option<u64>,
 }
 
 impl Default for GroupCommitConfig {
@@ -180,6 +191,7 @@ impl Default for GroupCommitConfig {
             max_messages: 10_000,
             max_bytes: 16 << 20,
             retention: RetentionPolicy::default(),
+            max_store_bytes: None,
         }
     }
 }
@@ -196,6 +208,28 @@ fn poll_briefly(rx: &Receiver<WriteRequest>) -> Result<Option<WriteRequest>, ()>
             Err(TryRecvError::Empty) => std::thread::yield_now(),
         }
     }
+}
+
+/// How soon writes a failed batch carried over are tried again when nothing
+/// else arrives.
+const CARRY_RETRY: Duration = Duration::from_secs(1);
+
+/// Sends a batch's outcomes, waking the reactor before blocking on a full
+/// channel. False once the reactor has gone (its receiver dropped).
+fn send_outcomes(outcomes: &Sender<WriteOutcome>, out: Vec<WriteOutcome>, wake: &Wake) -> bool {
+    for outcome in out {
+        let outcome = match outcomes.try_send(outcome) {
+            Ok(()) => continue,
+            Err(crossbeam_channel::TrySendError::Full(o)) => o,
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => return false,
+        };
+        wake();
+        if outcomes.send(outcome).is_err() {
+            return false;
+        }
+    }
+    wake();
+    true
 }
 
 /// The writer checkpoints by itself when it has nothing queued and this many
@@ -220,6 +254,15 @@ struct GroupCommit {
     conn: Connection,
     config: GroupCommitConfig,
     next_seq: u64,
+    /// Sequences below this are never handed out again (the high-water
+    /// mark's ceiling at start-up, + 1).
+    min_next_seq: u64,
+    /// The highest sequence known committed.
+    last_committed: u64,
+    hwm: HighWaterMark,
+    /// Requests without a caller (topic creations, acked cursors) whose batch
+    /// failed: retried first in the next batch, one per topic or group.
+    carry: Vec<WriteRequest>,
     last_ts: i64,
     topics: HashMap<Arc<str>, TopicRow>,
     /// Ids of deleted topics whose messages are still being purged.
@@ -273,12 +316,17 @@ pub fn spawn(
     wake: Wake,
     telemetry: Arc<Telemetry>,
     wal_wrap: Arc<std::sync::atomic::AtomicBool>,
+    hwm: HighWaterMark,
 ) -> Result<Writer, StorageError> {
     let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
     let mut gc = GroupCommit {
         conn,
         config,
         next_seq: 1,
+        min_next_seq: hwm.ceiling() + 1,
+        last_committed: 0,
+        hwm,
+        carry: Vec::new(),
         last_ts: 0,
         topics: HashMap::new(),
         doomed: VecDeque::new(),
@@ -290,13 +338,15 @@ pub fn spawn(
         unchecked: WalDebt::default(),
     };
     gc.reload().map_err(|e| StorageError::from_sqlite(&e))?;
+    gc.last_committed = super::schema::last_sequence(&gc.conn)
+        .map_err(|e| StorageError::from_sqlite(&e))?;
     let thread = std::thread::Builder::new()
         .name("sluice-writer".into())
-        .spawn(move || gc.run(rx, outcomes, wake))
-        .map_err(|e| StorageError {
-            disk_full: false,
-            message: e.to_string(),
-        })?;
+        .spawn(move || {
+            let _exit = super::WakeOnExit(wake.clone());
+            gc.run(rx, outcomes, wake)
+        })
+        .map_err(|e| StorageError::new(e.to_string()))?;
     Ok(Writer {
         requests: tx,
         thread,
@@ -306,7 +356,7 @@ pub fn spawn(
 impl GroupCommit {
     /// (Re)reads counters and topic rows from the database.
     fn reload(&mut self) -> rusqlite::Result<()> {
-        self.next_seq = super::schema::last_sequence(&self.conn)? + 1;
+        self.next_seq = (super::schema::last_sequence(&self.conn)? + 1).max(self.min_next_seq);
         self.topics.clear();
         let track_bytes = self.config.retention.max_bytes.is_some();
         let mut stmt = self.conn.prepare(super::schema::TOPIC_ROWS)?;
@@ -354,44 +404,71 @@ impl GroupCommit {
     fn run(mut self, rx: Receiver<WriteRequest>, outcomes: Sender<WriteOutcome>, wake: Wake) {
         let mut batch = Vec::new();
         let mut spin_next = false;
-        loop {
+        // Set once the reactor is gone (shutdown): queued requests are still
+        // committed, their outcomes dropped.
+        let mut orphaned = false;
+        let mut closed = false;
+        while !closed {
             let spun = if spin_next {
                 match poll_briefly(&rx) {
-                    Err(()) => break,
+                    Err(()) => {
+                        closed = true;
+                        None
+                    }
                     Ok(r) => r,
                 }
             } else {
                 None
             };
             // Block for work only when there is no housekeeping to do.
-            let first = if spun.is_some() {
+            let first = if spun.is_some() || closed {
                 spun
             } else if !self.doomed.is_empty() {
                 match rx.try_recv() {
                     Ok(r) => Some(r),
                     Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        closed = true;
+                        None
+                    }
                 }
-            } else if self.config.retention.is_enabled() {
-                let wait = self
-                    .next_retention
-                    .saturating_duration_since(Instant::now());
+            } else if self.config.retention.is_enabled() || !self.carry.is_empty() {
+                let mut wait = if self.config.retention.is_enabled() {
+                    self.next_retention
+                        .saturating_duration_since(Instant::now())
+                } else {
+                    CARRY_RETRY
+                };
+                if !self.carry.is_empty() {
+                    wait = wait.min(CARRY_RETRY);
+                }
                 match rx.recv_timeout(wait) {
                     Ok(r) => Some(r),
                     Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closed = true;
+                        None
+                    }
                 }
             } else {
                 match rx.recv() {
                     Ok(r) => Some(r),
-                    Err(_) => break,
+                    Err(_) => {
+                        closed = true;
+                        None
+                    }
                 }
             };
             let mut out = Vec::new();
             spin_next = false;
+            // Writes a failed batch left behind go first, in their order.
+            batch.append(&mut self.carry);
             if let Some(first) = first {
-                let (mut count, mut bytes) = (first.message_count(), first.payload_bytes());
                 batch.push(first);
+            }
+            if !batch.is_empty() {
+                let mut count: usize = batch.iter().map(WriteRequest::message_count).sum();
+                let mut bytes: usize = batch.iter().map(WriteRequest::payload_bytes).sum();
                 while count < self.config.max_messages && bytes < self.config.max_bytes {
                     match rx.try_recv() {
                         Ok(req) => {
@@ -414,26 +491,27 @@ impl GroupCommit {
             }
             self.housekeeping(&mut out);
             if !out.is_empty() {
-                for outcome in out {
-                    // Wake the reactor before blocking on a full channel.
-                    let outcome = match outcomes.try_send(outcome) {
-                        Ok(()) => continue,
-                        Err(crossbeam_channel::TrySendError::Full(o)) => o,
-                        Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
-                    };
-                    wake();
-                    if outcomes.send(outcome).is_err() {
-                        return;
-                    }
+                if !orphaned {
+                    orphaned = !send_outcomes(&outcomes, out, &wake);
                 }
-                wake();
                 self.wrap_wal();
                 if rx.is_empty() {
                     self.checkpoint_when_idle();
                 }
             }
         }
-        log::debug!("writer: request channel closed, exiting");
+        if !self.carry.is_empty() {
+            log::error!(
+                "writer: {} topic creations or cursor writes could not be committed before exit",
+                self.carry.len()
+            );
+        }
+        // A clean stop: nothing above the last committed sequence was given out.
+        let ceiling = self.last_committed.max(self.min_next_seq - 1);
+        if let Err(e) = self.hwm.close(ceiling, self.last_committed) {
+            log::warn!("writer: cannot record the high-water mark at exit: {e}");
+        }
+        log::debug!("writer: request channel closed and drained, exiting");
     }
 
     /// Once the WAL has grown (the checkpointer says so) and this batch's
@@ -572,60 +650,176 @@ impl GroupCommit {
         Ok(done)
     }
 
-    /// Applies a batch in one transaction; on failure every call in it fails
-    /// and in-memory counters are re-read from the database.
+    /// Applies a batch in one transaction; on failure every call in it fails,
+    /// writes without a caller are carried to the next batch, and in-memory
+    /// counters are re-read from the database.
     fn commit(&mut self, batch: &mut Vec<WriteRequest>) -> Vec<WriteOutcome> {
+        if crate::failpoint::hit("writer-panic") {
+            panic!("failpoint writer-panic");
+        }
         let started = Instant::now();
         let ts = wall_ms().max(self.last_ts);
         let mut outcomes = Vec::with_capacity(batch.len());
-        let result = self.apply(batch, ts, &mut outcomes);
+        let messages: u64 = batch
+            .iter()
+            .map(|r| match r {
+                WriteRequest::Append { messages, .. } => messages.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        let payload: u64 = batch
+            .iter()
+            .map(|r| match r {
+                WriteRequest::Append { messages, .. } => {
+                    messages.iter().map(|m| m.payload.len() as u64).sum()
+                }
+                _ => 0,
+            })
+            .sum();
+        // Within the size cap, then sequences reserved durably before any is used.
+        let reserved = self.check_cap(payload).and_then(|()| {
+            self.hwm
+                .reserve(self.next_seq - 1 + messages, self.last_committed)
+                .map_err(|e| StorageError {
+                    disk_full: e.raw_os_error() == Some(28), // ENOSPC
+                    ..StorageError::new(format!(
+                        "cannot reserve sequences in the high-water mark: {e}"
+                    ))
+                })
+        });
+        let result = reserved.and_then(|()| {
+            self.apply(batch, ts, &mut outcomes).map_err(|e| {
+                let mut err = StorageError::from_sqlite(&e);
+                if err.disk_full {
+                    if let Some(cap) = self.config.max_store_bytes {
+                        err.message = format!(
+                            "the --max-db-bytes cap of {cap} bytes is reached, or the disk is full ({})",
+                            err.message
+                        );
+                    }
+                }
+                err
+            })
+        });
         let elapsed = started.elapsed();
         match result {
             Ok(messages) => {
                 self.last_ts = ts;
-
+                self.last_committed = self.next_seq - 1;
                 if messages > 0 {
                     self.telemetry.metrics().committed(messages, elapsed);
                 }
                 batch.clear();
                 outcomes
             }
-            Err(e) => {
-                let err = StorageError::from_sqlite(&e);
-                log::error!("writer: commit of {} requests failed: {e}", batch.len());
+            Err(err) => {
+                crate::log_limited!(
+                    log::Level::Error,
+                    "writer: commit of {} requests failed: {}",
+                    batch.len(),
+                    err.message
+                );
                 if let Err(e) = self.reload() {
                     log::error!("writer: re-reading state after a failed commit failed: {e}");
                 }
-                batch
-                    .drain(..)
-                    .filter_map(|req| match req {
-                        WriteRequest::Append { token, .. } => Some(WriteOutcome::Appended {
+                let mut failed = Vec::new();
+                for req in batch.drain(..) {
+                    match req {
+                        WriteRequest::Append { token, .. } => failed.push(WriteOutcome::Appended {
                             token,
                             result: Err(err.clone()),
                         }),
                         WriteRequest::DeleteTopic { token, topic } => {
-                            Some(WriteOutcome::TopicDeleted {
+                            failed.push(WriteOutcome::TopicDeleted {
                                 token,
                                 topic,
                                 result: Err(err.clone()),
                             })
                         }
-                        WriteRequest::DeleteGroup { token, .. } => {
-                            Some(WriteOutcome::GroupDeleted {
-                                token,
-                                result: Err(err.clone()),
-                            })
-                        }
-                        WriteRequest::SetCursor {
-                            token: Some(token), ..
-                        } => Some(WriteOutcome::Failed {
+                        WriteRequest::DeleteGroup {
                             token,
+                            topic,
+                            group,
+                        } => failed.push(WriteOutcome::GroupDeleted {
+                            token,
+                            topic,
+                            group,
+                            result: Err(err.clone()),
+                        }),
+                        WriteRequest::SetCursor {
+                            token: Some(token),
+                            topic,
+                            group,
+                            ..
+                        } => failed.push(WriteOutcome::CursorFailed {
+                            token,
+                            topic,
+                            group,
                             error: err.clone(),
                         }),
-                        _ => None,
-                    })
-                    .collect()
+                        carried => self.carry_over(carried),
+                    }
+                }
+                failed
             }
+        }
+    }
+
+    /// Refuses `payload` more bytes of appends when the database and its WAL
+    /// would pass `--max-db-bytes` (deletes and cursor writes still pass, so
+    /// an operator can make room).
+    fn check_cap(&self, payload: u64) -> Result<(), StorageError> {
+        let (Some(cap), true) = (self.config.max_store_bytes, payload > 0) else {
+            return Ok(());
+        };
+        let Some(db) = self.conn.path().map(std::path::PathBuf::from) else {
+            return Ok(());
+        };
+        let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let mut wal = db.clone().into_os_string();
+        wal.push("-wal");
+        let used = size(&db) + size(std::path::Path::new(&wal));
+        if used + payload > cap {
+            return Err(StorageError {
+                disk_full: true,
+                corrupt: false,
+                message: format!(
+                    "the --max-db-bytes cap of {cap} bytes is reached (database and WAL hold {used} bytes); \
+                     delete topics or set retention to make room"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Keeps a caller-less write of a failed batch for the next one: the
+    /// latest cursor per group, one creation per topic.
+    fn carry_over(&mut self, req: WriteRequest) {
+        let same = |old: &WriteRequest| match (old, &req) {
+            (
+                WriteRequest::SetCursor {
+                    topic: t1,
+                    group: g1,
+                    ..
+                },
+                WriteRequest::SetCursor {
+                    topic: t2,
+                    group: g2,
+                    ..
+                },
+            ) => t1 == t2 && g1 == g2,
+            (
+                WriteRequest::CreateTopic { topic: t1, .. },
+                WriteRequest::CreateTopic { topic: t2, .. },
+            ) => t1 == t2,
+            _ => false,
+        };
+        if let Some(i) = self.carry.iter().position(same) {
+            if matches!(req, WriteRequest::SetCursor { .. }) {
+                self.carry[i] = req;
+            }
+        } else {
+            self.carry.push(req);
         }
     }
 
@@ -808,6 +1002,8 @@ impl GroupCommit {
                     };
                     out.push(WriteOutcome::GroupDeleted {
                         token: *token,
+                        topic: topic.clone(),
+                        group: group.clone(),
                         result: Ok(existed),
                     });
                 }
