@@ -19,6 +19,11 @@ fn init_logging(level: Option<&str>) {
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1).peekable();
     if let Some(cmd) = args.peek().and_then(|a| a.to_str()).map(str::to_string) {
+        if sluice::cli::data_dir::COMMANDS.contains(&cmd.as_str()) {
+            args.next();
+            let code = sluice::cli::data_dir::run(&cmd, args.collect());
+            return ExitCode::from(code as u8);
+        }
         if sluice::cli::COMMANDS.contains(&cmd.as_str()) {
             args.next();
             let code = sluice::cli::run(&cmd, args.collect());
@@ -35,6 +40,7 @@ fn main() -> ExitCode {
         Ok(Command::Help) => {
             print!("{USAGE}");
             print!("\n{}", sluice::cli::USAGE);
+            print!("\n{}", sluice::cli::data_dir::USAGE);
             ExitCode::SUCCESS
         }
         Ok(Command::Version) => {

@@ -4,6 +4,7 @@
 //! gRPC status and message and exit 1; usage errors exit 2.
 
 pub mod client;
+pub mod data_dir;
 pub mod format;
 
 use std::ffi::OsString;

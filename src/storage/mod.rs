@@ -11,6 +11,7 @@
 pub mod checkpointer;
 pub mod dir_lock;
 pub mod high_water;
+pub mod maintenance;
 pub mod reader;
 pub mod retention;
 pub mod schema;
