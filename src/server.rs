@@ -176,7 +176,12 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
 /// (a damaged or truncated WAL). New sequences continue after the mark, so
 /// none is reused and no cursor skips a new message.
 fn report_lost_tail(state: &schema::LoadedState, recorded: Recorded) {
-    let cursor_max = state.groups.iter().map(|(_, g)| g.cursor).max().unwrap_or(0);
+    let cursor_max = state
+        .groups
+        .iter()
+        .map(|(_, g)| g.cursor)
+        .max()
+        .unwrap_or(0);
     let committed = recorded.committed.max(cursor_max);
     if committed > state.last_seq {
         log::error!(

@@ -980,7 +980,11 @@ impl Broker {
                 topic: t.view.name.clone(),
                 group: name.clone(),
                 sequence: g.cursor,
-                acked_at_ms: if g.last_ack_ms > 0 { g.last_ack_ms } else { wall_ms },
+                acked_at_ms: if g.last_ack_ms > 0 {
+                    g.last_ack_ms
+                } else {
+                    wall_ms
+                },
             });
         }
     }

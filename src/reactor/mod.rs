@@ -189,7 +189,10 @@ impl Shared {
         }
         while let Some(req) = self.parked.pop_front() {
             if self.writer.send(req).is_err() {
-                log::error!("shutdown: the writer is gone; {} writes not stored", self.parked.len() + 1);
+                log::error!(
+                    "shutdown: the writer is gone; {} writes not stored",
+                    self.parked.len() + 1
+                );
                 return;
             }
         }
@@ -508,7 +511,8 @@ impl Reactor {
                     ordinal,
                 } => {
                     // A ResetCursor (it carries a token) applies now, committed.
-                    let reset = token.map(|_| self.shared.broker.reset_cursor(&topic, &group, sequence));
+                    let reset =
+                        token.map(|_| self.shared.broker.reset_cursor(&topic, &group, sequence));
                     self.shared
                         .broker
                         .set_cursor_ordinal(&topic, &group, sequence, ordinal);
@@ -613,10 +617,7 @@ impl Reactor {
         } else {
             crate::grpc::Code::Internal
         };
-        let status = Status::new(
-            code,
-            format!("cannot read stored messages: {}", e.message),
-        );
+        let status = Status::new(code, format!("cannot read stored messages: {}", e.message));
         self.with_subscription(sub, |call, shared| {
             call.forget(sub, shared);
             call.finish(status);

@@ -140,10 +140,22 @@ mod tests {
         assert_eq!(HighWaterMark::open(tmp.path()).unwrap().1.ceiling, 15);
         hwm_small.reserve(16, 15).unwrap();
         let rec = HighWaterMark::open(tmp.path()).unwrap().1;
-        assert_eq!(rec, Recorded { ceiling: 26, committed: 15 });
+        assert_eq!(
+            rec,
+            Recorded {
+                ceiling: 26,
+                committed: 15
+            }
+        );
         hwm.close(20, 20).unwrap();
         let rec = HighWaterMark::open(tmp.path()).unwrap().1;
-        assert_eq!(rec, Recorded { ceiling: 20, committed: 20 });
+        assert_eq!(
+            rec,
+            Recorded {
+                ceiling: 20,
+                committed: 20
+            }
+        );
     }
 
     #[test]

@@ -53,10 +53,12 @@ pub fn check(dir: &Path) -> Result<CheckReport, String> {
     let conn = open_read_only(dir)?;
     let mut report = CheckReport::default();
     let mut problems = Vec::new();
-    match conn.prepare("PRAGMA integrity_check(100)").and_then(|mut st| {
-        st.query_map([], |r| r.get::<_, String>(0))?
-            .collect::<rusqlite::Result<Vec<String>>>()
-    }) {
+    match conn
+        .prepare("PRAGMA integrity_check(100)")
+        .and_then(|mut st| {
+            st.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()
+        }) {
         Ok(rows) => problems.extend(rows.into_iter().filter(|r| r != "ok")),
         Err(e) => problems.push(format!("integrity check failed: {e}")),
     }
@@ -66,7 +68,9 @@ pub fn check(dir: &Path) -> Result<CheckReport, String> {
         |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
     );
     match counts {
-        Ok((t, m, g)) => (report.topics, report.messages, report.groups) = (t as u64, m as u64, g as u64),
+        Ok((t, m, g)) => {
+            (report.topics, report.messages, report.groups) = (t as u64, m as u64, g as u64)
+        }
         Err(e) => problems.push(format!("cannot count rows: {e}")),
     }
     match schema::last_sequence(&conn) {
@@ -136,7 +140,10 @@ pub struct BackupReport {
 /// is copying it as `sluice.db` into an empty data dir.
 pub fn backup(dir: &Path, to: &Path) -> Result<BackupReport, String> {
     if to.exists() {
-        return Err(format!("{} exists already; refusing to overwrite it", to.display()));
+        return Err(format!(
+            "{} exists already; refusing to overwrite it",
+            to.display()
+        ));
     }
     let started = Instant::now();
     let src = open_read_only(dir)?;
@@ -146,8 +153,14 @@ pub fn backup(dir: &Path, to: &Path) -> Result<BackupReport, String> {
         let b = rusqlite::backup::Backup::new(&src, &mut dst)
             .map_err(|e| format!("cannot start the backup: {e}"))?;
         // All pages in one step: one snapshot, never restarted by commits.
-        b.run_to_completion(-1, Duration::ZERO, None)
-            .map_err(|e| format!("backup failed: {e}"))?;
+        loop {
+            use rusqlite::backup::StepResult;
+            match b.step(-1).map_err(|e| format!("backup failed: {e}"))? {
+                StepResult::Done => break,
+                StepResult::More => {}
+                _ => std::thread::sleep(Duration::from_millis(5)), // busy or locked
+            }
+        }
         b.progress().pagecount as i64
     };
     let ok: String = dst
@@ -161,7 +174,8 @@ pub fn backup(dir: &Path, to: &Path) -> Result<BackupReport, String> {
         .map_err(|e| e.to_string())?;
     drop(dst);
     let file = std::fs::File::open(to).map_err(|e| e.to_string())?;
-    file.sync_all().map_err(|e| format!("cannot fsync {}: {e}", to.display()))?;
+    file.sync_all()
+        .map_err(|e| format!("cannot fsync {}: {e}", to.display()))?;
     let bytes = file.metadata().map_or(0, |m| m.len());
     Ok(BackupReport {
         pages,

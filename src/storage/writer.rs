@@ -338,8 +338,8 @@ pub fn spawn(
         unchecked: WalDebt::default(),
     };
     gc.reload().map_err(|e| StorageError::from_sqlite(&e))?;
-    gc.last_committed = super::schema::last_sequence(&gc.conn)
-        .map_err(|e| StorageError::from_sqlite(&e))?;
+    gc.last_committed =
+        super::schema::last_sequence(&gc.conn).map_err(|e| StorageError::from_sqlite(&e))?;
     let thread = std::thread::Builder::new()
         .name("sluice-writer".into())
         .spawn(move || {
