@@ -32,6 +32,22 @@ fn drop_redelivery_timers(
     }
 }
 
+/// Held while a `Broker` method runs: a panic unwinding out of the core
+/// would leave it half-updated (a subscription without its topic, a timer
+/// without its owner), so the process aborts instead of serving from it;
+/// the service manager restarts it from storage. Panics elsewhere in a
+/// connection are still contained to that connection by the reactor.
+struct AbortOnUnwind;
+
+impl Drop for AbortOnUnwind {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            log::error!("panic inside the broker core: aborting rather than serving from a half-updated state");
+            std::process::abort();
+        }
+    }
+}
+
 /// Unacked first deliveries a subscription remembers the ordinals of.
 const RECENT_CAP: usize = 4096;
 
@@ -268,6 +284,7 @@ impl Broker {
     /// Registers a stored topic. `last_global_seq` is the highest sequence in
     /// storage, so the tail knows everything below it is on disk.
     pub fn load_topic(&mut self, view: TopicView, last_global_seq: u64) {
+        let _core = AbortOnUnwind;
         self.last_seq = self.last_seq.max(last_global_seq).max(view.last_seq);
         let name = view.name.clone();
         self.tail.add_topic(name.clone(), last_global_seq + 1);
@@ -283,6 +300,7 @@ impl Broker {
 
     /// Registers a stored consumer group cursor.
     pub fn load_group(&mut self, topic: &str, group: GroupView) {
+        let _core = AbortOnUnwind;
         if let Some(t) = self.topics.get_mut(topic) {
             t.groups.insert(
                 group.name.clone(),
@@ -292,6 +310,7 @@ impl Broker {
     }
 
     pub fn set_last_sequence(&mut self, seq: u64) {
+        let _core = AbortOnUnwind;
         self.last_seq = self.last_seq.max(seq);
     }
 
@@ -358,6 +377,7 @@ impl Broker {
     }
 
     pub fn pop_action(&mut self) -> Option<Action> {
+        let _core = AbortOnUnwind;
         self.actions.pop_front()
     }
 
@@ -371,6 +391,7 @@ impl Broker {
         created_at_ms: i64,
         messages: &[Arc<StoredMessage>],
     ) {
+        let _core = AbortOnUnwind;
         let name = self.ensure_topic(topic, created_at_ms);
         let Some(t) = self.topics.get_mut(&name) else {
             return;
@@ -433,6 +454,7 @@ impl Broker {
         now_ms: u64,
         wall_ms: i64,
     ) -> Result<(), String> {
+        let _core = AbortOnUnwind;
         validate_topic_name(&request.topic)?;
         if self.subs.contains_key(&sub) {
             return Err("subscription already initialised".into());
@@ -535,6 +557,7 @@ impl Broker {
 
     /// The stream ended (client gone, error, or shutdown).
     pub fn unsubscribe(&mut self, sub: SubId) {
+        let _core = AbortOnUnwind;
         let Some(s) = self.subs.remove(&sub) else {
             return;
         };
@@ -550,6 +573,7 @@ impl Broker {
     }
 
     pub fn grant(&mut self, sub: SubId, credits: u32) {
+        let _core = AbortOnUnwind;
         let Some(s) = self.subs.get_mut(&sub) else {
             return;
         };
@@ -562,6 +586,7 @@ impl Broker {
 
     /// Cumulative ack of one message. Unknown or stale ids are ignored.
     pub fn ack(&mut self, sub: SubId, message_id: &str, wall_ms: i64) {
+        let _core = AbortOnUnwind;
         self.ack_many(sub, std::iter::once(message_id), wall_ms);
     }
 
@@ -572,6 +597,7 @@ impl Broker {
         ids: impl IntoIterator<Item = &'a str>,
         wall_ms: i64,
     ) {
+        let _core = AbortOnUnwind;
         let Some(s) = self.subs.get_mut(&sub) else {
             return;
         };
@@ -629,6 +655,7 @@ impl Broker {
 
     /// The ordinal of the message at a group's cursor, once storage knows it.
     pub fn set_cursor_ordinal(&mut self, topic: &str, group: &str, cursor: u64, ordinal: u64) {
+        let _core = AbortOnUnwind;
         if let Some(g) = self
             .topics
             .get_mut(topic)
@@ -642,6 +669,7 @@ impl Broker {
 
     /// Asks for one message to be sent again, not before `delay_ms`.
     pub fn nack(&mut self, sub: SubId, message_id: &str, delay_ms: u32, now_ms: u64) {
+        let _core = AbortOnUnwind;
         let Some(s) = self.subs.get_mut(&sub) else {
             return;
         };
@@ -681,6 +709,7 @@ impl Broker {
         messages: Vec<Arc<StoredMessage>>,
         end: Option<u64>,
     ) {
+        let _core = AbortOnUnwind;
         let Some(s) = self.subs.get_mut(&sub) else {
             return;
         };
@@ -725,6 +754,7 @@ impl Broker {
     /// Spends one credit; `None` when there is no credit or nothing ready
     /// (a backlog read is requested if needed).
     pub fn next_delivery(&mut self, sub: SubId, now_ms: u64) -> Option<Delivery> {
+        let _core = AbortOnUnwind;
         let s = self.subs.get_mut(&sub)?;
         if s.credit.is_empty() {
             return None;
@@ -834,6 +864,7 @@ impl Broker {
 
     /// Fires every timer due at `now_ms`.
     pub fn tick(&mut self, now_ms: u64) {
+        let _core = AbortOnUnwind;
         while let Some(&(at, timer)) = self.timers.first() {
             if at > now_ms {
                 break;
@@ -887,6 +918,7 @@ impl Broker {
     /// Retention removed a topic's oldest messages; `first` is the oldest
     /// left (sequence, ordinal, timestamp), `None` when none is left.
     pub fn on_trimmed(&mut self, topic: &str, first: Option<(u64, u64, i64)>) {
+        let _core = AbortOnUnwind;
         let Some(t) = self.topics.get_mut(topic) else {
             return;
         };
@@ -930,6 +962,7 @@ impl Broker {
 
     /// Forgets a topic; its subscriptions end with `TopicDeleted`.
     pub fn delete_topic(&mut self, topic: &str) -> bool {
+        let _core = AbortOnUnwind;
         let Some(t) = self.topics.remove(topic) else {
             return false;
         };
@@ -949,6 +982,7 @@ impl Broker {
     /// Holds back a group's cursor writes while an admin operation on it
     /// commits (see [`Broker::unfence_group`]). False if there is no such group.
     pub fn fence_group(&mut self, topic: &str, group: &str) -> bool {
+        let _core = AbortOnUnwind;
         match self
             .topics
             .get_mut(topic)
@@ -965,6 +999,7 @@ impl Broker {
     /// An admin operation on the group failed: its cursor as it is now is
     /// persisted again, so acks held back meanwhile are not lost.
     pub fn unfence_group(&mut self, topic: &str, group: &str, wall_ms: i64) {
+        let _core = AbortOnUnwind;
         let Some(t) = self.topics.get_mut(topic) else {
             return;
         };
@@ -992,6 +1027,7 @@ impl Broker {
     /// A topic's delete failed: every group's cursor is persisted again (their
     /// coalesced writes were dropped when the delete was asked for).
     pub fn repersist_cursors(&mut self, topic: &str) {
+        let _core = AbortOnUnwind;
         let Some(t) = self.topics.get(topic) else {
             return;
         };
@@ -1009,6 +1045,7 @@ impl Broker {
 
     /// Forgets a group; its active consumer ends with `GroupDeleted`.
     pub fn delete_group(&mut self, topic: &str, group: &str) -> bool {
+        let _core = AbortOnUnwind;
         let Some(t) = self.topics.get_mut(topic) else {
             return false;
         };
@@ -1032,6 +1069,7 @@ impl Broker {
     /// is committed, lifting the fence taken for it; an active consumer
     /// continues from the message after it.
     pub fn reset_cursor(&mut self, topic: &str, group: &str, sequence: u64) -> bool {
+        let _core = AbortOnUnwind;
         let Some(t) = self.topics.get_mut(topic) else {
             return false;
         };

@@ -583,3 +583,61 @@ fn a_trim_wakes_a_consumer_waiting_on_a_stale_read() {
         .expect("a new read from the oldest message left");
     assert_eq!(fetch.from, 50);
 }
+
+#[test]
+fn a_panic_inside_the_core_aborts_the_process() {
+    if std::env::var_os("SLUICE_CORE_PANIC_CHILD").is_some() {
+        let _core = super::AbortOnUnwind;
+        panic!("injected panic inside the core");
+    }
+    // Run this test again in a child process, which must die by SIGABRT
+    // rather than unwind to a caller that would keep serving.
+    let exe = std::env::current_exe().expect("test binary");
+    let out = std::process::Command::new(exe)
+        .args([
+            "--exact",
+            "broker::core::tests::a_panic_inside_the_core_aborts_the_process",
+            "--nocapture",
+        ])
+        .env("SLUICE_CORE_PANIC_CHILD", "1")
+        .output()
+        .expect("child");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(6), "{out:?}");
+}
+
+#[test]
+fn admin_operations_hold_back_acks_until_they_commit_or_fail() {
+    let mut b = Broker::new(BrokerConfig::default());
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    publish(&mut b, "t", 1..=3);
+    b.grant(1, 10);
+    drain(&mut b, 1, 0);
+    actions(&mut b);
+    let id = |s| msg("t", s).id.to_string();
+    let persists = |acts: Vec<Action>| -> Vec<u64> {
+        acts.into_iter()
+            .filter_map(|a| match a {
+                Action::PersistCursor { sequence, .. } => Some(sequence),
+                _ => None,
+            })
+            .collect()
+    };
+    // A ResetCursor is in flight: the ack moves memory but is not persisted.
+    assert!(b.fence_group("t", "g"));
+    b.ack(1, &id(1), 5);
+    assert!(persists(actions(&mut b)).is_empty());
+    // The reset failed: the cursor as it is now is persisted again.
+    b.unfence_group("t", "g", 6);
+    assert_eq!(persists(actions(&mut b)), vec![1]);
+    // A delete in flight: acks meanwhile are not persisted, and the group
+    // goes only when the delete commits.
+    assert!(b.fence_group("t", "g"));
+    b.ack(1, &id(2), 7);
+    assert!(persists(actions(&mut b)).is_empty());
+    assert_eq!(b.groups("t").len(), 1, "still there until the commit");
+    assert!(b.delete_group("t", "g"));
+    assert!(b.groups("t").is_empty());
+    assert!(!b.fence_group("t", "missing"));
+}
