@@ -2,6 +2,7 @@
 #   make run      build (release) and start the daemon with defaults
 #   make test     format check, clippy (warnings are errors), all tests
 #   make bench    benchmarks; results go to the terminal (record them in bench/RESULTS.md)
+#   make sim SEEDS=N / make fuzz CASES=N / make crash-loop ROUNDS=N   longer proof runs
 
 CARGO  ?= cargo
 PREFIX ?= /usr/local
@@ -11,7 +12,11 @@ UNITDIR ?= $(DESTDIR)/etc/systemd/system
 TARGET ?= $(shell rustc -vV | sed -n 's/^host: //p')
 ARGS   ?=
 
-.PHONY: all build run test lint bench release install install-files clean
+.PHONY: all build run test lint bench release install install-files clean sim fuzz crash-loop
+
+SEEDS  ?= 2000
+CASES  ?= 100000
+ROUNDS ?= 100
 
 all: build
 
@@ -27,6 +32,16 @@ lint:
 
 test: lint
 	$(CARGO) test --locked
+
+# Longer runs of what `make test` runs in bounded form.
+sim:
+	SLUICE_SIM_SEEDS=$(SEEDS) $(CARGO) test --locked --lib broker::core::sim -- --nocapture
+
+fuzz:
+	SLUICE_FUZZ_CASES=$(CASES) $(CARGO) test --locked --lib fuzz -- --nocapture
+
+crash-loop:
+	SLUICE_CRASH_ROUNDS=$(ROUNDS) $(CARGO) test --locked --test crash_loop -- --nocapture
 
 bench: release
 	SLUICE_BIN=$(CURDIR)/target/$(TARGET)/release/sluice $(CARGO) bench --locked
