@@ -85,11 +85,11 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
             max_bytes: cfg.retention_max_bytes,
         },
         max_store_bytes: cfg.max_db_bytes,
+        queue: cfg.writer_queue,
     };
     let writer = writer::spawn(
         conn,
         group_commit,
-        cfg.writer_queue,
         outcome_tx,
         wake.clone(),
         telemetry.clone(),

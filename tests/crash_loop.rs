@@ -183,7 +183,7 @@ async fn crash_loop_keeps_every_acknowledged_message_once() {
         server.spawn(0);
         let mut c = server.client().await;
         let stored = read_from(&mut c, verified_to + 1).await;
-        let s = seen.lock().unwrap();
+        let s = std::mem::take(&mut *seen.lock().unwrap());
 
         // Sequences only grow, each message is stored once and is one that
         // was sent in this round.

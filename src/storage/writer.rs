@@ -183,6 +183,8 @@ pub struct GroupCommitConfig {
     /// `--max-db-bytes`: appends are refused once the database and its WAL
     /// together would pass this.
     pub max_store_bytes: Option<u64>,
+    /// Requests queued before the reactor must park them.
+    pub queue: usize,
 }
 
 impl Default for GroupCommitConfig {
@@ -192,6 +194,7 @@ impl Default for GroupCommitConfig {
             max_bytes: 16 << 20,
             retention: RetentionPolicy::default(),
             max_store_bytes: None,
+            queue: 4096,
         }
     }
 }
@@ -305,20 +308,19 @@ fn wall_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// Starts the writer on `conn`. Requests queue in a channel of `capacity`;
+/// Starts the writer on `conn`. Requests queue in a channel of `config.queue`;
 /// outcomes go to `outcomes`, each batch followed by `wake()`. The thread
 /// ends once every request sender is dropped and the queue is drained.
 pub fn spawn(
     conn: Connection,
     config: GroupCommitConfig,
-    capacity: usize,
     outcomes: Sender<WriteOutcome>,
     wake: Wake,
     telemetry: Arc<Telemetry>,
     wal_wrap: Arc<std::sync::atomic::AtomicBool>,
     hwm: HighWaterMark,
 ) -> Result<Writer, StorageError> {
-    let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
+    let (tx, rx) = crossbeam_channel::bounded(config.queue.max(1));
     let mut gc = GroupCommit {
         conn,
         config,
