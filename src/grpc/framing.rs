@@ -90,7 +90,10 @@ impl MessageDecoder {
 fn gunzip(body: &[u8], limit: usize) -> Result<Bytes, FrameError> {
     use std::io::Read;
     let mut out = Vec::new();
-    let mut reader = flate2::read::GzDecoder::new(body).take(limit as u64 + 1);
+    // One byte past the limit tells "too large" from "exactly the limit";
+    // saturating, as the limit is configurable up to usize::MAX.
+    let cap = (limit as u64).saturating_add(1);
+    let mut reader = flate2::read::GzDecoder::new(body).take(cap);
     reader
         .read_to_end(&mut out)
         .map_err(|e| FrameError::BadCompression(e.to_string()))?;
@@ -228,6 +231,28 @@ mod tests {
             bad.next_message(),
             Err(FrameError::BadCompression(_))
         ));
+    }
+
+    /// Found by fuzzing: `limit as u64 + 1` overflowed for a limit of
+    /// usize::MAX (`--max-message-bytes 18446744073709551615`): a panic in
+    /// debug builds, and in release a cap of 0 that read every gzip message
+    /// as empty.
+    #[test]
+    fn gzip_with_the_largest_limit_neither_overflows_nor_truncates() {
+        let m = crate::proto::PublishRequest {
+            topic: "t".into(),
+            payload: vec![b'a'; 1000].into(),
+            attributes: Default::default(),
+        };
+        let framed = encode_message_with(&m, true);
+        assert_eq!(framed[0], 1);
+        let mut d = MessageDecoder::new(usize::MAX).with_gzip(true);
+        d.push(&framed);
+        let body = d.next_message().unwrap().unwrap();
+        assert_eq!(
+            <crate::proto::PublishRequest as prost::Message>::decode(body).unwrap(),
+            m
+        );
     }
 
     #[test]
