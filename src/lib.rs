@@ -8,6 +8,8 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+#[cfg(test)]
+mod fuzz_support;
 pub mod grpc;
 pub mod notify;
 pub mod proto;
