@@ -172,7 +172,9 @@ fn header_text<B>(req: &Request<B>, name: &str) -> Option<String> {
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).
 pub fn parse_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 {
+    // ASCII only, so the unit is the last byte and splitting there cannot
+    // fall inside a character.
+    if v.len() < 2 || v.len() > 9 || !v.is_ascii() {
         return None;
     }
     let (digits, unit) = v.split_at(v.len() - 1);
@@ -320,6 +322,16 @@ mod tests {
         assert_eq!(parse_timeout("123456789S"), None);
         assert_eq!(parse_timeout("5x"), None);
         assert_eq!(parse_timeout("S"), None);
+    }
+
+    /// Found by fuzzing: a multi-byte last character made `split_at` panic
+    /// off a char boundary. (Header values reach it only as visible ASCII,
+    /// but the function takes any `&str`.)
+    #[test]
+    fn refuses_non_ascii_timeouts_without_panicking() {
+        assert_eq!(parse_timeout("\u{1e800}"), None);
+        assert_eq!(parse_timeout("1é"), None);
+        assert_eq!(parse_timeout("5\u{1d40d}"), None);
     }
 
     #[test]
