@@ -48,6 +48,12 @@ impl MessageId {
     /// `topic`; returns the sequence it carries.
     pub fn sequence_in(text: &str, topic: &str) -> Option<u64> {
         let uuid = uuid::Uuid::try_parse(text).ok()?;
+        // `try_parse` also reads uppercase, simple, braced and URN spellings;
+        // an id is only ever the lowercase hyphenated text it was issued as.
+        let mut canonical = uuid::Uuid::encode_buffer();
+        if uuid.hyphenated().encode_lower(&mut canonical) != text {
+            return None;
+        }
         let v = uuid.as_u128();
         if (v >> 76) & 0xF != 7 || (v >> 62) & 0b11 != 0b10 {
             return None;
@@ -120,5 +126,30 @@ mod tests {
         );
         let v4 = "9b2f0c4e-8d1a-4f7b-9c3e-2a5d6e7f8a9b";
         assert_eq!(MessageId::sequence_in(v4, "t"), None);
+    }
+
+    /// Found by fuzzing: other spellings of an issued id (here the simple
+    /// form of the id of sequence 0 at time 0 in topic "0") were accepted as
+    /// that id, although only the canonical text is ever issued.
+    #[test]
+    fn rejects_other_spellings_of_an_issued_id() {
+        let id = MessageId::new(0, 0, "0").to_string();
+        assert_eq!(id, "00000000-0000-7000-8000-000000014090");
+        assert_eq!(MessageId::sequence_in(&id, "0"), Some(0));
+        assert_eq!(
+            MessageId::sequence_in("00000000000070008000000000014090", "0"),
+            None
+        );
+        let id = MessageId::new(1_700_000_000_123, 42, "t").to_string();
+        assert_eq!(MessageId::sequence_in(&id, "t"), Some(42));
+        for other in [
+            id.replace('-', ""),
+            id.to_uppercase(),
+            format!("{{{id}}}"),
+            format!("urn:uuid:{id}"),
+        ] {
+            assert_ne!(other, id);
+            assert_eq!(MessageId::sequence_in(&other, "t"), None, "{other}");
+        }
     }
 }
