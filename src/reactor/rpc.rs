@@ -35,6 +35,71 @@ fn decode<M: Message + Default>(body: Bytes) -> Result<M, Status> {
     })
 }
 
+/// The checks on a decoded request that need no broker state.
+pub trait Validate {
+    fn validate(&self) -> Result<(), Status>;
+}
+
+fn valid_topic(name: &str) -> Result<(), Status> {
+    validate_topic_name(name).map_err(Status::invalid_argument)
+}
+
+impl Validate for proto::PublishRequest {
+    fn validate(&self) -> Result<(), Status> {
+        valid_topic(&self.topic)
+    }
+}
+
+impl Validate for proto::BatchPublishRequest {
+    fn validate(&self) -> Result<(), Status> {
+        valid_topic(&self.topic)?;
+        if self.messages.is_empty() {
+            return Err(Status::invalid_argument(
+                "BatchPublish needs at least one message",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Validate for proto::ListTopicsRequest {
+    fn validate(&self) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+impl Validate for proto::GetTopicStatsRequest {
+    fn validate(&self) -> Result<(), Status> {
+        self.topics.iter().try_for_each(|t| valid_topic(t))
+    }
+}
+
+impl Validate for proto::DeleteTopicRequest {
+    fn validate(&self) -> Result<(), Status> {
+        valid_topic(&self.topic)
+    }
+}
+
+impl Validate for proto::DeleteConsumerGroupRequest {
+    fn validate(&self) -> Result<(), Status> {
+        valid_topic(&self.topic)
+    }
+}
+
+impl Validate for proto::ResetCursorRequest {
+    fn validate(&self) -> Result<(), Status> {
+        valid_topic(&self.topic)
+    }
+}
+
+/// Decodes a request message and runs its checks: a valid request, or the
+/// status to refuse it with.
+pub fn decode_valid<M: Message + Default + Validate>(body: Bytes) -> Result<M, Status> {
+    let m: M = decode(body)?;
+    m.validate()?;
+    Ok(m)
+}
+
 /// A publish in flight: what its reply must report to telemetry.
 pub struct PublishMeta {
     pub topic: Arc<str>,
@@ -111,8 +176,7 @@ fn dispatch(
 ) -> Result<Handled, Status> {
     match method {
         Method::Publish => {
-            let req: proto::PublishRequest = decode(body)?;
-            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
+            let req: proto::PublishRequest = decode_valid(body)?;
             let mut messages = vec![NewMessage {
                 payload: req.payload,
                 attributes: req.attributes,
@@ -127,13 +191,7 @@ fn dispatch(
             Ok(Handled::Submitted)
         }
         Method::BatchPublish => {
-            let req: proto::BatchPublishRequest = decode(body)?;
-            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
-            if req.messages.is_empty() {
-                return Err(Status::invalid_argument(
-                    "BatchPublish needs at least one message",
-                ));
-            }
+            let req: proto::BatchPublishRequest = decode_valid(body)?;
             let mut messages: Vec<NewMessage> = req
                 .messages
                 .into_iter()
@@ -152,7 +210,7 @@ fn dispatch(
             Ok(Handled::Submitted)
         }
         Method::ListTopics => {
-            let _: proto::ListTopicsRequest = decode(body)?;
+            let _: proto::ListTopicsRequest = decode_valid(body)?;
             let topics = shared
                 .broker
                 .topics()
@@ -166,12 +224,11 @@ fn dispatch(
             ))))
         }
         Method::GetTopicStats => {
-            let req: proto::GetTopicStatsRequest = decode(body)?;
+            let req: proto::GetTopicStatsRequest = decode_valid(body)?;
             Ok(Handled::Reply(topic_stats(&shared.broker, &req.topics)))
         }
         Method::DeleteTopic => {
-            let req: proto::DeleteTopicRequest = decode(body)?;
-            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
+            let req: proto::DeleteTopicRequest = decode_valid(body)?;
             if shared.broker.topic(&req.topic).is_none() {
                 return Ok(Handled::Reply(Ok(delete_topic_reply(false))));
             }
@@ -184,8 +241,7 @@ fn dispatch(
             Ok(Handled::Submitted)
         }
         Method::DeleteConsumerGroup => {
-            let req: proto::DeleteConsumerGroupRequest = decode(body)?;
-            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
+            let req: proto::DeleteConsumerGroupRequest = decode_valid(body)?;
             let group = group_name(req.consumer_group);
             if !shared.broker.delete_group(&req.topic, &group) {
                 return Ok(Handled::Reply(Ok(delete_group_reply(false))));
@@ -200,8 +256,7 @@ fn dispatch(
             Ok(Handled::Submitted)
         }
         Method::ResetCursor => {
-            let req: proto::ResetCursorRequest = decode(body)?;
-            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
+            let req: proto::ResetCursorRequest = decode_valid(body)?;
             let group = group_name(req.consumer_group);
             if !shared.broker.reset_cursor(&req.topic, &group, req.sequence) {
                 return Ok(Handled::Reply(Ok(reset_reply(false))));
@@ -238,14 +293,13 @@ fn group_name(g: String) -> String {
     }
 }
 
-/// Stats for the named topics (all when none are named).
+/// Stats for the named topics (all when none are named; names validated).
 fn topic_stats(broker: &Broker, names: &[String]) -> Result<Bytes, Status> {
     let mut views = Vec::new();
     if names.is_empty() {
         views.extend(broker.topics().cloned());
     } else {
         for name in names {
-            validate_topic_name(name).map_err(Status::invalid_argument)?;
             let view = broker
                 .topic(name)
                 .ok_or_else(|| Status::new(Code::NotFound, format!("topic {name:?} not found")))?;

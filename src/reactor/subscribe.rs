@@ -52,6 +52,49 @@ fn encode_delivery(d: Delivery, gzip: bool) -> Bytes {
     )
 }
 
+/// What a `SubscriptionInit` asks the broker for, checked (topic name,
+/// initial position, mode), with the group's metrics label; or the status
+/// that refuses it.
+pub fn subscription_request(
+    init: proto::SubscriptionInit,
+) -> Result<(SubscribeRequest, Arc<str>), Status> {
+    crate::broker::validate_topic_name(&init.topic).map_err(Status::invalid_argument)?;
+    let start = match proto::InitialPosition::try_from(init.initial_position) {
+        Ok(proto::InitialPosition::Latest) => Start::Latest,
+        Ok(proto::InitialPosition::Earliest) => Start::Earliest,
+        Ok(proto::InitialPosition::Offset) => Start::Offset(init.offset),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown initial_position {}",
+                init.initial_position
+            )))
+        }
+    };
+    let group = match proto::SubscriptionMode::try_from(init.mode) {
+        Ok(proto::SubscriptionMode::ConsumerGroup) => Some(init.consumer_group),
+        Ok(proto::SubscriptionMode::Browse) => None,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown mode {}",
+                init.mode
+            )))
+        }
+    };
+    let label: Arc<str> = match &group {
+        Some(g) if g.is_empty() => "default".into(),
+        Some(g) => g.as_str().into(),
+        None => "_browse".into(),
+    };
+    Ok((
+        SubscribeRequest {
+            topic: init.topic,
+            group,
+            start,
+        },
+        label,
+    ))
+}
+
 impl SubscribeCall {
     pub fn new(
         recv: RecvStream,
@@ -240,53 +283,17 @@ impl SubscribeCall {
                     "the first message must be SubscriptionInit",
                 ));
             };
-            let start = match proto::InitialPosition::try_from(init.initial_position) {
-                Ok(proto::InitialPosition::Latest) => Start::Latest,
-                Ok(proto::InitialPosition::Earliest) => Start::Earliest,
-                Ok(proto::InitialPosition::Offset) => Start::Offset(init.offset),
-                Err(_) => {
-                    return Err(Status::invalid_argument(format!(
-                        "unknown initial_position {}",
-                        init.initial_position
-                    )))
-                }
-            };
-            let group = match proto::SubscriptionMode::try_from(init.mode) {
-                Ok(proto::SubscriptionMode::ConsumerGroup) => Some(init.consumer_group),
-                Ok(proto::SubscriptionMode::Browse) => None,
-                Err(_) => {
-                    return Err(Status::invalid_argument(format!(
-                        "unknown mode {}",
-                        init.mode
-                    )))
-                }
-            };
+            let consumer = init.consumer_id.clone();
+            let (request, label) = subscription_request(init)?;
+            let topic: Arc<str> = request.topic.as_str().into();
             let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
-            let label: Arc<str> = match &group {
-                Some(g) if g.is_empty() => "default".into(),
-                Some(g) => g.as_str().into(),
-                None => "_browse".into(),
-            };
             shared
                 .broker
-                .subscribe(
-                    uid,
-                    SubscribeRequest {
-                        topic: init.topic.clone(),
-                        group,
-                        start,
-                    },
-                    now,
-                    wall,
-                )
+                .subscribe(uid, request, now, wall)
                 .map_err(Status::invalid_argument)?;
             self.initialised = true;
-            self.labels = Some((init.topic.as_str().into(), label));
-            log::debug!(
-                "sub {uid}: subscribed to {} (consumer {:?})",
-                init.topic,
-                init.consumer_id
-            );
+            log::debug!("sub {uid}: subscribed to {topic} (consumer {consumer:?})");
+            self.labels = Some((topic, label));
             return Ok(());
         }
         let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
