@@ -9,6 +9,8 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod failpoint;
+#[cfg(test)]
+mod fuzz_support;
 pub mod grpc;
 pub mod log_limit;
 pub mod notify;

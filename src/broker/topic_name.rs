@@ -37,3 +37,42 @@ mod tests {
         }
     }
 }
+
+/// Property-based fuzzing of the topic-name rule (`cargo test --lib fuzz`):
+/// arbitrary strings are accepted exactly when they are 1 to 255 characters
+/// of `[A-Za-z0-9._-]`, and every refusal names the rule without panicking on
+/// long or multi-byte input.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz_support::config;
+
+    proptest! {
+        #![proptest_config(config(1024, 1))]
+
+        #[test]
+        fn fuzz_topic_names_follow_the_rule(
+            name in prop_oneof![
+                "[A-Za-z0-9._-]{0,260}",
+                "[A-Za-z0-9._-]{250,260}",
+                "[A-Za-z0-9._-]{0,8}[^A-Za-z0-9._-][A-Za-z0-9._-]{0,8}",
+                any::<String>(),
+            ],
+        ) {
+            let allowed = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+            let n = name.chars().count();
+            let valid = (1..=255).contains(&n) && name.chars().all(allowed);
+            match validate_topic_name(&name) {
+                Ok(()) => prop_assert!(valid),
+                Err(e) => {
+                    prop_assert!(!valid);
+                    prop_assert!(e.contains(TOPIC_NAME_RULE));
+                    // The name is shown cut to 64 (escaped) characters.
+                    prop_assert!(e.len() <= 1024);
+                }
+            }
+        }
+    }
+}

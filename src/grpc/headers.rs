@@ -172,7 +172,9 @@ fn header_text<B>(req: &Request<B>, name: &str) -> Option<String> {
 
 /// Parses a `grpc-timeout` value: up to 8 digits and a unit (H M S m u n).
 pub fn parse_timeout(v: &str) -> Option<Duration> {
-    if v.len() < 2 || v.len() > 9 {
+    // ASCII only, so the unit is the last byte and splitting there cannot
+    // fall inside a character.
+    if v.len() < 2 || v.len() > 9 || !v.is_ascii() {
         return None;
     }
     let (digits, unit) = v.split_at(v.len() - 1);
@@ -322,10 +324,241 @@ mod tests {
         assert_eq!(parse_timeout("S"), None);
     }
 
+    /// Found by fuzzing: a multi-byte last character made `split_at` panic
+    /// off a char boundary. (Header values reach it only as visible ASCII,
+    /// but the function takes any `&str`.)
+    #[test]
+    fn refuses_non_ascii_timeouts_without_panicking() {
+        assert_eq!(parse_timeout("\u{1e800}"), None);
+        assert_eq!(parse_timeout("1é"), None);
+        assert_eq!(parse_timeout("5\u{1d40d}"), None);
+    }
+
     #[test]
     fn trailers_carry_status_and_encoded_message() {
         let t = trailers(&Status::new(Code::NotFound, "no such topic: ü"));
         assert_eq!(t["grpc-status"], "5");
         assert_eq!(t["grpc-message"], "no such topic: %C3%BC");
+    }
+}
+
+/// Property-based fuzzing of request-header parsing (`cargo test --lib
+/// fuzz`): `grpc-timeout` against an independent reading of the spec (up to
+/// 8 digits and one of H M S m u n; everything else refused), `check_request`
+/// on arbitrary paths, methods and header bytes, and the `grpc-status` /
+/// percent-encoded `grpc-message` trailers built from arbitrary statuses.
+#[cfg(test)]
+mod fuzz {
+    use proptest::collection::vec;
+    use proptest::option;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz_support::config;
+
+    /// The spec's TimeoutValue TimeoutUnit, read byte by byte.
+    fn spec_timeout(v: &str) -> Option<Duration> {
+        let (&unit, digits) = v.as_bytes().split_last()?;
+        if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = digits
+            .iter()
+            .fold(0u128, |n, d| n * 10 + u128::from(d - b'0'));
+        let nanos_per: u128 = match unit {
+            b'H' => 3_600_000_000_000,
+            b'M' => 60_000_000_000,
+            b'S' => 1_000_000_000,
+            b'm' => 1_000_000,
+            b'u' => 1_000,
+            b'n' => 1,
+            _ => return None,
+        };
+        let nanos = n * nanos_per;
+        Some(Duration::new(
+            (nanos / 1_000_000_000) as u64,
+            (nanos % 1_000_000_000) as u32,
+        ))
+    }
+
+    fn timeout_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[0-9]{1,8}[HMSmun]",
+            "[0-9]{0,10}[HMSmunhsx ]?",
+            "[-+ ]?[0-9 .,_]{0,9}[HMSmun]",
+            "[0-9]{0,8}\\PC{0,2}",
+            any::<String>(),
+        ]
+    }
+
+    fn header_bytes(plausible: &'static [&'static str]) -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::sample::select(plausible).prop_map(|s| s.as_bytes().to_vec()),
+            "[ -~]{0,24}".prop_map(String::into_bytes),
+            vec(any::<u8>(), 0..24),
+        ]
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::sample::select(
+                &[
+                    "/sluice.v1.Sluice/Publish",
+                    "/sluice.v1.Sluice/Subscribe",
+                    "/sluice.v1.Sluice/ResetCursor",
+                    "/grpc.health.v1.Health/Check",
+                    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                ][..]
+            )
+            .prop_map(str::to_string),
+            "/sluice\\.v1\\.Sluice/[A-Za-z]{0,14}",
+            "/[!-~]{0,40}",
+        ]
+    }
+
+    /// Undoes `percent_encode`; None if `s` is not its output.
+    fn percent_decode(s: &str) -> Option<Vec<u8>> {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        Some(out)
+    }
+
+    proptest! {
+        #![proptest_config(config(512, 1))]
+
+        #[test]
+        fn fuzz_timeouts_follow_the_spec(v in timeout_text()) {
+            prop_assert_eq!(parse_timeout(&v), spec_timeout(&v));
+        }
+
+        #[test]
+        fn fuzz_valid_timeouts_round_trip(
+            n in 0u64..100_000_000,
+            width in 1usize..=8,
+            unit in proptest::sample::select(&['H', 'M', 'S', 'm', 'u', 'n'][..]),
+        ) {
+            let text = format!("{n:0width$}{unit}");
+            let expected = match unit {
+                'H' => Duration::from_secs(n * 3600),
+                'M' => Duration::from_secs(n * 60),
+                'S' => Duration::from_secs(n),
+                'm' => Duration::from_millis(n),
+                'u' => Duration::from_micros(n),
+                _ => Duration::from_nanos(n),
+            };
+            let parsed = parse_timeout(&text);
+            if text.len() <= 9 {
+                prop_assert_eq!(parsed, Some(expected));
+            } else {
+                // More than 8 digits: refused, never cut short.
+                prop_assert_eq!(parsed, None);
+            }
+        }
+
+        #[test]
+        fn fuzz_check_request_refuses_or_routes(
+            path in path(),
+            method in proptest::sample::select(&["POST", "GET", "PUT"][..]),
+            content_type in header_bytes(&[
+                "application/grpc",
+                "application/grpc+proto",
+                "application/grpc;charset=utf-8",
+                "application/json",
+            ]),
+            encoding in option::of(header_bytes(&["identity", "gzip", "deflate", "GZIP"])),
+            accept in option::of(header_bytes(&["gzip", "identity, gzip", "deflate,gzip ", ""])),
+            timeout in option::of(prop_oneof![
+                timeout_text().prop_map(String::into_bytes),
+                vec(any::<u8>(), 0..12),
+            ]),
+            traceparent in option::of(header_bytes(&[
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ])),
+            tracestate in option::of(header_bytes(&["a=1,b=2"])),
+        ) {
+            let Ok(mut req) = Request::builder().method(method).uri(path.as_str()).body(()) else {
+                return Ok(()); // not a request h2 would hand over
+            };
+            let headers = [
+                ("content-type", Some(content_type)),
+                ("grpc-encoding", encoding),
+                ("grpc-accept-encoding", accept),
+                ("grpc-timeout", timeout),
+                ("traceparent", traceparent),
+                ("tracestate", tracestate),
+            ];
+            for (name, value) in headers {
+                if let Some(v) = value.and_then(|v| HeaderValue::from_bytes(&v).ok()) {
+                    req.headers_mut().insert(name, v);
+                }
+            }
+            let text = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+            let ct = text("content-type").unwrap_or("");
+            let result = check_request(&req);
+            if !ct.starts_with("application/grpc") {
+                prop_assert!(matches!(
+                    result,
+                    Err(Refusal::Http(StatusCode::UNSUPPORTED_MEDIA_TYPE, _))
+                ));
+            }
+            match result {
+                Ok(info) => {
+                    prop_assert_eq!(req.method(), http::Method::POST);
+                    prop_assert_eq!(Some(info.method), Method::from_path(req.uri().path()));
+                    let timeout = req.headers().get("grpc-timeout").map(|_| {
+                        text("grpc-timeout").and_then(spec_timeout)
+                    });
+                    prop_assert_eq!(info.timeout, timeout.flatten());
+                    prop_assert!(timeout.is_none() || info.timeout.is_some());
+                    prop_assert_eq!(info.request_gzip, text("grpc-encoding") == Some("gzip"));
+                    prop_assert!(!info.respond_gzip || info.request_gzip);
+                    prop_assert_eq!(info.traceparent.as_deref(), text("traceparent"));
+                    prop_assert_eq!(info.tracestate.as_deref(), text("tracestate"));
+                }
+                Err(Refusal::Http(code, why)) => {
+                    prop_assert!(
+                        code == StatusCode::UNSUPPORTED_MEDIA_TYPE
+                            || code == StatusCode::METHOD_NOT_ALLOWED
+                    );
+                    let r = http_refusal(code, why);
+                    prop_assert_eq!(r.status(), code);
+                }
+                Err(Refusal::Grpc(status)) => {
+                    prop_assert!(
+                        status.code == Code::Unimplemented || status.code == Code::InvalidArgument
+                    );
+                    let r = trailers_only(&status);
+                    prop_assert_eq!(&r.headers()["grpc-status"], status.code.as_str());
+                    prop_assert!(r.headers().contains_key("grpc-message"));
+                }
+            }
+        }
+
+        #[test]
+        fn fuzz_trailers_carry_any_status(n: i32, message in any::<String>()) {
+            let code = Code::from_i32(n);
+            prop_assert_eq!(code.as_str().parse::<i32>().ok(), Some(code as i32));
+            let t = trailers(&Status::new(code, message.clone()));
+            prop_assert_eq!(&t["grpc-status"], code.as_str());
+            match t.get("grpc-message") {
+                None => prop_assert!(message.is_empty()),
+                Some(v) => {
+                    let text = v.to_str().unwrap();
+                    prop_assert!(text.bytes().all(|b| (0x20..0x7f).contains(&b)));
+                    prop_assert_eq!(percent_decode(text), Some(message.into_bytes()));
+                }
+            }
+        }
     }
 }

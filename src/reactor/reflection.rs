@@ -303,3 +303,79 @@ mod tests {
         }
     }
 }
+
+/// Property-based fuzzing of server reflection requests (`cargo test --lib
+/// fuzz`): arbitrary bytes decoded as `ServerReflectionRequest`, and requests
+/// naming arbitrary or real files and symbols, are answered without panicking:
+/// descriptors for what exists, NOT_FOUND for the rest.
+#[cfg(test)]
+mod fuzz {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz_support::config;
+    use crate::proto::reflection_v1::ExtensionRequest;
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::sample::select(
+                &[
+                    "sluice.v1.Sluice",
+                    ".sluice.v1.PublishRequest",
+                    "sluice.v1.Sluice.Subscribe",
+                    "grpc.health.v1.Health",
+                    "sluice/v1/sluice.proto",
+                    "grpc/health/v1/health.proto",
+                ][..]
+            )
+            .prop_map(str::to_string),
+            "[a-z.]{0,20}",
+            "\\PC{0,20}",
+        ]
+    }
+
+    fn request() -> impl Strategy<Value = MessageRequest> {
+        prop_oneof![
+            "\\PC{0,4}".prop_map(MessageRequest::ListServices),
+            name().prop_map(MessageRequest::FileByFilename),
+            name().prop_map(MessageRequest::FileContainingSymbol),
+            name().prop_map(MessageRequest::AllExtensionNumbersOfType),
+            (name(), any::<i32>()).prop_map(|(containing_type, extension_number)| {
+                MessageRequest::FileContainingExtension(ExtensionRequest {
+                    containing_type,
+                    extension_number,
+                })
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config(512, 1))]
+
+        #[test]
+        fn fuzz_reflection_requests_are_answered(
+            body in vec(any::<u8>(), 0..64),
+            request in request(),
+        ) {
+            let d = Descriptors::get();
+            let decoded = ServerReflectionRequest::decode(body.as_slice())
+                .ok()
+                .and_then(|r| r.message_request);
+            for m in decoded.iter().chain([&request]) {
+                match d.answer(m) {
+                    MessageResponse::FileDescriptorResponse(f) => {
+                        prop_assert!(!f.file_descriptor_proto.is_empty());
+                    }
+                    MessageResponse::ErrorResponse(e) => {
+                        prop_assert_eq!(e.error_code, Code::NotFound as i32);
+                    }
+                    MessageResponse::ListServicesResponse(l) => {
+                        prop_assert_eq!(l.service.len(), d.services().len());
+                    }
+                    MessageResponse::AllExtensionNumbersResponse(_) => {}
+                }
+            }
+        }
+    }
+}

@@ -35,6 +35,71 @@ fn decode<M: Message + Default>(body: Bytes) -> Result<M, Status> {
     })
 }
 
+/// The checks on a decoded request that need no broker state.
+pub trait Validate {
+    fn validate(&self) -> Result<(), Status>;
+}
+
+fn valid_topic(name: &str) -> Result<(), Status> {
+    validate_topic_name(name).map_err(Status::invalid_argument)
+}
+
+impl Validate for proto::PublishRequest {
+    fn validate(&self) -> Result<(), Status> {
+        valid_topic(&self.topic)
+    }
+}
+
+impl Validate for proto::BatchPublishRequest {
+    fn validate(&self) -> Result<(), Status> {
+        valid_topic(&self.topic)?;
+        if self.messages.is_empty() {
+            return Err(Status::invalid_argument(
+                "BatchPublish needs at least one message",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Validate for proto::ListTopicsRequest {
+    fn validate(&self) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+impl Validate for proto::GetTopicStatsRequest {
+    fn validate(&self) -> Result<(), Status> {
+        self.topics.iter().try_for_each(|t| valid_topic(t))
+    }
+}
+
+impl Validate for proto::DeleteTopicRequest {
+    fn validate(&self) -> Result<(), Status> {
+        valid_topic(&self.topic)
+    }
+}
+
+impl Validate for proto::DeleteConsumerGroupRequest {
+    fn validate(&self) -> Result<(), Status> {
+        valid_topic(&self.topic)
+    }
+}
+
+impl Validate for proto::ResetCursorRequest {
+    fn validate(&self) -> Result<(), Status> {
+        valid_topic(&self.topic)
+    }
+}
+
+/// Decodes a request message and runs its checks: a valid request, or the
+/// status to refuse it with.
+pub fn decode_valid<M: Message + Default + Validate>(body: Bytes) -> Result<M, Status> {
+    let m: M = decode(body)?;
+    m.validate()?;
+    Ok(m)
+}
+
 /// A publish in flight: what its reply must report to telemetry.
 pub struct PublishMeta {
     pub topic: Arc<str>,
@@ -114,8 +179,7 @@ fn dispatch(
 ) -> Result<Handled, Status> {
     match method {
         Method::Publish => {
-            let req: proto::PublishRequest = decode(body)?;
-            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
+            let req: proto::PublishRequest = decode_valid(body)?;
             let mut messages = vec![NewMessage {
                 payload: req.payload,
                 attributes: req.attributes,
@@ -130,13 +194,7 @@ fn dispatch(
             Ok(Handled::Submitted)
         }
         Method::BatchPublish => {
-            let req: proto::BatchPublishRequest = decode(body)?;
-            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
-            if req.messages.is_empty() {
-                return Err(Status::invalid_argument(
-                    "BatchPublish needs at least one message",
-                ));
-            }
+            let req: proto::BatchPublishRequest = decode_valid(body)?;
             if req.messages.len() > shared.max_batch_messages {
                 return Err(Status::invalid_argument(format!(
                     "BatchPublish carries {} messages; at most {} are accepted per call \
@@ -163,7 +221,7 @@ fn dispatch(
             Ok(Handled::Submitted)
         }
         Method::ListTopics => {
-            let _: proto::ListTopicsRequest = decode(body)?;
+            let _: proto::ListTopicsRequest = decode_valid(body)?;
             let topics = shared
                 .broker
                 .topics()
@@ -177,12 +235,11 @@ fn dispatch(
             ))))
         }
         Method::GetTopicStats => {
-            let req: proto::GetTopicStatsRequest = decode(body)?;
+            let req: proto::GetTopicStatsRequest = decode_valid(body)?;
             Ok(Handled::Reply(topic_stats(&shared.broker, &req.topics)))
         }
         Method::DeleteTopic => {
-            let req: proto::DeleteTopicRequest = decode(body)?;
-            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
+            let req: proto::DeleteTopicRequest = decode_valid(body)?;
             if shared.broker.topic(&req.topic).is_none() {
                 return Ok(Handled::Reply(Ok(delete_topic_reply(false))));
             }
@@ -195,8 +252,7 @@ fn dispatch(
             Ok(Handled::Submitted)
         }
         Method::DeleteConsumerGroup => {
-            let req: proto::DeleteConsumerGroupRequest = decode(body)?;
-            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
+            let req: proto::DeleteConsumerGroupRequest = decode_valid(body)?;
             let group = group_name(req.consumer_group);
             // The broker forgets the group when the delete is committed; until
             // then its acks are held back so none re-creates it on disk.
@@ -213,8 +269,7 @@ fn dispatch(
             Ok(Handled::Submitted)
         }
         Method::ResetCursor => {
-            let req: proto::ResetCursorRequest = decode(body)?;
-            validate_topic_name(&req.topic).map_err(Status::invalid_argument)?;
+            let req: proto::ResetCursorRequest = decode_valid(body)?;
             let group = group_name(req.consumer_group);
             let last = shared.broker.last_sequence();
             if req.sequence > last.saturating_add(1) {
@@ -259,14 +314,13 @@ fn group_name(g: String) -> String {
     }
 }
 
-/// Stats for the named topics (all when none are named).
+/// Stats for the named topics (all when none are named; names validated).
 fn topic_stats(broker: &Broker, names: &[String]) -> Result<Bytes, Status> {
     let mut views = Vec::new();
     if names.is_empty() {
         views.extend(broker.topics().cloned());
     } else {
         for name in names {
-            validate_topic_name(name).map_err(Status::invalid_argument)?;
             let view = broker
                 .topic(name)
                 .ok_or_else(|| Status::new(Code::NotFound, format!("topic {name:?} not found")))?;
@@ -352,4 +406,182 @@ pub fn reply_for_append(
             timestamp: appended.timestamp_ms,
         }),
     })
+}
+
+/// Property-based fuzzing of the unary requests of `sluice.v1` (`cargo test
+/// --lib fuzz`): arbitrary bytes, and encoded requests with arbitrary fields
+/// and damage, decoded as each request type and checked by `decode_valid`
+/// give a request that obeys the rules or an INTERNAL (undecodable) /
+/// INVALID_ARGUMENT (decodable but invalid) status, never a panic.
+#[cfg(test)]
+mod fuzz {
+    use std::fmt::Debug;
+
+    use proptest::collection::{btree_map, vec};
+    use proptest::prelude::*;
+    use proptest::test_runner::TestCaseError;
+
+    use super::*;
+    use crate::fuzz_support::config;
+    use crate::grpc::headers::trailers;
+
+    /// The topic-name rule, restated.
+    fn rule_ok(name: &str) -> bool {
+        (1..=255).contains(&name.len())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    }
+
+    fn topic() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => "[A-Za-z0-9._-]{1,12}",
+            1 => "",
+            1 => "[a-z]{254,256}",
+            2 => "\\PC{0,12}",
+        ]
+    }
+
+    fn attrs() -> impl Strategy<Value = HashMap<String, String>> {
+        btree_map("\\PC{0,8}", "\\PC{0,8}", 0..3).prop_map(|m| m.into_iter().collect())
+    }
+
+    /// An encoded request, maybe damaged (bytes flipped, cut or appended),
+    /// or plain noise. The flag is set when the bytes are the intact encoding.
+    fn wire<M: Message + Debug + 'static>(
+        request: impl Strategy<Value = M>,
+    ) -> impl Strategy<Value = (Vec<u8>, bool)> {
+        let damage = (
+            vec((any::<usize>(), 1u8..=255), 0..3),
+            any::<Option<usize>>(),
+            vec(any::<u8>(), 0..4),
+        );
+        prop_oneof![
+            4 => (request, damage).prop_map(|(m, (flips, cut, tail))| {
+                let mut b = m.encode_to_vec();
+                let intact = flips.is_empty() && cut.is_none() && tail.is_empty();
+                for (at, x) in flips {
+                    if !b.is_empty() {
+                        let n = b.len();
+                        b[at % n] ^= x;
+                    }
+                }
+                if let Some(cut) = cut {
+                    b.truncate(cut % (b.len() + 1));
+                }
+                b.extend(tail);
+                (b, intact)
+            }),
+            1 => vec(any::<u8>(), 0..64).prop_map(|b| (b, false)),
+        ]
+    }
+
+    /// Runs `decode_valid` on `body`: a request that decodes and obeys
+    /// `rules`, or the status that says which of the two failed.
+    fn check<M>(body: &[u8], rules: impl Fn(&M) -> bool) -> Result<Option<M>, TestCaseError>
+    where
+        M: Message + Default + Validate + PartialEq + Debug,
+    {
+        let decoded = M::decode(body);
+        match decode_valid::<M>(Bytes::copy_from_slice(body)) {
+            Ok(m) => {
+                prop_assert!(rules(&m), "accepted {m:?}");
+                let again = M::decode(m.encode_to_vec().as_slice());
+                prop_assert_eq!(again.as_ref(), Ok(&m));
+                Ok(Some(m))
+            }
+            Err(status) => {
+                match decoded {
+                    Err(_) => prop_assert_eq!(status.code, Code::Internal),
+                    Ok(m) => {
+                        prop_assert_eq!(status.code, Code::InvalidArgument);
+                        prop_assert!(!rules(&m), "refused {m:?}: {status}");
+                    }
+                }
+                prop_assert!(!status.message.is_empty());
+                prop_assert!(trailers(&status).contains_key("grpc-message"));
+                Ok(None)
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(512, 1))]
+
+        #[test]
+        fn fuzz_publish_requests(
+            (body, intact) in wire((topic(), vec(any::<u8>(), 0..32), attrs()).prop_map(
+                |(topic, payload, attributes)| proto::PublishRequest {
+                    topic,
+                    payload: payload.into(),
+                    attributes,
+                },
+            )),
+        ) {
+            let got = check(&body, |m: &proto::PublishRequest| rule_ok(&m.topic))?;
+            if intact {
+                let m = proto::PublishRequest::decode(body.as_slice()).unwrap();
+                prop_assert_eq!(got.is_some(), rule_ok(&m.topic));
+            }
+        }
+
+        #[test]
+        fn fuzz_batch_publish_requests(
+            (body, _) in wire((
+                topic(),
+                vec(
+                    (vec(any::<u8>(), 0..16), attrs()).prop_map(|(payload, attributes)| {
+                        proto::BatchMessage { payload: payload.into(), attributes }
+                    }),
+                    0..3,
+                ),
+            )
+                .prop_map(|(topic, messages)| proto::BatchPublishRequest { topic, messages })),
+        ) {
+            check(&body, |m: &proto::BatchPublishRequest| {
+                rule_ok(&m.topic) && !m.messages.is_empty()
+            })?;
+        }
+
+        #[test]
+        fn fuzz_list_and_stats_requests(
+            (body, _) in wire(vec(topic(), 0..4).prop_map(|topics| {
+                proto::GetTopicStatsRequest { topics }
+            })),
+        ) {
+            check(&body, |_: &proto::ListTopicsRequest| true)?;
+            check(&body, |m: &proto::GetTopicStatsRequest| m.topics.iter().all(|t| rule_ok(t)))?;
+        }
+
+        #[test]
+        fn fuzz_delete_and_reset_requests(
+            (body, _) in wire((topic(), "\\PC{0,8}", any::<u64>()).prop_map(
+                |(topic, consumer_group, sequence)| proto::ResetCursorRequest {
+                    topic,
+                    consumer_group,
+                    sequence,
+                },
+            )),
+        ) {
+            // The three share field numbers 1 (and 2): one body tests all.
+            check(&body, |m: &proto::DeleteTopicRequest| rule_ok(&m.topic))?;
+            check(&body, |m: &proto::DeleteConsumerGroupRequest| rule_ok(&m.topic))?;
+            check(&body, |m: &proto::ResetCursorRequest| rule_ok(&m.topic))?;
+        }
+
+        #[test]
+        fn fuzz_health_checks(body in vec(any::<u8>(), 0..48), service in "\\PC{0,20}", shutting_down: bool) {
+            use crate::proto::health::{HealthCheckRequest, HealthCheckResponse};
+            let named = HealthCheckRequest { service }.encode_to_vec();
+            for body in [body, named] {
+                match super::super::health::check(Bytes::from(body), shutting_down) {
+                    Ok(framed) => {
+                        let r = HealthCheckResponse::decode(&framed[5..]).unwrap();
+                        prop_assert_eq!(r.status, if shutting_down { 2 } else { 1 });
+                    }
+                    Err(s) => prop_assert!(s.code == Code::NotFound || s.code == Code::Internal),
+                }
+            }
+        }
+    }
 }

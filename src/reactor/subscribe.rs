@@ -52,6 +52,49 @@ fn encode_delivery(d: Delivery, gzip: bool) -> Bytes {
     )
 }
 
+/// What a `SubscriptionInit` asks the broker for, checked (topic name,
+/// initial position, mode), with the group's metrics label; or the status
+/// that refuses it.
+pub fn subscription_request(
+    init: proto::SubscriptionInit,
+) -> Result<(SubscribeRequest, Arc<str>), Status> {
+    crate::broker::validate_topic_name(&init.topic).map_err(Status::invalid_argument)?;
+    let start = match proto::InitialPosition::try_from(init.initial_position) {
+        Ok(proto::InitialPosition::Latest) => Start::Latest,
+        Ok(proto::InitialPosition::Earliest) => Start::Earliest,
+        Ok(proto::InitialPosition::Offset) => Start::Offset(init.offset),
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown initial_position {}",
+                init.initial_position
+            )))
+        }
+    };
+    let group = match proto::SubscriptionMode::try_from(init.mode) {
+        Ok(proto::SubscriptionMode::ConsumerGroup) => Some(init.consumer_group),
+        Ok(proto::SubscriptionMode::Browse) => None,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown mode {}",
+                init.mode
+            )))
+        }
+    };
+    let label: Arc<str> = match &group {
+        Some(g) if g.is_empty() => "default".into(),
+        Some(g) => g.as_str().into(),
+        None => "_browse".into(),
+    };
+    Ok((
+        SubscribeRequest {
+            topic: init.topic,
+            group,
+            start,
+        },
+        label,
+    ))
+}
+
 impl SubscribeCall {
     pub fn new(
         recv: RecvStream,
@@ -240,53 +283,17 @@ impl SubscribeCall {
                     "the first message must be SubscriptionInit",
                 ));
             };
-            let start = match proto::InitialPosition::try_from(init.initial_position) {
-                Ok(proto::InitialPosition::Latest) => Start::Latest,
-                Ok(proto::InitialPosition::Earliest) => Start::Earliest,
-                Ok(proto::InitialPosition::Offset) => Start::Offset(init.offset),
-                Err(_) => {
-                    return Err(Status::invalid_argument(format!(
-                        "unknown initial_position {}",
-                        init.initial_position
-                    )))
-                }
-            };
-            let group = match proto::SubscriptionMode::try_from(init.mode) {
-                Ok(proto::SubscriptionMode::ConsumerGroup) => Some(init.consumer_group),
-                Ok(proto::SubscriptionMode::Browse) => None,
-                Err(_) => {
-                    return Err(Status::invalid_argument(format!(
-                        "unknown mode {}",
-                        init.mode
-                    )))
-                }
-            };
+            let consumer = init.consumer_id.clone();
+            let (request, label) = subscription_request(init)?;
+            let topic: Arc<str> = request.topic.as_str().into();
             let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
-            let label: Arc<str> = match &group {
-                Some(g) if g.is_empty() => "default".into(),
-                Some(g) => g.as_str().into(),
-                None => "_browse".into(),
-            };
             shared
                 .broker
-                .subscribe(
-                    uid,
-                    SubscribeRequest {
-                        topic: init.topic.clone(),
-                        group,
-                        start,
-                    },
-                    now,
-                    wall,
-                )
+                .subscribe(uid, request, now, wall)
                 .map_err(Status::invalid_argument)?;
             self.initialised = true;
-            self.labels = Some((init.topic.as_str().into(), label));
-            log::debug!(
-                "sub {uid}: subscribed to {} (consumer {:?})",
-                init.topic,
-                init.consumer_id
-            );
+            log::debug!("sub {uid}: subscribed to {topic} (consumer {consumer:?})");
+            self.labels = Some((topic, label));
             return Ok(());
         }
         let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
@@ -329,5 +336,213 @@ impl SubscribeCall {
             }
         }
         Ok(())
+    }
+}
+
+/// Property-based fuzzing of the Subscribe upstream (`cargo test --lib
+/// fuzz`): arbitrary bytes decoded as `SubscribeUpstream` and a
+/// `SubscriptionInit` checked by `subscription_request` give a valid broker
+/// request or INVALID_ARGUMENT; and a subscribed stream fed arbitrary
+/// credits, acks, nacks and batch acks (real ids, re-spelled ids, garbage)
+/// never panics, never delivers past its credit, and only moves its cursor
+/// forward, to a delivered message named by its exact id.
+#[cfg(test)]
+mod fuzz {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::broker::{Broker, BrokerConfig, MessageId, StoredMessage};
+    use crate::fuzz_support::config;
+
+    fn rule_ok(name: &str) -> bool {
+        (1..=255).contains(&name.len())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    }
+
+    fn init() -> impl Strategy<Value = proto::SubscriptionInit> {
+        (
+            prop_oneof![3 => "[a-z0-9._-]{1,8}", 1 => "\\PC{0,8}"],
+            prop_oneof!["", "[a-z]{1,6}", "\\PC{0,6}"],
+            prop_oneof![3 => 0i32..3, 1 => any::<i32>()],
+            any::<u64>(),
+            prop_oneof![3 => 0i32..2, 1 => any::<i32>()],
+        )
+            .prop_map(|(topic, consumer_group, initial_position, offset, mode)| {
+                proto::SubscriptionInit {
+                    topic,
+                    consumer_group,
+                    consumer_id: "c".into(),
+                    initial_position,
+                    offset,
+                    mode,
+                }
+            })
+    }
+
+    const TOPIC: &str = "t";
+    const PUBLISHED: u64 = 20;
+
+    fn id_of(seq: u64) -> String {
+        MessageId::new(1_000 + seq as i64, seq, TOPIC).to_string()
+    }
+
+    /// An id as a client might send it: one issued, re-spelled, from another
+    /// topic, or garbage.
+    fn message_id() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => (1..=PUBLISHED + 2).prop_map(id_of),
+            1 => (1..=PUBLISHED).prop_map(|s| id_of(s).to_uppercase()),
+            1 => (1..=PUBLISHED).prop_map(|s| id_of(s).replace('-', "")),
+            1 => (1..=PUBLISHED).prop_map(|s| MessageId::new(1_000 + s as i64, s, "u").to_string()),
+            1 => "\\PC{0,40}",
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Up(subscribe_upstream::Request),
+        Pull(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        use subscribe_upstream::Request as R;
+        prop_oneof![
+            2 => prop_oneof![0u32..5, Just(u32::MAX), any::<u32>()]
+                .prop_map(|credits| Op::Up(R::Credit(proto::CreditGrant { credits }))),
+            3 => message_id().prop_map(|message_id| Op::Up(R::Ack(proto::Ack { message_id }))),
+            2 => (message_id(), any::<u32>()).prop_map(|(message_id, redelivery_delay_ms)| {
+                Op::Up(R::Nack(proto::Nack { message_id, redelivery_delay_ms }))
+            }),
+            2 => vec(message_id(), 0..4)
+                .prop_map(|message_ids| Op::Up(R::BatchAck(proto::BatchAck { message_ids }))),
+            1 => init().prop_map(|i| Op::Up(R::Init(i))),
+            3 => any::<u8>().prop_map(Op::Pull),
+        ]
+    }
+
+    fn published() -> Vec<Arc<StoredMessage>> {
+        (1..=PUBLISHED)
+            .map(|seq| {
+                Arc::new(StoredMessage {
+                    sequence: seq,
+                    ordinal: seq,
+                    id: MessageId::new(1_000 + seq as i64, seq, TOPIC),
+                    timestamp_ms: 1_000 + seq as i64,
+                    payload: Bytes::from_static(b"m"),
+                    attributes: Default::default(),
+                })
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(config(512, 1))]
+
+        #[test]
+        fn fuzz_upstream_bytes_give_a_request_or_a_status(
+            body in prop_oneof![
+                vec(any::<u8>(), 0..64),
+                (init(), vec((any::<usize>(), 1u8..=255), 0..2)).prop_map(|(i, flips)| {
+                    let mut b = proto::SubscribeUpstream {
+                        request: Some(subscribe_upstream::Request::Init(i)),
+                    }
+                    .encode_to_vec();
+                    for (at, x) in flips {
+                        let n = b.len();
+                        b[at % n] ^= x;
+                    }
+                    b
+                }),
+            ],
+        ) {
+            let Ok(up) = proto::SubscribeUpstream::decode(body.as_slice()) else {
+                return Ok(()); // refused with INTERNAL before any check
+            };
+            let Some(subscribe_upstream::Request::Init(init)) = up.request else {
+                return Ok(());
+            };
+            let known = (0..3).contains(&init.initial_position) && (0..2).contains(&init.mode);
+            let topic_ok = rule_ok(&init.topic);
+            match subscription_request(init.clone()) {
+                Ok((request, label)) => {
+                    prop_assert!(known && topic_ok);
+                    prop_assert_eq!(&request.topic, &init.topic);
+                    prop_assert_eq!(request.group.is_none(), init.mode == 1);
+                    prop_assert!(!label.is_empty());
+                    if init.initial_position == 2 {
+                        prop_assert_eq!(request.start, Start::Offset(init.offset));
+                    }
+                }
+                Err(status) => {
+                    prop_assert!(!(known && topic_ok));
+                    prop_assert_eq!(status.code, Code::InvalidArgument);
+                }
+            }
+        }
+
+        #[test]
+        fn fuzz_subscribed_streams_obey_credit_and_cursor_rules(
+            first in init(),
+            ops in vec(op(), 0..40),
+        ) {
+            let mut broker = Broker::new(BrokerConfig::default());
+            broker.on_committed(TOPIC, 1, &published());
+            let first = proto::SubscriptionInit { topic: TOPIC.into(), ..first };
+            let Ok((request, _)) = subscription_request(first) else {
+                return Ok(());
+            };
+            let group = request.group.clone().map(|g| if g.is_empty() { "default".to_string() } else { g });
+            broker.subscribe(1, request, 0, 0).unwrap();
+            let cursor = |b: &Broker| {
+                group.as_ref().and_then(|g| {
+                    b.groups(TOPIC).into_iter().find(|v| &*v.name == g.as_str()).map(|v| v.cursor)
+                })
+            };
+            let (mut granted, mut delivered, mut max_delivered) = (0u64, 0u64, 0u64);
+            let mut now = 0;
+            for op in ops {
+                let before = cursor(&broker);
+                let mut named = Vec::new();
+                match op {
+                    Op::Pull(n) => {
+                        now += u64::from(n) * 100;
+                        for _ in 0..n {
+                            let Some(d) = broker.next_delivery(1, now) else { break };
+                            prop_assert!((1..=PUBLISHED).contains(&d.message.sequence));
+                            delivered += 1;
+                            max_delivered = max_delivered.max(d.message.sequence);
+                        }
+                    }
+                    // As SubscribeCall::on_message: a second Init is refused.
+                    Op::Up(subscribe_upstream::Request::Init(_)) => {}
+                    Op::Up(subscribe_upstream::Request::Credit(c)) => {
+                        granted = granted.saturating_add(u64::from(c.credits));
+                        broker.grant(1, c.credits);
+                    }
+                    Op::Up(subscribe_upstream::Request::Ack(a)) => {
+                        broker.ack(1, &a.message_id, 5);
+                        named.push(a.message_id);
+                    }
+                    Op::Up(subscribe_upstream::Request::Nack(n)) => {
+                        broker.nack(1, &n.message_id, n.redelivery_delay_ms, now);
+                    }
+                    Op::Up(subscribe_upstream::Request::BatchAck(b)) => {
+                        broker.ack_many(1, b.message_ids.iter().map(String::as_str), 5);
+                        named = b.message_ids;
+                    }
+                }
+                while broker.pop_action().is_some() {}
+                prop_assert!(delivered <= granted);
+                let after = cursor(&broker);
+                if after != before {
+                    let (before, after) = (before.unwrap(), after.unwrap());
+                    prop_assert!(after > before && after <= max_delivered);
+                    prop_assert!(named.contains(&id_of(after)), "cursor {after} after {named:?}");
+                }
+            }
+        }
     }
 }

@@ -219,3 +219,151 @@ mod tests {
         assert_eq!(s.len(), 55);
     }
 }
+
+/// Property-based fuzzing of `traceparent` / `tracestate` parsing (`cargo
+/// test --lib fuzz`): arbitrary and near-valid values are read exactly as an
+/// independent, field-splitting reading of the W3C rules reads them (version
+/// `ff` and uppercase hex refused, all-zero ids refused, exact lengths, later
+/// versions by their first four fields); formatted contexts round-trip; the
+/// carried `tracestate` is always trimmed, printable and bounded.
+#[cfg(test)]
+mod fuzz {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fuzz_support::config;
+
+    type Fields = ([u8; 16], [u8; 8], u8);
+
+    /// The W3C rules, read by splitting on `-`.
+    fn spec(value: &str) -> Option<Fields> {
+        let v = value.trim_matches([' ', '\t']);
+        let lower_hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let version = v.get(0..2)?;
+        if !lower_hex(version) || version == "ff" {
+            return None;
+        }
+        let fields = if version == "00" {
+            v
+        } else {
+            if v.len() > 55 && v.as_bytes()[55] != b'-' {
+                return None;
+            }
+            v.get(..55)?
+        };
+        let parts: Vec<&str> = fields.split('-').collect();
+        let [_, trace, span, flags] = parts[..] else {
+            return None;
+        };
+        if trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+            return None;
+        }
+        if !lower_hex(trace) || !lower_hex(span) || !lower_hex(flags) {
+            return None;
+        }
+        let trace = u128::from_str_radix(trace, 16).ok()?;
+        let span = u64::from_str_radix(span, 16).ok()?;
+        if trace == 0 || span == 0 {
+            return None;
+        }
+        Some((
+            trace.to_be_bytes(),
+            span.to_be_bytes(),
+            u8::from_str_radix(flags, 16).ok()?,
+        ))
+    }
+
+    fn id16() -> impl Strategy<Value = [u8; 16]> {
+        prop_oneof![1 => Just([0; 16]), 8 => any::<[u8; 16]>()]
+    }
+
+    fn id8() -> impl Strategy<Value = [u8; 8]> {
+        prop_oneof![1 => Just([0; 8]), 8 => any::<[u8; 8]>()]
+    }
+
+    /// Mostly well-formed values with a few characters replaced, cut or
+    /// appended, in any version.
+    fn near_valid() -> impl Strategy<Value = String> {
+        let version = prop_oneof![
+            proptest::sample::select(&["00", "01", "cc", "fe", "ff", "FF", "0A", "0g"][..])
+                .prop_map(str::to_string),
+            "[0-9a-f]{2}",
+            "\\PC{0,2}",
+        ];
+        let edits = vec(
+            (
+                any::<usize>(),
+                proptest::sample::select("0aAfF9g-_ \té".chars().collect::<Vec<_>>()),
+            ),
+            0..3,
+        );
+        let tail = prop_oneof!["", "-[a-z0-9-]{0,10}", "[a-z.]{0,3}", "\\PC{0,3}"];
+        (
+            version,
+            id16(),
+            id8(),
+            any::<u8>(),
+            edits,
+            any::<Option<usize>>(),
+            tail,
+            "[ \t]{0,2}",
+        )
+            .prop_map(|(version, trace, span, flags, edits, cut, tail, pad)| {
+                let mut chars: Vec<char> =
+                    format!("{version}-{}-{}-{flags:02x}", hex(&trace), hex(&span))
+                        .chars()
+                        .collect();
+                for (at, c) in edits {
+                    let n = chars.len();
+                    chars[at % n] = c;
+                }
+                if let Some(cut) = cut {
+                    chars.truncate(cut % (chars.len() + 1));
+                }
+                let body: String = chars.into_iter().collect();
+                format!("{pad}{body}{tail}{pad}")
+            })
+    }
+
+    proptest! {
+        #![proptest_config(config(1024, 1))]
+
+        #[test]
+        fn fuzz_traceparent_follows_the_spec(v in prop_oneof![near_valid(), any::<String>()]) {
+            let parsed = TraceContext::parse(&v, None).map(|c| (c.trace_id, c.span_id, c.flags));
+            prop_assert_eq!(parsed, spec(&v));
+        }
+
+        #[test]
+        fn fuzz_formatted_contexts_round_trip(trace: [u8; 16], span: [u8; 8], flags: u8) {
+            let text = format_traceparent(&trace, &span, flags);
+            let parsed = TraceContext::parse(&text, None);
+            if trace == [0; 16] || span == [0; 8] {
+                prop_assert_eq!(parsed, None);
+            } else {
+                let c = parsed.unwrap();
+                prop_assert_eq!((c.trace_id, c.span_id, c.flags), (trace, span, flags));
+                prop_assert_eq!(c.traceparent(), text.clone());
+                prop_assert_eq!(c.is_sampled(), flags & SAMPLED != 0);
+                prop_assert_eq!(format!("00-{}-{}", c.trace_id_hex(), c.span_id_hex()), text[..52].to_string());
+                // The same ids in uppercase are not a traceparent.
+                let upper = text.to_uppercase();
+                prop_assert!(upper == text || TraceContext::parse(&upper, None).is_none());
+            }
+        }
+
+        #[test]
+        fn fuzz_tracestate_is_carried_clean_or_dropped(
+            ts in prop_oneof!["[ \t]{0,2}[ -~]{0,600}[ \t]{0,2}", any::<String>()],
+        ) {
+            let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+            let carried = TraceContext::parse(good, Some(&ts)).unwrap().tracestate;
+            let trimmed = ts.trim_matches([' ', '\t']);
+            let clean = !trimmed.is_empty()
+                && trimmed.len() <= MAX_TRACESTATE_LEN
+                && trimmed.bytes().all(|b| (b' '..=b'~').contains(&b));
+            prop_assert_eq!(carried.as_deref(), clean.then_some(trimmed));
+        }
+    }
+}
