@@ -197,42 +197,50 @@ async fn a_dead_reader_ends_streams_unavailable_and_exits_non_zero() {
     assert!(matches!(code, Some(c) if c != 0), "exit code {code:?}");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_right_after_acks_keeps_every_acked_cursor_on_disk() {
     let _heavy = serial().await;
     for round in 0..3 {
-        let mut server = Server::start();
+        // A short grace: the reactor stops while the writer still has a queue.
+        let mut server = Server::start_with(&["--shutdown-grace", "10ms"]);
         let mut c = server.client().await;
         for i in 0..100 {
             c.publish("t", format!("{i}").as_bytes()).await.unwrap();
         }
-        // A publisher keeps the writer busy with large batches meanwhile.
-        let url = server.url();
-        let flood = tokio::spawn(async move {
-            let mut p = Client::connect(&url).await;
-            let body = vec![7u8; 2048];
-            let batch: Vec<&[u8]> = (0..500).map(|_| body.as_slice()).collect();
-            while p.batch_publish("flood", &batch).await.is_ok() {}
-        });
         let mut sub = c
             .subscribe("t", "g", proto::InitialPosition::Earliest)
             .await;
         sub.send(credit(100)).await;
-        let mut last = 0;
+        let mut last = None;
         for _ in 0..100 {
-            let d = sub.delivery(Duration::from_secs(5)).await;
-            sub.send(ack(&d.message_id)).await;
-            last = d.sequence;
+            last = Some(sub.delivery(Duration::from_secs(5)).await);
         }
-        // The broker has taken the last ack (stats read its memory)...
-        wait_for_cursor(&mut c, "t", "g", last).await;
+        let last = last.unwrap();
+        // Publishers queue large batches so the writer has a backlog when the
+        // ack's cursor write arrives; they vanish at the signal.
+        let mut flood = Vec::new();
+        for _ in 0..6 {
+            let url = server.url();
+            flood.push(tokio::spawn(async move {
+                let mut p = Client::connect(&url).await;
+                let body = vec![7u8; 2048];
+                let batch: Vec<&[u8]> = (0..1700).map(|_| body.as_slice()).collect();
+                while p.batch_publish("flood", &batch).await.is_ok() {}
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sub.send(ack(&last.message_id)).await;
+        // The broker has taken the ack (stats read its memory)...
+        wait_for_cursor(&mut c, "t", "g", last.sequence).await;
         // ...and stops at once.
         server.signal(15);
-        assert_eq!(server.wait_exit(Duration::from_secs(15)), Some(0));
-        flood.abort();
+        assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0));
+        for f in &flood {
+            f.abort();
+        }
         assert_eq!(
             stored_cursor(&server.dir, "t", "g"),
-            Some(last),
+            Some(last.sequence),
             "round {round}: the acked cursor was not committed before exit"
         );
     }
