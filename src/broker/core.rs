@@ -32,6 +32,14 @@ fn drop_redelivery_timers(
     }
 }
 
+/// Removes every timer of a subscription that is gone.
+fn drop_subscription_timers(timers: &mut BTreeSet<(u64, Timer)>, sub: SubId, gone: Subscription) {
+    if let Some(at) = gone.heartbeat_at {
+        timers.remove(&(at, Timer::Heartbeat { sub }));
+    }
+    drop_redelivery_timers(timers, sub, gone.redeliver_pending);
+}
+
 /// Unacked first deliveries a subscription remembers the ordinals of.
 const RECENT_CAP: usize = 4096;
 
@@ -223,6 +231,8 @@ struct Subscription {
     /// capped, so an ack learns its message's topic ordinal without IO.
     recent: VecDeque<(u64, u64)>,
     last_sent_ms: u64,
+    /// When its heartbeat timer fires (None: heartbeats are off).
+    heartbeat_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -467,11 +477,7 @@ impl Broker {
                             });
                             t.subs.retain(|s| *s != old);
                             if let Some(gone) = self.subs.remove(&old) {
-                                drop_redelivery_timers(
-                                    &mut self.timers,
-                                    old,
-                                    gone.redeliver_pending,
-                                );
+                                drop_subscription_timers(&mut self.timers, old, gone);
                             }
                         }
                         existing.active = Some(sub);
@@ -522,9 +528,10 @@ impl Broker {
                 own_ledger,
                 recent: VecDeque::new(),
                 last_sent_ms: now_ms,
+                heartbeat_at: None,
             },
         );
-        self.arm_heartbeat(sub, now_ms);
+        self.arm_heartbeat(sub, now_ms + self.config.heartbeat_interval_ms);
         Ok(())
     }
 
@@ -533,10 +540,11 @@ impl Broker {
         let Some(s) = self.subs.remove(&sub) else {
             return;
         };
-        drop_redelivery_timers(&mut self.timers, sub, s.redeliver_pending);
-        if let Some(t) = self.topics.get_mut(&s.topic) {
+        let (topic, group) = (s.topic.clone(), s.group.clone());
+        drop_subscription_timers(&mut self.timers, sub, s);
+        if let Some(t) = self.topics.get_mut(&topic) {
             t.subs.retain(|x| *x != sub);
-            if let Some(g) = s.group.as_ref().and_then(|g| t.groups.get_mut(g)) {
+            if let Some(g) = group.as_ref().and_then(|g| t.groups.get_mut(g)) {
                 if g.active == Some(sub) {
                     g.active = None;
                 }
@@ -809,12 +817,15 @@ impl Broker {
 
     // ---- timers ----
 
-    fn arm_heartbeat(&mut self, sub: SubId, from_ms: u64) {
-        if self.config.heartbeat_interval_ms > 0 {
-            self.timers.insert((
-                from_ms + self.config.heartbeat_interval_ms,
-                Timer::Heartbeat { sub },
-            ));
+    /// Sets the subscription's heartbeat timer to fire at `at` (its only
+    /// one: the subscription remembers it so it can be removed with it).
+    fn arm_heartbeat(&mut self, sub: SubId, at: u64) {
+        if self.config.heartbeat_interval_ms == 0 {
+            return;
+        }
+        if let Some(s) = self.subs.get_mut(&sub) {
+            s.heartbeat_at = Some(at);
+            self.timers.insert((at, Timer::Heartbeat { sub }));
         }
     }
 
@@ -841,9 +852,9 @@ impl Broker {
                         let latest_seq = self.topics.get(&s.topic).map_or(0, |t| t.view.last_seq);
                         self.actions
                             .push_back(Action::Heartbeat { sub, latest_seq });
-                        self.arm_heartbeat(sub, now_ms);
+                        self.arm_heartbeat(sub, now_ms + self.config.heartbeat_interval_ms);
                     } else {
-                        self.timers.insert((due, Timer::Heartbeat { sub }));
+                        self.arm_heartbeat(sub, due);
                     }
                 }
                 Timer::Redeliver { sub, seq } => self.redeliver(sub, seq),
@@ -927,7 +938,7 @@ impl Broker {
         self.tail.remove_topic(topic);
         for sub in t.subs {
             if let Some(gone) = self.subs.remove(&sub) {
-                drop_redelivery_timers(&mut self.timers, sub, gone.redeliver_pending);
+                drop_subscription_timers(&mut self.timers, sub, gone);
             }
             self.actions.push_back(Action::End {
                 sub,
@@ -948,7 +959,7 @@ impl Broker {
         if let Some(sub) = g.active {
             t.subs.retain(|s| *s != sub);
             if let Some(gone) = self.subs.remove(&sub) {
-                drop_redelivery_timers(&mut self.timers, sub, gone.redeliver_pending);
+                drop_subscription_timers(&mut self.timers, sub, gone);
             }
             self.actions.push_back(Action::End {
                 sub,

@@ -583,3 +583,23 @@ fn a_trim_wakes_a_consumer_waiting_on_a_stale_read() {
         .expect("a new read from the oldest message left");
     assert_eq!(fetch.from, 50);
 }
+
+#[test]
+fn heartbeat_timers_go_with_their_subscriptions() {
+    let mut b = Broker::new(BrokerConfig {
+        heartbeat_interval_ms: 1_000,
+        ..Default::default()
+    });
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    b.subscribe(2, group("t", "g", Start::Earliest), 10, 0)
+        .unwrap(); // takes 1 over
+    b.subscribe(3, group("t", "h", Start::Earliest), 20, 0)
+        .unwrap();
+    assert_eq!(b.next_deadline(), Some(1_010), "none left of 1");
+    b.tick(1_015); // 2 sends a heartbeat and re-arms for 2_015
+    b.unsubscribe(2);
+    assert_eq!(b.next_deadline(), Some(1_020), "3's; none left of 2");
+    b.delete_group("t", "h");
+    assert_eq!(b.next_deadline(), None);
+}
