@@ -40,6 +40,16 @@ fn drop_subscription_timers(timers: &mut BTreeSet<(u64, Timer)>, sub: SubId, gon
     drop_redelivery_timers(timers, sub, gone.redeliver_pending);
 }
 
+/// The oldest sequence retention left of a topic (past its last when it
+/// emptied it, 0 when it never had a message).
+fn oldest_stored(view: &TopicView) -> u64 {
+    if view.first_seq == 0 && view.last_seq > 0 {
+        view.last_seq + 1
+    } else {
+        view.first_seq
+    }
+}
+
 /// Unacked first deliveries a subscription remembers the ordinals of.
 const RECENT_CAP: usize = 4096;
 
@@ -512,6 +522,12 @@ impl Broker {
                 (Some(g), next, None)
             }
         };
+        // Positions in a range retention deleted continue from the oldest
+        // message left, as they do for open streams when it deletes. (A
+        // read there finds nothing; and once retention emptied the topic,
+        // and the store's newest message with it, a short page's `end` lies
+        // below such a position, which would be read again and again.)
+        let next = next.max(oldest_stored(&t.view));
         t.subs.push(sub);
         self.subs.insert(
             sub,
@@ -699,13 +715,10 @@ impl Broker {
         s.page_fetch = None;
         let from = s.next;
         // A page read just before retention deleted its start is trimmed.
-        let oldest = self.topics.get(&s.topic).map_or(0, |t| {
-            if t.view.first_seq == 0 && t.view.last_seq > 0 {
-                t.view.last_seq + 1 // retention emptied it
-            } else {
-                t.view.first_seq
-            }
-        });
+        let oldest = self
+            .topics
+            .get(&s.topic)
+            .map_or(0, |t| oldest_stored(&t.view));
         s.page.extend(
             messages
                 .into_iter()
@@ -975,6 +988,7 @@ impl Broker {
         let Some(t) = self.topics.get_mut(topic) else {
             return false;
         };
+        let oldest = oldest_stored(&t.view);
         let Some(g) = t.groups.get_mut(group) else {
             return false;
         };
@@ -987,7 +1001,7 @@ impl Broker {
         g.ledger.reset();
         if let Some(sub) = g.active {
             if let Some(s) = self.subs.get_mut(&sub) {
-                s.next = sequence.saturating_add(1);
+                s.next = sequence.saturating_add(1).max(oldest);
                 s.page.clear();
                 s.page_fetch = None;
                 s.redeliver_due.clear();

@@ -603,3 +603,34 @@ fn heartbeat_timers_go_with_their_subscriptions() {
     b.delete_group("t", "h");
     assert_eq!(b.next_deadline(), None);
 }
+
+#[test]
+fn a_consumer_behind_an_emptied_topic_does_not_read_it_again_and_again() {
+    let mut b = Broker::new(BrokerConfig {
+        tail_max_messages: 1,
+        ..Default::default()
+    });
+    publish(&mut b, "t", 1..=3); // 1 and 2 are on disk only
+    b.on_trimmed("t", None); // then retention deleted everything
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    b.grant(1, 10);
+    // The store is empty, so a short page's `end` is 0: below position 1.
+    for _ in 0..3 {
+        let Some(f) = actions(&mut b).into_iter().find_map(|a| match a {
+            Action::Fetch(f) => Some(f),
+            _ => None,
+        }) else {
+            break;
+        };
+        b.on_page(1, f.id, vec![], Some(0));
+    }
+    assert!(
+        actions(&mut b)
+            .iter()
+            .all(|a| !matches!(a, Action::Fetch(_))),
+        "no read of a range retention emptied, over and over"
+    );
+    publish(&mut b, "t", 4..=4);
+    assert_eq!(drain(&mut b, 1, 0), vec![(4, 1)]);
+}
