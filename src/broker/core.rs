@@ -634,6 +634,7 @@ impl Broker {
         let acked = std::mem::replace(&mut s.redeliver_pending, keep);
         drop_redelivery_timers(&mut self.timers, sub, acked);
         s.redeliver_due.retain(|m| m.sequence > seq);
+        s.redeliver_fetches.retain(|_, q| *q > seq);
         self.actions.push_back(Action::PersistCursor {
             topic: s.topic.clone(),
             group: group_name,
@@ -930,6 +931,9 @@ impl Broker {
                 let keep = s.redeliver_pending.split_off(&oldest);
                 let gone = std::mem::replace(&mut s.redeliver_pending, keep);
                 drop_redelivery_timers(&mut self.timers, sub, gone);
+                // A read in flight for a dropped nack must not answer a
+                // later nack of the same message (nor bring it back).
+                s.redeliver_fetches.retain(|_, q| *q >= oldest);
                 if s.next < oldest && s.page.is_empty() {
                     s.next = oldest;
                     // An in-flight read of the deleted range is now stale:

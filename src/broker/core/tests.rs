@@ -634,3 +634,45 @@ fn a_consumer_behind_an_emptied_topic_does_not_read_it_again_and_again() {
     publish(&mut b, "t", 4..=4);
     assert_eq!(drain(&mut b, 1, 0), vec![(4, 1)]);
 }
+
+#[test]
+fn a_redelivery_read_outlived_by_its_nack_does_not_answer_the_next_nack() {
+    let mut b = Broker::new(BrokerConfig {
+        tail_max_messages: 1,
+        heartbeat_interval_ms: 0,
+        ..Default::default()
+    });
+    b.subscribe(
+        1,
+        SubscribeRequest {
+            topic: "t".into(),
+            group: None,
+            start: Start::Earliest,
+        },
+        0,
+        0,
+    )
+    .unwrap();
+    publish(&mut b, "t", 1..=1);
+    b.grant(1, 10);
+    drain(&mut b, 1, 0);
+    publish(&mut b, "t", 2..=3); // evicts 1 from memory
+    b.nack(1, &msg("t", 1).id.to_string(), 0, 0);
+    actions(&mut b);
+    b.tick(0);
+    let stale = actions(&mut b)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Fetch(f) => Some(f),
+            _ => None,
+        })
+        .expect("a read of the nacked message");
+    // Retention deletes it while that read is in flight; the client nacks
+    // it again, with a long delay.
+    b.on_trimmed("t", Some((2, 2, 0)));
+    b.nack(1, &msg("t", 1).id.to_string(), 60_000, 0);
+    b.on_page(1, stale.id, vec![msg("t", 1)], None);
+    assert!(drain(&mut b, 1, 0).iter().all(|d| d.0 != 1), "trimmed");
+    b.unsubscribe(1);
+    assert_eq!(b.next_deadline(), None, "no timer left behind");
+}
