@@ -701,6 +701,12 @@ impl Broker {
             return;
         };
         if let Some(seq) = s.redeliver_fetches.remove(&fetch) {
+            if messages.is_empty() && end.is_none() {
+                // The read failed (an empty page that is not short): the
+                // nack still stands, so read again.
+                self.redeliver(sub, seq);
+                return;
+            }
             match messages.into_iter().find(|m| m.sequence == seq) {
                 Some(m) if s.redeliver_pending.contains_key(&seq) => s.redeliver_due.push_back(m),
                 _ => {

@@ -676,3 +676,37 @@ fn a_redelivery_read_outlived_by_its_nack_does_not_answer_the_next_nack() {
     b.unsubscribe(1);
     assert_eq!(b.next_deadline(), None, "no timer left behind");
 }
+
+#[test]
+fn a_failed_redelivery_read_is_asked_again() {
+    let mut b = Broker::new(BrokerConfig {
+        tail_max_messages: 1,
+        heartbeat_interval_ms: 0,
+        ..Default::default()
+    });
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    publish(&mut b, "t", 1..=1);
+    b.grant(1, 1);
+    drain(&mut b, 1, 0);
+    publish(&mut b, "t", 2..=2); // evicts 1 from memory
+    b.nack(1, &msg("t", 1).id.to_string(), 0, 0);
+    actions(&mut b);
+    b.tick(0);
+    let fetch = |b: &mut Broker| {
+        actions(b)
+            .into_iter()
+            .find_map(|a| match a {
+                Action::Fetch(f) => Some(f),
+                _ => None,
+            })
+            .expect("a read of the nacked message")
+    };
+    let failed = fetch(&mut b);
+    b.on_page(1, failed.id, vec![], None); // what the reader sends on error
+    let again = fetch(&mut b);
+    assert_eq!((again.from, again.limit), (1, 1));
+    b.on_page(1, again.id, vec![msg("t", 1)], None);
+    b.grant(1, 1);
+    assert_eq!(drain(&mut b, 1, 0), vec![(1, 2)]);
+}
