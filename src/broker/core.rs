@@ -1040,3 +1040,6 @@ impl Group {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod sim;
