@@ -138,6 +138,9 @@ struct GroupModel {
     cursor: u64,
     delivered_max: u64,
     active: Option<SubId>,
+    /// Reset to a sequence not yet assigned: its ordinal was fixed then (the
+    /// newest message below it), and later commits below it don't refine it.
+    ahead_of_store: bool,
 }
 
 type GroupKey = (String, String);
@@ -676,6 +679,7 @@ impl Sim {
                                 cursor: start_next - 1,
                                 delivered_max: 0,
                                 active: Some(sub),
+                                ahead_of_store: false,
                             },
                         );
                         start_next - 1
@@ -918,6 +922,7 @@ impl Sim {
                 .max();
             if let Some(best) = best {
                 gm.cursor = best;
+                gm.ahead_of_store = false;
                 s.nacks.retain(|&q| q > best);
             }
         }
@@ -1044,6 +1049,7 @@ impl Sim {
         let gm = self.groups.get_mut(&key).expect("exists");
         gm.cursor = seq;
         gm.delivered_max = 0;
+        gm.ahead_of_store = seq > self.store_seq;
         if let Some(s) = gm.active.and_then(|a| self.subs.get_mut(&a)) {
             s.lower = seq;
             s.in_order = seq;
@@ -1437,6 +1443,9 @@ impl Sim {
         }
         self.check();
         for ((topic, group), g) in &self.groups {
+            if g.ahead_of_store {
+                continue;
+            }
             let Some(m) = self
                 .store
                 .get(topic)
