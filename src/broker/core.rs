@@ -48,6 +48,24 @@ impl Drop for AbortOnUnwind {
     }
 }
 
+/// Removes every timer of a subscription that is gone.
+fn drop_subscription_timers(timers: &mut BTreeSet<(u64, Timer)>, sub: SubId, gone: Subscription) {
+    if let Some(at) = gone.heartbeat_at {
+        timers.remove(&(at, Timer::Heartbeat { sub }));
+    }
+    drop_redelivery_timers(timers, sub, gone.redeliver_pending);
+}
+
+/// The oldest sequence retention left of a topic (past its last when it
+/// emptied it, 0 when it never had a message).
+fn oldest_stored(view: &TopicView) -> u64 {
+    if view.first_seq == 0 && view.last_seq > 0 {
+        view.last_seq + 1
+    } else {
+        view.first_seq
+    }
+}
+
 /// Unacked first deliveries a subscription remembers the ordinals of.
 const RECENT_CAP: usize = 4096;
 
@@ -243,6 +261,8 @@ struct Subscription {
     /// capped, so an ack learns its message's topic ordinal without IO.
     recent: VecDeque<(u64, u64)>,
     last_sent_ms: u64,
+    /// When its heartbeat timer fires (None: heartbeats are off).
+    heartbeat_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -493,11 +513,7 @@ impl Broker {
                             });
                             t.subs.retain(|s| *s != old);
                             if let Some(gone) = self.subs.remove(&old) {
-                                drop_redelivery_timers(
-                                    &mut self.timers,
-                                    old,
-                                    gone.redeliver_pending,
-                                );
+                                drop_subscription_timers(&mut self.timers, old, gone);
                             }
                         }
                         existing.active = Some(sub);
@@ -533,6 +549,12 @@ impl Broker {
                 (Some(g), next, None)
             }
         };
+        // Positions in a range retention deleted continue from the oldest
+        // message left, as they do for open streams when it deletes. (A
+        // read there finds nothing; and once retention emptied the topic,
+        // and the store's newest message with it, a short page's `end` lies
+        // below such a position, which would be read again and again.)
+        let next = next.max(oldest_stored(&t.view));
         t.subs.push(sub);
         self.subs.insert(
             sub,
@@ -549,9 +571,10 @@ impl Broker {
                 own_ledger,
                 recent: VecDeque::new(),
                 last_sent_ms: now_ms,
+                heartbeat_at: None,
             },
         );
-        self.arm_heartbeat(sub, now_ms);
+        self.arm_heartbeat(sub, now_ms + self.config.heartbeat_interval_ms);
         Ok(())
     }
 
@@ -561,10 +584,11 @@ impl Broker {
         let Some(s) = self.subs.remove(&sub) else {
             return;
         };
-        drop_redelivery_timers(&mut self.timers, sub, s.redeliver_pending);
-        if let Some(t) = self.topics.get_mut(&s.topic) {
+        let (topic, group) = (s.topic.clone(), s.group.clone());
+        drop_subscription_timers(&mut self.timers, sub, s);
+        if let Some(t) = self.topics.get_mut(&topic) {
             t.subs.retain(|x| *x != sub);
-            if let Some(g) = s.group.as_ref().and_then(|g| t.groups.get_mut(g)) {
+            if let Some(g) = group.as_ref().and_then(|g| t.groups.get_mut(g)) {
                 if g.active == Some(sub) {
                     g.active = None;
                 }
@@ -641,6 +665,7 @@ impl Broker {
         let acked = std::mem::replace(&mut s.redeliver_pending, keep);
         drop_redelivery_timers(&mut self.timers, sub, acked);
         s.redeliver_due.retain(|m| m.sequence > seq);
+        s.redeliver_fetches.retain(|_, q| *q > seq);
         if g.fences > 0 {
             // Persisted when the admin operation fails, forgotten if it commits.
             return;
@@ -714,6 +739,12 @@ impl Broker {
             return;
         };
         if let Some(seq) = s.redeliver_fetches.remove(&fetch) {
+            if messages.is_empty() && end.is_none() {
+                // The read failed (an empty page that is not short): the
+                // nack still stands, so read again.
+                self.redeliver(sub, seq);
+                return;
+            }
             match messages.into_iter().find(|m| m.sequence == seq) {
                 Some(m) if s.redeliver_pending.contains_key(&seq) => s.redeliver_due.push_back(m),
                 _ => {
@@ -729,13 +760,10 @@ impl Broker {
         s.page_fetch = None;
         let from = s.next;
         // A page read just before retention deleted its start is trimmed.
-        let oldest = self.topics.get(&s.topic).map_or(0, |t| {
-            if t.view.first_seq == 0 && t.view.last_seq > 0 {
-                t.view.last_seq + 1 // retention emptied it
-            } else {
-                t.view.first_seq
-            }
-        });
+        let oldest = self
+            .topics
+            .get(&s.topic)
+            .map_or(0, |t| oldest_stored(&t.view));
         s.page.extend(
             messages
                 .into_iter()
@@ -848,12 +876,15 @@ impl Broker {
 
     // ---- timers ----
 
-    fn arm_heartbeat(&mut self, sub: SubId, from_ms: u64) {
-        if self.config.heartbeat_interval_ms > 0 {
-            self.timers.insert((
-                from_ms + self.config.heartbeat_interval_ms,
-                Timer::Heartbeat { sub },
-            ));
+    /// Sets the subscription's heartbeat timer to fire at `at` (its only
+    /// one: the subscription remembers it so it can be removed with it).
+    fn arm_heartbeat(&mut self, sub: SubId, at: u64) {
+        if self.config.heartbeat_interval_ms == 0 {
+            return;
+        }
+        if let Some(s) = self.subs.get_mut(&sub) {
+            s.heartbeat_at = Some(at);
+            self.timers.insert((at, Timer::Heartbeat { sub }));
         }
     }
 
@@ -881,9 +912,9 @@ impl Broker {
                         let latest_seq = self.topics.get(&s.topic).map_or(0, |t| t.view.last_seq);
                         self.actions
                             .push_back(Action::Heartbeat { sub, latest_seq });
-                        self.arm_heartbeat(sub, now_ms);
+                        self.arm_heartbeat(sub, now_ms + self.config.heartbeat_interval_ms);
                     } else {
-                        self.timers.insert((due, Timer::Heartbeat { sub }));
+                        self.arm_heartbeat(sub, due);
                     }
                 }
                 Timer::Redeliver { sub, seq } => self.redeliver(sub, seq),
@@ -947,6 +978,9 @@ impl Broker {
                 let keep = s.redeliver_pending.split_off(&oldest);
                 let gone = std::mem::replace(&mut s.redeliver_pending, keep);
                 drop_redelivery_timers(&mut self.timers, sub, gone);
+                // A read in flight for a dropped nack must not answer a
+                // later nack of the same message (nor bring it back).
+                s.redeliver_fetches.retain(|_, q| *q >= oldest);
                 if s.next < oldest && s.page.is_empty() {
                     s.next = oldest;
                     // An in-flight read of the deleted range is now stale:
@@ -969,7 +1003,7 @@ impl Broker {
         self.tail.remove_topic(topic);
         for sub in t.subs {
             if let Some(gone) = self.subs.remove(&sub) {
-                drop_redelivery_timers(&mut self.timers, sub, gone.redeliver_pending);
+                drop_subscription_timers(&mut self.timers, sub, gone);
             }
             self.actions.push_back(Action::End {
                 sub,
@@ -1055,7 +1089,7 @@ impl Broker {
         if let Some(sub) = g.active {
             t.subs.retain(|s| *s != sub);
             if let Some(gone) = self.subs.remove(&sub) {
-                drop_redelivery_timers(&mut self.timers, sub, gone.redeliver_pending);
+                drop_subscription_timers(&mut self.timers, sub, gone);
             }
             self.actions.push_back(Action::End {
                 sub,
@@ -1073,6 +1107,7 @@ impl Broker {
         let Some(t) = self.topics.get_mut(topic) else {
             return false;
         };
+        let oldest = oldest_stored(&t.view);
         let Some(g) = t.groups.get_mut(group) else {
             return false;
         };
@@ -1086,7 +1121,7 @@ impl Broker {
         g.ledger.reset();
         if let Some(sub) = g.active {
             if let Some(s) = self.subs.get_mut(&sub) {
-                s.next = sequence.saturating_add(1);
+                s.next = sequence.saturating_add(1).max(oldest);
                 s.page.clear();
                 s.page_fetch = None;
                 s.redeliver_due.clear();
@@ -1116,3 +1151,6 @@ impl Group {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod sim;

@@ -641,3 +641,130 @@ fn admin_operations_hold_back_acks_until_they_commit_or_fail() {
     assert!(b.groups("t").is_empty());
     assert!(!b.fence_group("t", "missing"));
 }
+
+#[test]
+fn heartbeat_timers_go_with_their_subscriptions() {
+    let mut b = Broker::new(BrokerConfig {
+        heartbeat_interval_ms: 1_000,
+        ..Default::default()
+    });
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    b.subscribe(2, group("t", "g", Start::Earliest), 10, 0)
+        .unwrap(); // takes 1 over
+    b.subscribe(3, group("t", "h", Start::Earliest), 20, 0)
+        .unwrap();
+    assert_eq!(b.next_deadline(), Some(1_010), "none left of 1");
+    b.tick(1_015); // 2 sends a heartbeat and re-arms for 2_015
+    b.unsubscribe(2);
+    assert_eq!(b.next_deadline(), Some(1_020), "3's; none left of 2");
+    b.delete_group("t", "h");
+    assert_eq!(b.next_deadline(), None);
+}
+
+#[test]
+fn a_consumer_behind_an_emptied_topic_does_not_read_it_again_and_again() {
+    let mut b = Broker::new(BrokerConfig {
+        tail_max_messages: 1,
+        ..Default::default()
+    });
+    publish(&mut b, "t", 1..=3); // 1 and 2 are on disk only
+    b.on_trimmed("t", None); // then retention deleted everything
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    b.grant(1, 10);
+    // The store is empty, so a short page's `end` is 0: below position 1.
+    for _ in 0..3 {
+        let Some(f) = actions(&mut b).into_iter().find_map(|a| match a {
+            Action::Fetch(f) => Some(f),
+            _ => None,
+        }) else {
+            break;
+        };
+        b.on_page(1, f.id, vec![], Some(0));
+    }
+    assert!(
+        actions(&mut b)
+            .iter()
+            .all(|a| !matches!(a, Action::Fetch(_))),
+        "no read of a range retention emptied, over and over"
+    );
+    publish(&mut b, "t", 4..=4);
+    assert_eq!(drain(&mut b, 1, 0), vec![(4, 1)]);
+}
+
+#[test]
+fn a_redelivery_read_outlived_by_its_nack_does_not_answer_the_next_nack() {
+    let mut b = Broker::new(BrokerConfig {
+        tail_max_messages: 1,
+        heartbeat_interval_ms: 0,
+        ..Default::default()
+    });
+    b.subscribe(
+        1,
+        SubscribeRequest {
+            topic: "t".into(),
+            group: None,
+            start: Start::Earliest,
+        },
+        0,
+        0,
+    )
+    .unwrap();
+    publish(&mut b, "t", 1..=1);
+    b.grant(1, 10);
+    drain(&mut b, 1, 0);
+    publish(&mut b, "t", 2..=3); // evicts 1 from memory
+    b.nack(1, &msg("t", 1).id.to_string(), 0, 0);
+    actions(&mut b);
+    b.tick(0);
+    let stale = actions(&mut b)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Fetch(f) => Some(f),
+            _ => None,
+        })
+        .expect("a read of the nacked message");
+    // Retention deletes it while that read is in flight; the client nacks
+    // it again, with a long delay.
+    b.on_trimmed("t", Some((2, 2, 0)));
+    b.nack(1, &msg("t", 1).id.to_string(), 60_000, 0);
+    b.on_page(1, stale.id, vec![msg("t", 1)], None);
+    assert!(drain(&mut b, 1, 0).iter().all(|d| d.0 != 1), "trimmed");
+    b.unsubscribe(1);
+    assert_eq!(b.next_deadline(), None, "no timer left behind");
+}
+
+#[test]
+fn a_failed_redelivery_read_is_asked_again() {
+    let mut b = Broker::new(BrokerConfig {
+        tail_max_messages: 1,
+        heartbeat_interval_ms: 0,
+        ..Default::default()
+    });
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    publish(&mut b, "t", 1..=1);
+    b.grant(1, 1);
+    drain(&mut b, 1, 0);
+    publish(&mut b, "t", 2..=2); // evicts 1 from memory
+    b.nack(1, &msg("t", 1).id.to_string(), 0, 0);
+    actions(&mut b);
+    b.tick(0);
+    let fetch = |b: &mut Broker| {
+        actions(b)
+            .into_iter()
+            .find_map(|a| match a {
+                Action::Fetch(f) => Some(f),
+                _ => None,
+            })
+            .expect("a read of the nacked message")
+    };
+    let failed = fetch(&mut b);
+    b.on_page(1, failed.id, vec![], None); // what the reader sends on error
+    let again = fetch(&mut b);
+    assert_eq!((again.from, again.limit), (1, 1));
+    b.on_page(1, again.id, vec![msg("t", 1)], None);
+    b.grant(1, 1);
+    assert_eq!(drain(&mut b, 1, 0), vec![(1, 2)]);
+}
