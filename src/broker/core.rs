@@ -717,7 +717,10 @@ impl Broker {
             return;
         }
         if s.redeliver_pending.len() >= self.config.max_pending_redeliveries {
-            log::warn!("sub {sub}: too many pending redeliveries, nack of {message_id} dropped");
+            crate::log_limited!(
+                log::Level::Warn,
+                "sub {sub}: too many pending redeliveries, nack of {message_id} dropped"
+            );
             return;
         }
         let due = now_ms + u64::from(delay_ms.min(MAX_REDELIVERY_DELAY_MS));

@@ -398,7 +398,7 @@ impl Reactor {
                     match c.keepalive(now, &self.config.keepalive) {
                         Liveness::Next(at) => self.shared.add_timer(at, Timer::Keepalive(token)),
                         Liveness::Dead(why) => {
-                            log::info!("conn {token}: dropped: {why}");
+                            crate::log_limited!(log::Level::Info, "conn {token}: dropped: {why}");
                             self.close(token);
                         }
                     }
@@ -433,7 +433,8 @@ impl Reactor {
             match listener.accept() {
                 Ok((mut stream, peer)) => {
                     if self.conns.len() >= self.config.max_connections {
-                        log::warn!(
+                        crate::log_limited!(
+                            log::Level::Warn,
                             "refusing connection from {peer}: --max-connections ({}) reached",
                             self.config.max_connections
                         );
@@ -447,7 +448,10 @@ impl Reactor {
                         Token(token),
                         Interest::READABLE | Interest::WRITABLE,
                     ) {
-                        log::warn!("cannot register connection from {peer}: {e}");
+                        crate::log_limited!(
+                            log::Level::Warn,
+                            "cannot register connection from {peer}: {e}"
+                        );
                         continue;
                     }
                     log::debug!("conn {token}: accepted from {peer}");
@@ -470,7 +474,7 @@ impl Reactor {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("accept failed: {e}");
+                    crate::log_limited!(log::Level::Warn, "accept failed: {e}");
                     return;
                 }
             }
@@ -789,7 +793,8 @@ impl Reactor {
                     Some(slot) => conn.poll_slot(slot, shared),
                 }));
                 if outcome.is_err() {
-                    log::error!(
+                    crate::log_limited!(
+                        log::Level::Error,
                         "conn {}: panic while serving it; dropping the connection",
                         id.conn
                     );
@@ -812,7 +817,10 @@ impl Reactor {
         let _ = self.poll.registry().deregister(&mut SourceFd(&conn.fd()));
         let shared = &mut self.shared;
         if catch_unwind(AssertUnwindSafe(|| conn.teardown(shared))).is_err() {
-            log::error!("conn {token}: panic while tearing it down");
+            crate::log_limited!(
+                log::Level::Error,
+                "conn {token}: panic while tearing it down"
+            );
         }
         log::debug!("conn {token}: closed");
         self.apply_actions();

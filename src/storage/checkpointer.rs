@@ -63,7 +63,7 @@ fn catch_up(conn: &Connection, stop: &Receiver<()>) {
         }
         let started = Instant::now();
         if let Err(e) = checkpoint(conn, "PASSIVE") {
-            log::warn!("checkpoint failed: {e}");
+            crate::log_limited!(log::Level::Warn, "checkpoint failed: {e}");
             return;
         }
         if started.elapsed() < SHORT_PASS {
@@ -84,7 +84,7 @@ fn run(
         match checkpoint(&conn, "PASSIVE") {
             Ok((_, log, _)) if log > restart_pages => {
                 if let Err(e) = checkpoint(&conn, "RESTART") {
-                    log::warn!("checkpoint: restart failed: {e}");
+                    crate::log_limited!(log::Level::Warn, "checkpoint: restart failed: {e}");
                 }
             }
             Ok((_, log, _)) if log > WAL_WRAP_PAGES => {
@@ -92,7 +92,7 @@ fn run(
                 wrap_wanted.store(true, Ordering::Relaxed);
             }
             Ok(_) => {}
-            Err(e) => log::warn!("checkpoint failed: {e}"),
+            Err(e) => crate::log_limited!(log::Level::Warn, "checkpoint failed: {e}"),
         }
         if stopping {
             return;

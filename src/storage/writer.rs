@@ -543,7 +543,7 @@ impl GroupCommit {
     fn checkpoint(&mut self) {
         self.unchecked = WalDebt::default();
         if let Err(e) = super::checkpointer::checkpoint(&self.conn, "PASSIVE") {
-            log::warn!("writer: checkpoint failed: {e}");
+            crate::log_limited!(log::Level::Warn, "writer: checkpoint failed: {e}");
         }
     }
 
@@ -556,7 +556,10 @@ impl GroupCommit {
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    log::error!("writer: purging deleted topic {id} failed: {e}");
+                    crate::log_limited!(
+                        log::Level::Error,
+                        "writer: purging deleted topic {id} failed: {e}"
+                    );
                     // Do not spin on a failing purge: retry later.
                     std::thread::sleep(Duration::from_millis(200));
                 }
@@ -581,10 +584,13 @@ impl GroupCommit {
             match result {
                 Ok(()) => out.append(&mut trims),
                 Err(e) => {
-                    log::error!("writer: retention failed: {e}");
+                    crate::log_limited!(log::Level::Error, "writer: retention failed: {e}");
                     self.next_retention = Instant::now() + Duration::from_secs(5);
                     if let Err(e) = self.reload() {
-                        log::error!("writer: re-reading state failed: {e}");
+                        crate::log_limited!(
+                            log::Level::Error,
+                            "writer: re-reading state failed: {e}"
+                        );
                     }
                 }
             }
@@ -600,7 +606,7 @@ impl GroupCommit {
                     Ok(())
                 });
             if let Err(e) = vacuum {
-                log::warn!("writer: incremental vacuum failed: {e}");
+                crate::log_limited!(log::Level::Warn, "writer: incremental vacuum failed: {e}");
             }
         }
     }
@@ -722,7 +728,10 @@ impl GroupCommit {
                     err.message
                 );
                 if let Err(e) = self.reload() {
-                    log::error!("writer: re-reading state after a failed commit failed: {e}");
+                    crate::log_limited!(
+                        log::Level::Error,
+                        "writer: re-reading state after a failed commit failed: {e}"
+                    );
                 }
                 let mut failed = Vec::new();
                 for req in batch.drain(..) {
