@@ -15,12 +15,21 @@ use sluice::proto::{self, health};
 use tonic::{Code, Request};
 use tonic_prost::ProstCodec;
 
-/// Runs `sluice serve` expecting it to exit by itself; (exit code, stderr).
+/// Runs `sluice serve` expecting it to exit by itself within 10 s (else it
+/// is killed); (exit code, stderr).
 fn serve_expecting_exit(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String) {
-    let mut child = Command::new(BIN)
-        .arg("serve")
-        .args(args)
-        .envs(envs.iter().copied())
+    let mut all = vec!["serve"];
+    all.extend_from_slice(args);
+    run_bounded(Command::new(BIN).args(&all).envs(envs.iter().copied()))
+}
+
+/// `program prefix... args...`, bounded like `serve_expecting_exit`.
+fn serve_as(program: &str, prefix: &[&str], args: &[&str]) -> (Option<i32>, String) {
+    run_bounded(Command::new(program).args(prefix).args(args))
+}
+
+fn run_bounded(cmd: &mut Command) -> (Option<i32>, String) {
+    let mut child = cmd
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -449,26 +458,23 @@ async fn a_read_only_database_is_refused_at_start() {
             .status()
             .unwrap();
     }
-    let mut cmd = if run_as_nobody {
-        let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
-        c
+    let dir_s = dir.to_str().unwrap().to_string();
+    let (code, err) = if run_as_nobody {
+        serve_as(
+            "setpriv",
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                BIN,
+                "serve",
+            ],
+            &["--port", "0", "--data-dir", &dir_s],
+        )
     } else {
-        Command::new(BIN)
+        serve_expecting_exit(&["--port", "0", "--data-dir", &dir_s], &[])
     };
-    let out = cmd
-        .args(["serve", "--port", "0", "--data-dir", dir.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = tokio::task::spawn_blocking(move || out.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("not writable") || err.contains("readonly"),
         "{err}"

@@ -21,7 +21,10 @@ async fn refused_connections_cannot_flood_the_log() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = server.log_text();
-    let lines = log.lines().filter(|l| l.contains("refusing connection")).count();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("refusing connection"))
+        .count();
     assert!((1..=2).contains(&lines), "{lines} lines:\n{log}");
     // The held client is still served.
     c.publish("t", b"still").await.unwrap();
@@ -48,7 +51,9 @@ async fn reset_cursor_past_the_newest_message_is_invalid_argument() {
     let server = Server::start();
     let mut c = server.client().await;
     let last = c.publish("t", b"x").await.unwrap().sequence;
-    let mut sub = c.subscribe("t", "g", proto::InitialPosition::Earliest).await;
+    let mut sub = c
+        .subscribe("t", "g", proto::InitialPosition::Earliest)
+        .await;
     sub.send(credit(1)).await;
     sub.delivery(Duration::from_secs(5)).await;
     for bad in [last + 2, u64::MAX] {
