@@ -15,6 +15,8 @@ pub struct ServeConfig {
     pub log_level: Option<String>,
     pub max_message_bytes: usize,
     pub max_batch_messages: usize,
+    pub max_inflight_bytes: usize,
+    pub message_timeout: Duration,
     pub commit_max_messages: usize,
     pub commit_max_bytes: usize,
     pub writer_queue: usize,
@@ -41,6 +43,8 @@ impl Default for ServeConfig {
             log_level: None,
             max_message_bytes: 4 << 20,
             max_batch_messages: 10_000,
+            max_inflight_bytes: 64 << 20,
+            message_timeout: Duration::from_secs(30),
             commit_max_messages: 10_000,
             commit_max_bytes: 16 << 20,
             writer_queue: 4096,
@@ -83,6 +87,11 @@ OPTIONS (each also read from the environment variable shown):
     --max-batch-messages N       most messages in one BatchPublish call; larger calls fail INVALID_ARGUMENT
                                  before anything is stored, so every reply fits a client's default
                                  4 MiB limit (at most 65536) [SLUICE_MAX_BATCH_MESSAGES] (default 10000)
+    --max-inflight-bytes SIZE    request bytes held in incomplete messages across all calls; past it,
+                                 HTTP/2 window is withheld so senders wait [SLUICE_MAX_INFLIGHT_BYTES]
+                                 (default 64MiB)
+    --message-timeout DUR        a request message must complete within this once it started, or its
+                                 call ends DEADLINE_EXCEEDED [SLUICE_MESSAGE_TIMEOUT] (default 30s)
     --commit-max-messages N      most messages in one group commit [SLUICE_COMMIT_MAX_MESSAGES] (default 10000)
     --commit-max-bytes N         most payload bytes in one group commit [SLUICE_COMMIT_MAX_BYTES] (default 16777216)
     --writer-queue N             requests queued for the writer before publishers are held back
@@ -198,6 +207,24 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
             }
             cfg.max_batch_messages = n;
         }
+        "max-inflight-bytes" => {
+            let n = parse_size(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
+            if n < 64 << 10 {
+                return Err(format!(
+                    "invalid value {v:?} for {flag}: must be at least 64KiB"
+                ));
+            }
+            cfg.max_inflight_bytes = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        "message-timeout" => {
+            let d = parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
+            if d.is_zero() {
+                return Err(format!(
+                    "invalid value {v:?} for {flag}: must be more than 0"
+                ));
+            }
+            cfg.message_timeout = d;
+        }
         "commit-max-messages" => cfg.commit_max_messages = positive(&flag, v)?,
         "commit-max-bytes" => cfg.commit_max_bytes = positive(&flag, v)?,
         "writer-queue" => cfg.writer_queue = positive(&flag, v)?,
@@ -278,6 +305,8 @@ const SETTINGS: &[&str] = &[
     "log-level",
     "max-message-bytes",
     "max-batch-messages",
+    "max-inflight-bytes",
+    "message-timeout",
     "commit-max-messages",
     "commit-max-bytes",
     "writer-queue",

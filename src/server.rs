@@ -143,6 +143,8 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
             },
             max_connections: cfg.max_connections,
             max_batch_messages: cfg.max_batch_messages,
+            max_inflight_bytes: cfg.max_inflight_bytes,
+            message_timeout: cfg.message_timeout,
             shutdown_grace: cfg.shutdown_grace,
         },
     )

@@ -69,7 +69,8 @@ impl MessageDecoder {
             });
         }
         if self.buf.len() < PREFIX + len {
-            self.buf.reserve(PREFIX + len - self.buf.len());
+            // The buffer grows as bytes arrive, never by the declared length:
+            // a peer that announces 4 MiB and sends 5 bytes holds 5 bytes.
             return Ok(None);
         }
         self.buf.advance(PREFIX);

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use h2::server::{Connection as H2Connection, Handshake};
 
 use super::health::WatchCall;
+use super::inbound::RequestReader;
 use super::io::SocketIo;
 use super::reflection::ReflectionCall;
 use super::subscribe::SubscribeCall;
@@ -25,6 +26,9 @@ use crate::grpc::headers::{
 };
 use crate::grpc::{Code, Status};
 
+/// The HTTP/2 connection-level receive window (4 MiB).
+const CONNECTION_WINDOW: u32 = 4 << 20;
+
 pub enum Call {
     Unary(UnaryCall),
     Subscribe(SubscribeCall),
@@ -33,6 +37,30 @@ pub enum Call {
 }
 
 impl Call {
+    /// The call's request stream.
+    pub fn reader_mut(&mut self) -> &mut RequestReader {
+        match self {
+            Call::Unary(c) => c.reader_mut(),
+            Call::Subscribe(c) => c.reader_mut(),
+            Call::Watch(c) => c.reader_mut(),
+            Call::Reflection(c) => c.reader_mut(),
+        }
+    }
+
+    /// A request message did not complete within `timeout`.
+    pub fn message_timed_out(&mut self, timeout: Duration) {
+        let status = Status::new(
+            Code::DeadlineExceeded,
+            format!("a request message did not complete within {timeout:?} (--message-timeout)"),
+        );
+        match self {
+            Call::Unary(c) => c.message_timed_out(status),
+            Call::Subscribe(c) => c.finish(status),
+            Call::Watch(c) => c.finish(status),
+            Call::Reflection(c) => c.finish(status),
+        }
+    }
+
     /// The call's deadline passed.
     pub fn expire(&mut self) {
         let status = || Status::new(Code::DeadlineExceeded, "deadline exceeded");
@@ -104,10 +132,13 @@ pub struct H2Settings {
 impl Connection {
     pub fn new(token: usize, io: SocketIo, settings: &H2Settings, queue: Arc<ReadyQueue>) -> Self {
         let fd = io.stream.as_raw_fd();
+        // What one connection may send before its data is read and released:
+        // the bound on what a peer parks in h2's buffers when the in-flight
+        // budget withholds window.
         let conn_window = settings
             .stream_window
-            .saturating_mul(settings.max_concurrent_streams)
-            .saturating_add(1 << 20)
+            .saturating_mul(4)
+            .max(CONNECTION_WINDOW)
             .min(i32::MAX as u32);
         let handshake = h2::server::Builder::new()
             .max_concurrent_streams(settings.max_concurrent_streams)
@@ -371,20 +402,33 @@ impl Connection {
         let done = match &mut s.call {
             Call::Unary(c) => c.poll(uid, shared, &mut cx),
             Call::Subscribe(c) => c.poll(uid, shared, &mut cx),
-            Call::Watch(c) => c.poll(!shared.serving(), &mut cx),
-            Call::Reflection(c) => c.poll(&mut cx),
+            Call::Watch(c) => c.poll(uid, shared, &mut cx),
+            Call::Reflection(c) => c.poll(uid, shared, &mut cx),
         };
         if done {
             self.release(slot, shared);
+        } else if let Some(at) = s.call.reader_mut().arm_stall_timer(shared.message_timeout) {
+            // A partial message is held: it must complete in time.
+            shared.add_timer(at, Timer::MessageStall(uid));
         }
     }
 
+    /// Gives back what a call held: its partial message's budget, its timers.
+    fn forget_call(s: &mut Slot, shared: &mut Shared) {
+        shared.routes.remove(&s.uid);
+        if let Some(at) = s.deadline {
+            shared.remove_timer(at, Timer::Deadline(s.uid));
+        }
+        let reader = s.call.reader_mut();
+        if let Some(at) = reader.armed_timer() {
+            shared.remove_timer(at, Timer::MessageStall(s.uid));
+        }
+        reader.close(&mut shared.inflight);
+    }
+
     fn release(&mut self, slot: usize, shared: &mut Shared) {
-        if let Some(Some(s)) = self.slots.get_mut(slot).map(Option::take) {
-            shared.routes.remove(&s.uid);
-            if let Some(at) = s.deadline {
-                shared.remove_timer(at, Timer::Deadline(s.uid));
-            }
+        if let Some(Some(mut s)) = self.slots.get_mut(slot).map(Option::take) {
+            Self::forget_call(&mut s, shared);
             self.free.push(slot);
             // Frames the call queued are written by the connection task.
             self.schedule();
@@ -395,10 +439,7 @@ impl Connection {
     pub fn teardown(&mut self, shared: &mut Shared) {
         for (i, s) in self.slots.iter_mut().enumerate() {
             if let Some(mut s) = s.take() {
-                shared.routes.remove(&s.uid);
-                if let Some(at) = s.deadline {
-                    shared.remove_timer(at, Timer::Deadline(s.uid));
-                }
+                Self::forget_call(&mut s, shared);
                 if let Call::Subscribe(c) = &mut s.call {
                     c.forget(s.uid, shared);
                 }

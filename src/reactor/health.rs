@@ -2,14 +2,16 @@
 //! current status, then each change (NOT_SERVING from the moment shutdown
 //! starts). `""` and `sluice.v1.Sluice` are the services known.
 
-use std::task::{Context, Poll};
+use std::task::Context;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use prost::Message;
 
+use super::inbound::{Inbound, RequestReader};
 use super::outbound::Outbound;
 use super::unary::frame_status;
+use super::Shared;
 use crate::grpc::headers::CallInfo;
 use crate::grpc::{encode_message, Code, MessageDecoder, Status};
 use crate::proto::health::{
@@ -50,8 +52,7 @@ fn response(status: ServingStatus) -> Bytes {
 }
 
 pub struct WatchCall {
-    recv: Option<RecvStream>,
-    decoder: MessageDecoder,
+    reader: RequestReader,
     out: Outbound,
     /// The watched service, once the request arrived.
     service: Option<String>,
@@ -65,8 +66,10 @@ impl WatchCall {
         info: &CallInfo,
     ) -> Self {
         WatchCall {
-            recv: Some(recv),
-            decoder: MessageDecoder::new(max_message).with_gzip(info.request_gzip),
+            reader: RequestReader::new(
+                recv,
+                MessageDecoder::new(max_message).with_gzip(info.request_gzip),
+            ),
             out: Outbound::new(send),
             service: None,
         }
@@ -81,57 +84,59 @@ impl WatchCall {
         }
         self.out
             .finish(Status::unavailable("server is shutting down"));
-        self.recv = None;
+        self.reader.stop();
     }
 
     pub fn finish(&mut self, status: Status) {
         self.out.finish(status);
-        self.recv = None;
+        self.reader.stop();
+    }
+
+    /// The call's request stream, for the reactor's memory rules.
+    pub fn reader_mut(&mut self) -> &mut RequestReader {
+        &mut self.reader
     }
 
     /// Drives the stream; true once it is finished.
-    pub fn poll(&mut self, shutting_down: bool, cx: &mut Context<'_>) -> bool {
+    pub fn poll(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) -> bool {
+        let shutting_down = !shared.serving();
         if self.out.poll_reset(cx) {
             return true;
         }
-        while let Some(recv) = self.recv.as_mut() {
-            match recv.poll_data(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    let _ = recv.flow_control().release_capacity(chunk.len());
-                    self.decoder.push(&chunk);
-                    match self.decoder.next_message() {
-                        Ok(None) => {}
-                        Ok(Some(body)) => {
-                            self.recv = None;
-                            match HealthCheckRequest::decode(body) {
-                                Ok(req) => {
-                                    let status = status_of(&req.service, shutting_down)
-                                        .unwrap_or(ServingStatus::ServiceUnknown);
-                                    self.out.push(response(status));
-                                    if shutting_down {
-                                        self.out
-                                            .finish(Status::unavailable("server is shutting down"));
-                                    }
-                                    self.service = Some(req.service);
-                                }
-                                Err(e) => self.finish(Status::internal(format!(
-                                    "failed to decode HealthCheckRequest: {e}"
-                                ))),
+        while self.reader.is_open() {
+            match self.reader.poll_next(uid, &mut shared.inflight, cx) {
+                Inbound::Message(body) => {
+                    // One request is the whole of it: stop reading.
+                    self.reader.stop();
+                    match HealthCheckRequest::decode(body) {
+                        Ok(req) => {
+                            let status = status_of(&req.service, shutting_down)
+                                .unwrap_or(ServingStatus::ServiceUnknown);
+                            self.out.push(response(status));
+                            if shutting_down {
+                                self.out
+                                    .finish(Status::unavailable("server is shutting down"));
                             }
+                            self.service = Some(req.service);
                         }
-                        Err(e) => self.finish(frame_status(e)),
+                        Err(e) => self.finish(Status::internal(format!(
+                            "failed to decode HealthCheckRequest: {e}"
+                        ))),
                     }
                 }
-                Poll::Ready(None) => {
-                    self.recv = None;
+                Inbound::Pending => break,
+                Inbound::End => {
                     if self.service.is_none() {
                         self.finish(Status::internal(
                             "Health/Watch request ended without a message",
                         ));
                     }
                 }
-                Poll::Ready(Some(Err(_))) => return true,
-                Poll::Pending => break,
+                Inbound::EndedInsideMessage => self.finish(Status::internal(
+                    "Health/Watch request ended inside a message",
+                )),
+                Inbound::Bad(e) => self.finish(frame_status(e)),
+                Inbound::Reset(_) => return true,
             }
         }
         self.out.flush(cx, || None).unwrap_or(true)

@@ -10,6 +10,7 @@
 
 pub mod connection;
 pub mod health;
+pub mod inbound;
 pub mod io;
 pub mod outbound;
 pub mod reflection;
@@ -74,6 +75,8 @@ pub enum Timer {
     Keepalive(usize),
     /// Refresh the gauge snapshot the metrics exporter reads.
     Gauges,
+    /// A call's partial request message may have stalled past the timeout.
+    MessageStall(u64),
 }
 
 /// State every call handler may touch.
@@ -87,6 +90,10 @@ pub struct Shared {
     pub max_message_bytes: usize,
     /// Most messages one BatchPublish may carry.
     pub max_batch_messages: usize,
+    /// Request bytes held in partial messages, across all calls.
+    pub inflight: inbound::InflightBudget,
+    /// How long one request message may take to arrive.
+    pub message_timeout: Duration,
     pub clock: Clock,
     pub shutting_down: bool,
     /// A read found the database damaged: health says NOT_SERVING.
@@ -205,6 +212,8 @@ pub struct ReactorConfig {
     pub keepalive: Keepalive,
     pub max_connections: usize,
     pub max_batch_messages: usize,
+    pub max_inflight_bytes: usize,
+    pub message_timeout: Duration,
     pub shutdown_grace: Duration,
 }
 
@@ -273,6 +282,8 @@ impl Reactor {
                 routes: HashMap::new(),
                 max_message_bytes: config.h2.max_message_bytes,
                 max_batch_messages: config.max_batch_messages,
+                inflight: inbound::InflightBudget::new(config.max_inflight_bytes),
+                message_timeout: config.message_timeout,
                 clock: Clock {
                     start: Instant::now(),
                 },
@@ -337,6 +348,7 @@ impl Reactor {
             self.shared.broker.tick(now);
             self.apply_actions();
             self.run_tasks(&mut ids);
+            self.wake_budget_waiters();
             self.shared.flush_parked();
             self.flush_fetches();
             if let Some(deadline) = self.shutdown_deadline {
@@ -382,6 +394,21 @@ impl Reactor {
                         c.schedule_slot(slot);
                     }
                 }
+                Timer::MessageStall(uid) => {
+                    let Some(&(conn, slot)) = self.shared.routes.get(&uid) else {
+                        continue;
+                    };
+                    let timeout = self.shared.message_timeout;
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        if let Some(call) = c.call_mut(slot, uid) {
+                            if call.reader_mut().stalled(now, timeout) {
+                                log::debug!("call {uid}: request message stalled");
+                                call.message_timed_out(timeout);
+                            }
+                        }
+                        c.schedule_slot(slot);
+                    }
+                }
                 Timer::Gauges => {
                     self.refresh_gauges();
                     let every = self
@@ -402,6 +429,18 @@ impl Reactor {
                             self.close(token);
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Calls that held back HTTP/2 window for lack of budget go again once
+    /// some came free.
+    fn wake_budget_waiters(&mut self) {
+        for uid in self.shared.inflight.take_waiting() {
+            if let Some(&(conn, slot)) = self.shared.routes.get(&uid) {
+                if let Some(c) = self.conns.get(&conn) {
+                    c.schedule_slot(slot);
                 }
             }
         }

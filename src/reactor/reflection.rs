@@ -5,15 +5,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
+use std::task::Context;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use prost::Message;
 use prost_types::{DescriptorProto, FileDescriptorSet};
 
+use super::inbound::{Inbound, RequestReader};
 use super::outbound::Outbound;
 use super::unary::frame_status;
+use super::Shared;
 use crate::grpc::headers::CallInfo;
 use crate::grpc::{encode_message, Code, MessageDecoder, Status};
 use crate::proto::reflection_v1::{
@@ -163,8 +165,7 @@ impl Descriptors {
 const MAX_QUEUED: usize = 16;
 
 pub struct ReflectionCall {
-    recv: Option<RecvStream>,
-    decoder: MessageDecoder,
+    reader: RequestReader,
     out: Outbound,
 }
 
@@ -176,91 +177,77 @@ impl ReflectionCall {
         info: &CallInfo,
     ) -> Self {
         ReflectionCall {
-            recv: Some(recv),
-            decoder: MessageDecoder::new(max_message).with_gzip(info.request_gzip),
+            reader: RequestReader::new(
+                recv,
+                MessageDecoder::new(max_message).with_gzip(info.request_gzip),
+            ),
             out: Outbound::new(send),
         }
     }
 
     pub fn finish(&mut self, status: Status) {
         self.out.finish(status);
-        self.recv = None;
+        self.reader.stop();
     }
 
-    /// Answers buffered requests while fewer than `MAX_QUEUED` answers wait.
-    fn answer_buffered(&mut self) {
-        while self.out.queued() < MAX_QUEUED && !self.out.is_finishing() {
-            match self.decoder.next_message() {
-                Ok(None) => return,
-                Ok(Some(body)) => match ServerReflectionRequest::decode(body) {
-                    Ok(req) => {
-                        let answer = req
-                            .message_request
-                            .as_ref()
-                            .map(|m| Descriptors::get().answer(m))
-                            .unwrap_or_else(|| {
-                                MessageResponse::ErrorResponse(ErrorResponse {
-                                    error_code: Code::InvalidArgument as i32,
-                                    error_message: "empty reflection request".into(),
-                                })
-                            });
-                        self.out.push(encode_message(&ServerReflectionResponse {
-                            valid_host: req.host.clone(),
-                            original_request: Some(req),
-                            message_response: Some(answer),
-                        }));
-                    }
-                    Err(e) => {
-                        self.finish(Status::internal(format!(
-                            "failed to decode ServerReflectionRequest: {e}"
-                        )));
-                        return;
-                    }
-                },
-                Err(e) => {
-                    self.finish(frame_status(e));
-                    return;
-                }
+    /// The call's request stream, for the reactor's memory rules.
+    pub fn reader_mut(&mut self) -> &mut RequestReader {
+        &mut self.reader
+    }
+
+    /// Answers one request.
+    fn answer(&mut self, body: Bytes) {
+        match ServerReflectionRequest::decode(body) {
+            Ok(req) => {
+                let answer = req
+                    .message_request
+                    .as_ref()
+                    .map(|m| Descriptors::get().answer(m))
+                    .unwrap_or_else(|| {
+                        MessageResponse::ErrorResponse(ErrorResponse {
+                            error_code: Code::InvalidArgument as i32,
+                            error_message: "empty reflection request".into(),
+                        })
+                    });
+                self.out.push(encode_message(&ServerReflectionResponse {
+                    valid_host: req.host.clone(),
+                    original_request: Some(req),
+                    message_response: Some(answer),
+                }));
             }
+            Err(e) => self.finish(Status::internal(format!(
+                "failed to decode ServerReflectionRequest: {e}"
+            ))),
         }
     }
 
-    /// Drives the stream; true once it is finished.
-    pub fn poll(&mut self, cx: &mut Context<'_>) -> bool {
+    /// Drives the stream; true once it is finished. Requests are read only
+    /// while fewer than `MAX_QUEUED` answers wait to be sent.
+    pub fn poll(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) -> bool {
         if self.out.poll_reset(cx) {
             return true;
         }
-        loop {
-            self.answer_buffered();
+        let mut starved = false;
+        while self.reader.is_open() {
             if self.out.queued() >= MAX_QUEUED {
+                starved = true;
                 break;
             }
-            let Some(recv) = self.recv.as_mut() else {
-                break;
-            };
-            match recv.poll_data(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    let _ = recv.flow_control().release_capacity(chunk.len());
-                    self.decoder.push(&chunk);
+            match self.reader.poll_next(uid, &mut shared.inflight, cx) {
+                Inbound::Message(body) => self.answer(body),
+                Inbound::Pending => break,
+                // The client is done: once every request is answered, so are we.
+                Inbound::End => self.finish(Status::ok()),
+                Inbound::EndedInsideMessage => {
+                    self.finish(Status::internal("request stream ended inside a message"))
                 }
-                Poll::Ready(None) => self.recv = None,
-                Poll::Ready(Some(Err(_))) => return true,
-                Poll::Pending => break,
-            }
-        }
-        // The client is done: once every request is answered, so are we.
-        if self.recv.is_none() && self.out.queued() < MAX_QUEUED {
-            self.answer_buffered();
-            if self.out.queued() < MAX_QUEUED {
-                match self.decoder.buffered() {
-                    0 => self.finish(Status::ok()),
-                    _ => self.finish(Status::internal("request stream ended inside a message")),
-                }
+                Inbound::Bad(e) => self.finish(frame_status(e)),
+                Inbound::Reset(_) => return true,
             }
         }
         let done = self.out.flush(cx, || None).unwrap_or(true);
-        // Answers went out and requests are still buffered: come back.
-        if !done && self.out.queued() < MAX_QUEUED && self.decoder.buffered() > 0 {
+        // Reading stopped for a full queue and answers went out: come back.
+        if !done && starved && self.out.queued() < MAX_QUEUED {
             cx.waker().wake_by_ref();
         }
         done

@@ -5,12 +5,13 @@
 //! at most one encoded message waits for capacity, nothing more.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Context;
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use prost::Message;
 
+use super::inbound::{Inbound, RequestReader};
 use super::outbound::Outbound;
 use super::unary::frame_status;
 use super::Shared;
@@ -20,10 +21,9 @@ use crate::grpc::{encode_message, encode_message_with, Code, MessageDecoder, Sta
 use crate::proto::{self, subscribe_downstream, subscribe_upstream};
 
 pub struct SubscribeCall {
-    /// `None` once the client half-closed (it may still receive).
-    recv: Option<RecvStream>,
+    /// Closed once the client half-closed (it may still receive).
+    reader: RequestReader,
     out: Outbound,
-    decoder: MessageDecoder,
     initialised: bool,
     /// Compress deliveries (the client negotiated gzip).
     gzip: bool,
@@ -103,9 +103,11 @@ impl SubscribeCall {
         info: &CallInfo,
     ) -> Self {
         SubscribeCall {
-            recv: Some(recv),
+            reader: RequestReader::new(
+                recv,
+                MessageDecoder::new(max_message).with_gzip(info.request_gzip),
+            ),
             out: Outbound::new(send),
-            decoder: MessageDecoder::new(max_message).with_gzip(info.request_gzip),
             initialised: false,
             gzip: info.respond_gzip,
             half_closed: false,
@@ -162,7 +164,12 @@ impl SubscribeCall {
     /// Ends the stream with `status` (after whatever is queued).
     pub fn finish(&mut self, status: Status) {
         self.out.finish(status);
-        self.recv = None;
+        self.reader.stop();
+    }
+
+    /// The call's request stream, for the reactor's memory rules.
+    pub fn reader_mut(&mut self) -> &mut RequestReader {
+        &mut self.reader
     }
 
     /// Drives the stream; true once it is finished and can be dropped.
@@ -220,39 +227,19 @@ impl SubscribeCall {
     }
 
     fn read(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) {
-        while let Some(recv) = self.recv.as_mut() {
-            match recv.poll_data(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    let _ = recv.flow_control().release_capacity(chunk.len());
-                    self.decoder.push(&chunk);
-                    loop {
-                        match self.decoder.next_message() {
-                            Ok(Some(body)) => {
-                                if let Err(status) = self.on_message(body, uid, shared) {
-                                    self.forget(uid, shared);
-                                    self.finish(status);
-                                    return;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                self.forget(uid, shared);
-                                self.finish(frame_status(e));
-                                return;
-                            }
-                        }
+        while self.reader.is_open() {
+            match self.reader.poll_next(uid, &mut shared.inflight, cx) {
+                Inbound::Message(body) => {
+                    if let Err(status) = self.on_message(body, uid, shared) {
+                        self.forget(uid, shared);
+                        self.finish(status);
+                        return;
                     }
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    log::debug!("sub {uid}: upstream failed: {e}");
-                    self.forget(uid, shared);
-                    self.finish(Status::new(Code::Cancelled, "stream reset"));
-                    return;
-                }
-                Poll::Ready(None) => {
+                Inbound::Pending => return,
+                Inbound::End => {
                     // Half-closed: no more credit will come, but what was
                     // granted is still delivered.
-                    self.recv = None;
                     self.half_closed = true;
                     if !self.initialised && !self.out.is_finishing() {
                         self.finish(Status::invalid_argument(
@@ -260,7 +247,24 @@ impl SubscribeCall {
                         ));
                     }
                 }
-                Poll::Pending => return,
+                Inbound::EndedInsideMessage => {
+                    self.forget(uid, shared);
+                    self.finish(Status::internal(
+                        "Subscribe request stream ended inside a message",
+                    ));
+                    return;
+                }
+                Inbound::Bad(e) => {
+                    self.forget(uid, shared);
+                    self.finish(frame_status(e));
+                    return;
+                }
+                Inbound::Reset(e) => {
+                    log::debug!("sub {uid}: upstream failed: {e}");
+                    self.forget(uid, shared);
+                    self.finish(Status::new(Code::Cancelled, "stream reset"));
+                    return;
+                }
             }
         }
     }

@@ -1,15 +1,18 @@
 //! `UnaryCall`: one request message in, one response (or a status) out.
-//! Reads the length-prefixed request, hands it to the method's handler, and
+//! Reads the request stream to its end; exactly one message is a request
+//! (none, two, or a stream ending inside a message is `INTERNAL` and nothing
+//! is handled). Hands it to the method's handler, and
 //! sends HEADERS + DATA + trailers once the answer is ready (for Publish:
 //! after the writer's commit returned). Errors before that go Trailers-Only.
 
-use std::task::{Context, Poll};
+use std::task::Context;
 use std::time::Instant;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
 
+use super::inbound::{Inbound, RequestReader};
 use super::rpc::{self, Handled, PublishMeta};
 use super::Shared;
 use crate::grpc::framing::compress_framed;
@@ -30,9 +33,10 @@ pub struct UnaryCall {
     started: Instant,
     /// Set for publishes: metrics and the span to finish with the reply.
     publish: Option<PublishMeta>,
-    recv: Option<RecvStream>,
+    reader: RequestReader,
+    /// The request message, held until the stream ends.
+    request: Option<Bytes>,
     respond: SendResponse<Bytes>,
-    decoder: MessageDecoder,
     state: State,
 }
 
@@ -73,9 +77,12 @@ impl UnaryCall {
             info: info.clone(),
             started: Instant::now(),
             publish: None,
-            recv: Some(recv),
+            reader: RequestReader::new(
+                recv,
+                MessageDecoder::new(max_message).with_gzip(info.request_gzip),
+            ),
+            request: None,
             respond,
-            decoder: MessageDecoder::new(max_message).with_gzip(info.request_gzip),
             state: State::Reading,
         }
     }
@@ -87,7 +94,7 @@ impl UnaryCall {
     /// The call's deadline passed: answer DEADLINE_EXCEEDED unless done.
     pub fn expire(&mut self) {
         if matches!(self.state, State::Reading | State::Waiting) {
-            self.recv = None;
+            self.reader.stop();
             self.state = State::Reply(Err(Status::new(
                 crate::grpc::Code::DeadlineExceeded,
                 "deadline exceeded",
@@ -122,60 +129,65 @@ impl UnaryCall {
         matches!(self.state, State::Done)
     }
 
+    /// The call's request stream, for the reactor's memory rules.
+    pub fn reader_mut(&mut self) -> &mut RequestReader {
+        &mut self.reader
+    }
+
+    /// Its message did not complete in time: answer, stop reading.
+    pub fn message_timed_out(&mut self, status: Status) {
+        if matches!(self.state, State::Reading) {
+            self.reader.stop();
+            self.state = State::Reply(Err(status));
+        }
+    }
+
     fn read(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) {
-        let Some(recv) = self.recv.as_mut() else {
-            return;
-        };
+        let name = self.info.method.name();
+        let failed = |why: &str| State::Reply(Err(Status::internal(format!("{name} {why}"))));
         loop {
-            match recv.poll_data(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    let _ = recv.flow_control().release_capacity(chunk.len());
-                    self.decoder.push(&chunk);
-                    match self.decoder.next_message() {
-                        Ok(None) => continue,
-                        Ok(Some(body)) => {
-                            // One message is the whole request: stop reading.
-                            self.recv = None;
-                            self.state = match rpc::handle_unary(
-                                self.info.method,
-                                body,
-                                uid,
-                                shared,
-                                &self.info,
-                                &mut self.publish,
-                            ) {
-                                Handled::Reply(r) => State::Reply(r),
-                                Handled::Submitted => State::Waiting,
-                            };
-                            return;
-                        }
-                        Err(e) => {
-                            self.recv = None;
-                            self.state = State::Reply(Err(frame_status(e)));
-                            return;
-                        }
+            match self.reader.poll_next(uid, &mut shared.inflight, cx) {
+                Inbound::Message(body) => {
+                    if self.request.is_some() {
+                        self.reader.close(&mut shared.inflight);
+                        self.state = failed("request carried more than one message");
+                        return;
                     }
+                    self.request = Some(body);
                 }
-                Poll::Ready(Some(Err(e))) => {
+                Inbound::Pending => return,
+                Inbound::End => {
+                    self.reader.close(&mut shared.inflight);
+                    let Some(body) = self.request.take() else {
+                        self.state = failed("request ended without a message");
+                        return;
+                    };
+                    self.state = match rpc::handle_unary(
+                        self.info.method,
+                        body,
+                        uid,
+                        shared,
+                        &self.info,
+                        &mut self.publish,
+                    ) {
+                        Handled::Reply(r) => State::Reply(r),
+                        Handled::Submitted => State::Waiting,
+                    };
+                    return;
+                }
+                Inbound::EndedInsideMessage => {
+                    self.state = failed("request ended inside a message");
+                    return;
+                }
+                Inbound::Bad(e) => {
+                    self.state = State::Reply(Err(frame_status(e)));
+                    return;
+                }
+                Inbound::Reset(e) => {
                     log::debug!("call {uid}: request stream failed: {e}");
-                    self.recv = None;
                     self.state = State::Done;
                     return;
                 }
-                Poll::Ready(None) => {
-                    self.recv = None;
-                    let why = if self.decoder.buffered() > 0 {
-                        "request ended inside a message"
-                    } else {
-                        "request ended without a message"
-                    };
-                    self.state = State::Reply(Err(Status::internal(format!(
-                        "{} {why}",
-                        self.info.method.name()
-                    ))));
-                    return;
-                }
-                Poll::Pending => return,
             }
         }
     }
