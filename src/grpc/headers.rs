@@ -104,9 +104,15 @@ pub fn check_request<B>(req: &Request<B>) -> Result<CallInfo, Refusal> {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let is_grpc = content_type == "application/grpc"
-        || content_type.starts_with("application/grpc+proto")
-        || content_type.starts_with("application/grpc;");
+    // Media types compare case-insensitively (RFC 9110 §8.3.1); parameters
+    // after ';' are ignored.
+    let media_type = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let is_grpc = media_type == "application/grpc" || media_type == "application/grpc+proto";
     if !is_grpc {
         return Err(Refusal::Http(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -274,6 +280,22 @@ mod tests {
     #[test]
     fn routes_known_methods() {
         let info = check_request(&req("/sluice.v1.Sluice/Publish", "application/grpc")).unwrap();
+        for ct in [
+            "APPLICATION/GRPC",
+            "Application/gRPC+Proto",
+            "application/grpc ; charset=utf-8",
+        ] {
+            assert!(
+                check_request(&req("/sluice.v1.Sluice/Publish", ct)).is_ok(),
+                "{ct}"
+            );
+        }
+        for ct in ["application/grpc+json", "application/grpcx", "text/plain"] {
+            assert!(
+                check_request(&req("/sluice.v1.Sluice/Publish", ct)).is_err(),
+                "{ct}"
+            );
+        }
         assert_eq!(info.method, Method::Publish);
         let info = check_request(&req(
             "/sluice.v1.Sluice/Subscribe",
@@ -506,7 +528,7 @@ mod fuzz {
             let text = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
             let ct = text("content-type").unwrap_or("");
             let result = check_request(&req);
-            if !ct.starts_with("application/grpc") {
+            if !ct.to_ascii_lowercase().starts_with("application/grpc") {
                 prop_assert!(matches!(
                     result,
                     Err(Refusal::Http(StatusCode::UNSUPPORTED_MEDIA_TYPE, _))
