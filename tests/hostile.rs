@@ -83,3 +83,225 @@ async fn reset_cursor_past_the_newest_message_is_invalid_argument() {
         .unwrap();
     assert!(ok.updated);
 }
+
+// ---------------------------------------------------------------------------
+// Raw HTTP/2: what tonic would never send
+// ---------------------------------------------------------------------------
+
+use bytes::Bytes;
+use h2::client::{ResponseFuture, SendRequest};
+use prost::Message;
+
+struct Raw {
+    h2: SendRequest<Bytes>,
+    port: u16,
+    _driver: tokio::task::JoinHandle<()>,
+}
+
+impl Raw {
+    async fn connect(port: u16) -> Raw {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (h2, conn) = h2::client::Builder::new()
+            .max_concurrent_reset_streams(1024)
+            .handshake(tcp)
+            .await
+            .unwrap();
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Raw {
+            h2,
+            port,
+            _driver: driver,
+        }
+    }
+
+    async fn open(
+        &mut self,
+        method: &str,
+        content_type: &str,
+    ) -> (ResponseFuture, h2::SendStream<Bytes>) {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!(
+                "http://127.0.0.1:{}/sluice.v1.Sluice/{method}",
+                self.port
+            ))
+            .header("content-type", content_type)
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let mut ready = tokio::time::timeout(Duration::from_secs(10), self.h2.clone().ready())
+            .await
+            .expect("a stream slot")
+            .unwrap();
+        ready.send_request(req, false).unwrap()
+    }
+}
+
+fn framed(msg: &impl Message) -> Vec<u8> {
+    let body = msg.encode_to_vec();
+    let mut out = vec![0u8];
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// (HTTP status, grpc-status, grpc-message) of a finished call.
+async fn outcome(resp: ResponseFuture) -> (u16, Option<i32>, String) {
+    tokio::time::timeout(Duration::from_secs(10), async move {
+        let resp = resp.await.expect("response");
+        let (parts, mut body) = resp.into_parts();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("body");
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let trailers = body.trailers().await.ok().flatten();
+        let get = |k: &str| {
+            trailers
+                .as_ref()
+                .and_then(|t| t.get(k))
+                .or_else(|| parts.headers.get(k))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        (
+            parts.status.as_u16(),
+            get("grpc-status").and_then(|s| s.parse().ok()),
+            get("grpc-message").unwrap_or_default(),
+        )
+    })
+    .await
+    .expect("the call finished")
+}
+
+fn publish(topic: &str) -> proto::PublishRequest {
+    proto::PublishRequest {
+        topic: topic.into(),
+        payload: b"p".to_vec().into(),
+        attributes: Default::default(),
+    }
+}
+
+const INTERNAL: i32 = 13;
+
+#[tokio::test]
+async fn a_unary_call_with_two_messages_or_trailing_bytes_is_internal_and_publishes_nothing() {
+    let server = Server::start();
+    let mut raw = Raw::connect(server.port).await;
+    // Two whole messages.
+    let (resp, mut send) = raw.open("Publish", "application/grpc").await;
+    let mut two = framed(&publish("two"));
+    two.extend(framed(&publish("two")));
+    send.send_data(two.into(), true).unwrap();
+    let (_, status, msg) = outcome(resp).await;
+    assert_eq!(status, Some(INTERNAL), "{msg}");
+    // One message, then garbage.
+    let (resp, mut send) = raw.open("Publish", "application/grpc").await;
+    let mut tail = framed(&publish("tail"));
+    tail.extend_from_slice(&[0, 0, 0]);
+    send.send_data(tail.into(), true).unwrap();
+    let (_, status, msg) = outcome(resp).await;
+    assert_eq!(status, Some(INTERNAL), "{msg}");
+    assert!(msg.contains("inside a message"), "{msg}");
+    let mut c = server.client().await;
+    assert!(
+        c.list_topics().await.unwrap().topics.is_empty(),
+        "nothing was published"
+    );
+}
+
+#[tokio::test]
+async fn a_subscribe_stream_cut_inside_a_message_is_internal() {
+    let server = Server::start();
+    let mut raw = Raw::connect(server.port).await;
+    let init = framed(&init("t", "g", proto::InitialPosition::Earliest));
+    // A whole Init, then a partial length prefix and END_STREAM.
+    let (resp, mut send) = raw.open("Subscribe", "application/grpc").await;
+    let mut body = init.clone();
+    body.extend_from_slice(&[0, 0]);
+    send.send_data(body.into(), true).unwrap();
+    let (_, status, msg) = outcome(resp).await;
+    assert_eq!(status, Some(INTERNAL), "{msg}");
+    // A truncated first message.
+    let (resp, mut send) = raw.open("Subscribe", "application/grpc").await;
+    send.send_data(Bytes::copy_from_slice(&init[..init.len() - 2]), true)
+        .unwrap();
+    let (_, status, msg) = outcome(resp).await;
+    assert_eq!(status, Some(INTERNAL), "{msg}");
+    assert!(msg.contains("inside a message"), "{msg}");
+}
+
+#[tokio::test]
+async fn content_type_is_matched_case_insensitively() {
+    let server = Server::start();
+    let mut raw = Raw::connect(server.port).await;
+    let (resp, mut send) = raw.open("Publish", "APPLICATION/GRPC").await;
+    send.send_data(framed(&publish("upper")).into(), true)
+        .unwrap();
+    let (http, status, msg) = outcome(resp).await;
+    assert_eq!((http, status), (200, Some(0)), "{msg}");
+}
+
+#[tokio::test]
+async fn a_stalled_message_ends_its_call_after_the_message_timeout() {
+    let server = Server::start_with(&["--message-timeout", "1s"]);
+    let mut raw = Raw::connect(server.port).await;
+    let (resp, mut send) = raw.open("Publish", "application/grpc").await;
+    let whole = framed(&proto::PublishRequest {
+        topic: "slow".into(),
+        payload: vec![1u8; 10_000].into(),
+        attributes: Default::default(),
+    });
+    send.send_data(Bytes::copy_from_slice(&whole[..whole.len() - 1]), false)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (_, status, msg) = outcome(resp).await;
+    assert_eq!(status, Some(4), "DEADLINE_EXCEEDED: {msg}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(send);
+}
+
+/// The attack from issue 10: streams announce 4 MiB messages, send all but
+/// one byte and stop. The broker holds at most its budget (plus the
+/// connection window h2 buffers) and keeps serving others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_partial_messages_stay_within_the_inflight_budget() {
+    let _heavy = serial().await;
+    // The defaults: a 64 MiB budget, 4 MiB messages, 256 streams.
+    let server = Server::start();
+    let idle_rss = server.rss_kb();
+    let mut raw = Raw::connect(server.port).await;
+    let body = Bytes::from(vec![0x5au8; (4 << 20) - 5]);
+    let mut prefix = vec![0u8];
+    prefix.extend_from_slice(&((4u32 << 20) - 5).to_be_bytes());
+    let prefix = Bytes::from(prefix);
+    let mut streams = Vec::new();
+    for _ in 0..256 {
+        let (resp, mut send) = raw.open("Publish", "application/grpc").await;
+        send.send_data(prefix.clone(), false).unwrap();
+        // All but the last byte of the message.
+        send.send_data(body.slice(..body.len() - 1), false).unwrap();
+        streams.push((resp, send));
+    }
+    // Let the server take what it will.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = server.rss_kb();
+    // Meanwhile another client is served.
+    let mut c = server.client().await;
+    let t = std::time::Instant::now();
+    c.publish("innocent", b"x").await.unwrap();
+    let innocent = t.elapsed();
+    eprintln!(
+        "RSS idle {idle_rss} kB, under attack {rss} kB (256 stalled 4 MiB messages, 1 GiB announced); innocent publish {innocent:?}"
+    );
+    // Budget 64 MiB + 4 MiB connection window + a fixed overhead.
+    assert!(
+        rss < idle_rss + 90 * 1024,
+        "RSS {rss} kB (idle {idle_rss} kB)"
+    );
+    assert!(innocent < Duration::from_secs(1), "{innocent:?}");
+    drop(streams);
+}
