@@ -305,3 +305,60 @@ async fn stalled_partial_messages_stay_within_the_inflight_budget() {
     assert!(innocent < Duration::from_secs(1), "{innocent:?}");
     drop(streams);
 }
+
+#[tokio::test]
+async fn group_names_follow_the_topic_rule_on_every_rpc_and_offsets_stay_in_range() {
+    let server = Server::start();
+    let mut c = server.client().await;
+    let last = c.publish("t", b"x").await.unwrap().sequence;
+    for bad in ["a\0b", "a/b", "two\nlines", &"g".repeat(70_000)] {
+        // The status may come with the response headers or on the first read.
+        let status = match c
+            .subscribe_with(init("t", bad, proto::InitialPosition::Earliest))
+            .await
+        {
+            Err(s) => s,
+            Ok(mut sub) => match sub.next_within(Duration::from_secs(5)).await {
+                Some(Err(s)) => s,
+                other => panic!("{bad:?}: {other:?}"),
+            },
+        };
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}: {status:?}");
+        let err = c
+            .unary::<_, proto::DeleteConsumerGroupResponse>(
+                "DeleteConsumerGroup",
+                proto::DeleteConsumerGroupRequest {
+                    topic: "t".into(),
+                    consumer_group: bad.into(),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        let err = c
+            .unary::<_, proto::ResetCursorResponse>(
+                "ResetCursor",
+                proto::ResetCursorRequest {
+                    topic: "t".into(),
+                    consumer_group: bad.into(),
+                    sequence: 0,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+    // OFFSET past the newest message + 1.
+    let mut first = init("t", "g", proto::InitialPosition::Offset);
+    if let Some(proto::subscribe_upstream::Request::Init(i)) = &mut first.request {
+        i.offset = last + 2;
+    }
+    let status = match c.subscribe_with(first).await {
+        Err(s) => s,
+        Ok(mut sub) => match sub.next_within(Duration::from_secs(5)).await {
+            Some(Err(s)) => s,
+            other => panic!("{other:?}"),
+        },
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+}

@@ -17,4 +17,4 @@ pub use self::core::{
 };
 pub use message::StoredMessage;
 pub use message_id::MessageId;
-pub use topic_name::{validate_topic_name, TOPIC_NAME_RULE};
+pub use topic_name::{validate_group_name, validate_topic_name, GROUP_NAME_RULE, TOPIC_NAME_RULE};

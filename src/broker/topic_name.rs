@@ -19,9 +19,37 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// The same rule for consumer-group names, applied on every RPC (an empty
+/// name means `default`).
+pub const GROUP_NAME_RULE: &str =
+    "consumer group names are 1 to 255 characters of [A-Za-z0-9._-] (empty means \"default\")";
+
+/// Checks a consumer-group name (empty is allowed: it means `default`).
+pub fn validate_group_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || validate_topic_name(name).is_ok() {
+        Ok(())
+    } else {
+        let shown: String = name.chars().take(64).collect();
+        Err(format!(
+            "invalid consumer group name {shown:?}: {GROUP_NAME_RULE}"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_names_follow_the_topic_rule_or_are_empty() {
+        assert!(validate_group_name("").is_ok());
+        assert!(validate_group_name("billing.v2_EU-west").is_ok());
+        for bad in ["a\0b", "a/b", "line\nbreak", &"g".repeat(70_000)] {
+            let err = validate_group_name(bad).unwrap_err();
+            assert!(err.contains("consumer group"), "{err}");
+            assert!(err.len() < 300, "the name is cut in the message");
+        }
+    }
 
     #[test]
     fn accepts_the_allowed_alphabet() {

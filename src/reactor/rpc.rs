@@ -80,15 +80,21 @@ impl Validate for proto::DeleteTopicRequest {
     }
 }
 
+fn valid_group(name: &str) -> Result<(), Status> {
+    crate::broker::validate_group_name(name).map_err(Status::invalid_argument)
+}
+
 impl Validate for proto::DeleteConsumerGroupRequest {
     fn validate(&self) -> Result<(), Status> {
-        valid_topic(&self.topic)
+        valid_topic(&self.topic)?;
+        valid_group(&self.consumer_group)
     }
 }
 
 impl Validate for proto::ResetCursorRequest {
     fn validate(&self) -> Result<(), Status> {
-        valid_topic(&self.topic)
+        valid_topic(&self.topic)?;
+        valid_group(&self.consumer_group)
     }
 }
 
@@ -565,8 +571,13 @@ mod fuzz {
         ) {
             // The three share field numbers 1 (and 2): one body tests all.
             check(&body, |m: &proto::DeleteTopicRequest| rule_ok(&m.topic))?;
-            check(&body, |m: &proto::DeleteConsumerGroupRequest| rule_ok(&m.topic))?;
-            check(&body, |m: &proto::ResetCursorRequest| rule_ok(&m.topic))?;
+            let group_ok = |g: &str| g.is_empty() || rule_ok(g);
+            check(&body, |m: &proto::DeleteConsumerGroupRequest| {
+                rule_ok(&m.topic) && group_ok(&m.consumer_group)
+            })?;
+            check(&body, |m: &proto::ResetCursorRequest| {
+                rule_ok(&m.topic) && group_ok(&m.consumer_group)
+            })?;
         }
 
         #[test]

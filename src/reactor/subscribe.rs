@@ -71,7 +71,11 @@ pub fn subscription_request(
         }
     };
     let group = match proto::SubscriptionMode::try_from(init.mode) {
-        Ok(proto::SubscriptionMode::ConsumerGroup) => Some(init.consumer_group),
+        Ok(proto::SubscriptionMode::ConsumerGroup) => {
+            crate::broker::validate_group_name(&init.consumer_group)
+                .map_err(Status::invalid_argument)?;
+            Some(init.consumer_group)
+        }
         Ok(proto::SubscriptionMode::Browse) => None,
         Err(_) => {
             return Err(Status::invalid_argument(format!(
@@ -289,6 +293,14 @@ impl SubscribeCall {
             };
             let consumer = init.consumer_id.clone();
             let (request, label) = subscription_request(init)?;
+            if let Start::Offset(offset) = request.start {
+                let last = shared.broker.last_sequence();
+                if offset > last.saturating_add(1) {
+                    return Err(Status::invalid_argument(format!(
+                        "offset {offset} is past the newest message (last sequence {last})"
+                    )));
+                }
+            }
             let topic: Arc<str> = request.topic.as_str().into();
             let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
             shared
@@ -469,7 +481,12 @@ mod fuzz {
                 return Ok(());
             };
             let known = (0..3).contains(&init.initial_position) && (0..2).contains(&init.mode);
-            let topic_ok = rule_ok(&init.topic);
+            // Group names follow the topic rule (empty means "default");
+            // BROWSE ignores the group.
+            let group_ok = init.mode == 1
+                || init.consumer_group.is_empty()
+                || rule_ok(&init.consumer_group);
+            let topic_ok = rule_ok(&init.topic) && group_ok;
             match subscription_request(init.clone()) {
                 Ok((request, label)) => {
                     prop_assert!(known && topic_ok);
