@@ -14,7 +14,6 @@ use bytes::Bytes;
 use h2::server::{Connection as H2Connection, Handshake};
 
 use super::health::WatchCall;
-use super::io::SocketIo;
 use super::reflection::ReflectionCall;
 use super::subscribe::SubscribeCall;
 use super::task::{ReadyQueue, TaskId, TaskWaker};
@@ -24,6 +23,7 @@ use crate::grpc::headers::{
     check_request, http_refusal, response_headers_with, trailers_only, Method, Refusal,
 };
 use crate::grpc::{Code, Status};
+use crate::socket_io::SocketIo;
 
 pub enum Call {
     Unary(UnaryCall),
