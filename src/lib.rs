@@ -1,8 +1,9 @@
 //! Sluice: a durable, gRPC-native message broker.
 //!
 //! Layering (every arrow points down): `server` wires threads together;
-//! `reactor` owns sockets and drives HTTP/2 + gRPC; `grpc` is pure framing and
-//! status handling; `broker` is the sans-IO state machine (topics,
+//! `reactor` owns sockets and drives HTTP/2 + gRPC; `socket_io` adapts a mio
+//! socket to the async IO traits h2 needs (for the reactor and the CLI
+//! client); `grpc` is pure framing and status handling; `broker` is the sans-IO state machine (topics,
 //! subscriptions, credit, cursors, redelivery); `storage` owns SQLite.
 
 pub mod broker;
@@ -17,5 +18,6 @@ pub mod notify;
 pub mod proto;
 pub mod reactor;
 pub mod server;
+pub mod socket_io;
 pub mod storage;
 pub mod telemetry;

@@ -19,7 +19,7 @@ use mio::{Events, Interest, Token};
 use prost::Message;
 
 use crate::grpc::{encode_message, Code, MessageDecoder, Status};
-use crate::reactor::io::SocketIo;
+use crate::socket_io::SocketIo;
 
 /// Set by any wake: the loop polls again before it waits on the socket.
 struct Flag(AtomicBool);

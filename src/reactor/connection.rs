@@ -15,7 +15,6 @@ use h2::server::{Connection as H2Connection, Handshake};
 
 use super::health::WatchCall;
 use super::inbound::RequestReader;
-use super::io::SocketIo;
 use super::reflection::ReflectionCall;
 use super::subscribe::SubscribeCall;
 use super::task::{ReadyQueue, TaskId, TaskWaker};
@@ -25,6 +24,7 @@ use crate::grpc::headers::{
     check_request, http_refusal, response_headers_with, trailers_only, Method, Refusal,
 };
 use crate::grpc::{Code, Status};
+use crate::socket_io::SocketIo;
 
 /// The HTTP/2 connection-level receive window (4 MiB).
 const CONNECTION_WINDOW: u32 = 4 << 20;

@@ -11,7 +11,6 @@
 pub mod connection;
 pub mod health;
 pub mod inbound;
-pub mod io;
 pub mod outbound;
 pub mod reflection;
 pub mod rpc;
@@ -32,10 +31,10 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook_mio::v1_0::Signals;
 
 use self::connection::{Call, Connection, H2Settings, Keepalive, Liveness};
-use self::io::SocketIo;
 use self::task::{ReadyQueue, TaskId};
 use crate::broker::{Action, Broker};
 use crate::grpc::Status;
+use crate::socket_io::SocketIo;
 use crate::storage::reader::{Page, PageRequest};
 use crate::storage::writer::{WriteOutcome, WriteRequest};
 use crate::telemetry::{GaugeSnapshot, SubscriptionGauge, Telemetry};

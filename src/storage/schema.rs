@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags};
 
 use crate::broker::{GroupView, TopicView};
 
@@ -200,12 +200,4 @@ pub fn load_state(conn: &Connection) -> rusqlite::Result<LoadedState> {
         })?
         .collect::<Result<_, _>>()?;
     Ok(state)
-}
-
-/// The id of a topic, if it exists.
-pub fn topic_id(conn: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
-    conn.query_row("SELECT id FROM topics WHERE name = ?1", [name], |r| {
-        r.get(0)
-    })
-    .optional()
 }

@@ -1,7 +1,10 @@
 //! `SocketIo`: tokio's `AsyncRead`/`AsyncWrite` (the traits h2 is written
 //! against) over a non-blocking `mio::net::TcpStream`. It answers `Pending`
-//! exactly when the socket says `WouldBlock`; the reactor re-polls the
+//! exactly when the socket says `WouldBlock`; its owner re-polls the
 //! connection on every readiness event, so no waker registration is needed.
+//!
+//! Shared by the server's reactor and the CLI client, which both drive h2
+//! over mio without an async runtime. It calls nothing else in the crate.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::pin::Pin;

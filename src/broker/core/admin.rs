@@ -1,0 +1,149 @@
+//! Operator actions: deleting topics and groups, resetting cursors, and the
+//! fences that hold a group's cursor writes back while such an operation
+//! commits. Calls `poke` (delivery) and the timer helpers; nothing else.
+
+use super::timers::{drop_redelivery_timers, drop_subscription_timers};
+use super::{oldest_stored, AbortOnUnwind, Action, Broker, EndReason};
+
+impl Broker {
+    /// Forgets a topic; its subscriptions end with `TopicDeleted`.
+    pub fn delete_topic(&mut self, topic: &str) -> bool {
+        let _core = AbortOnUnwind;
+        let Some(t) = self.topics.remove(topic) else {
+            return false;
+        };
+        self.tail.remove_topic(topic);
+        for sub in t.subs {
+            if let Some(gone) = self.subs.remove(&sub) {
+                drop_subscription_timers(&mut self.timers, sub, gone);
+            }
+            self.actions.push_back(Action::End {
+                sub,
+                reason: EndReason::TopicDeleted,
+            });
+        }
+        true
+    }
+
+    /// Holds back a group's cursor writes while an admin operation on it
+    /// commits (see [`Broker::unfence_group`]). False if there is no such group.
+    pub fn fence_group(&mut self, topic: &str, group: &str) -> bool {
+        let _core = AbortOnUnwind;
+        match self
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.groups.get_mut(group))
+        {
+            Some(g) => {
+                g.fences += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// An admin operation on the group failed: its cursor as it is now is
+    /// persisted again, so acks held back meanwhile are not lost.
+    pub fn unfence_group(&mut self, topic: &str, group: &str, wall_ms: i64) {
+        let _core = AbortOnUnwind;
+        let Some(t) = self.topics.get_mut(topic) else {
+            return;
+        };
+        let Some(name) = t.groups.get_key_value(group).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        let Some(g) = t.groups.get_mut(group) else {
+            return;
+        };
+        g.fences = g.fences.saturating_sub(1);
+        if g.fences == 0 && g.cursor > 0 {
+            self.actions.push_back(Action::PersistCursor {
+                topic: t.view.name.clone(),
+                group: name.clone(),
+                sequence: g.cursor,
+                acked_at_ms: if g.last_ack_ms > 0 {
+                    g.last_ack_ms
+                } else {
+                    wall_ms
+                },
+            });
+        }
+    }
+
+    /// A topic's delete failed: every group's cursor is persisted again (their
+    /// coalesced writes were dropped when the delete was asked for).
+    pub fn repersist_cursors(&mut self, topic: &str) {
+        let _core = AbortOnUnwind;
+        let Some(t) = self.topics.get(topic) else {
+            return;
+        };
+        for (name, g) in &t.groups {
+            if g.cursor > 0 && g.fences == 0 {
+                self.actions.push_back(Action::PersistCursor {
+                    topic: t.view.name.clone(),
+                    group: name.clone(),
+                    sequence: g.cursor,
+                    acked_at_ms: g.last_ack_ms,
+                });
+            }
+        }
+    }
+
+    /// Forgets a group; its active consumer ends with `GroupDeleted`.
+    pub fn delete_group(&mut self, topic: &str, group: &str) -> bool {
+        let _core = AbortOnUnwind;
+        let Some(t) = self.topics.get_mut(topic) else {
+            return false;
+        };
+        let Some(g) = t.groups.remove(group) else {
+            return false;
+        };
+        if let Some(sub) = g.active {
+            t.subs.retain(|s| *s != sub);
+            if let Some(gone) = self.subs.remove(&sub) {
+                drop_subscription_timers(&mut self.timers, sub, gone);
+            }
+            self.actions.push_back(Action::End {
+                sub,
+                reason: EndReason::GroupDeleted,
+            });
+        }
+        true
+    }
+
+    /// Moves a group's cursor (its last acknowledged sequence) once the move
+    /// is committed, lifting the fence taken for it; an active consumer
+    /// continues from the message after it.
+    pub fn reset_cursor(&mut self, topic: &str, group: &str, sequence: u64) -> bool {
+        let _core = AbortOnUnwind;
+        let Some(t) = self.topics.get_mut(topic) else {
+            return false;
+        };
+        let oldest = oldest_stored(&t.view);
+        let Some(g) = t.groups.get_mut(group) else {
+            return false;
+        };
+        g.fences = g.fences.saturating_sub(1);
+        g.cursor = sequence;
+        g.cursor_ordinal = match sequence {
+            0 => 0,
+            s if s >= t.view.last_seq => t.view.last_ordinal,
+            _ => t.view.first_ordinal.saturating_sub(1), // refined by the writer
+        };
+        g.ledger.reset();
+        if let Some(sub) = g.active {
+            if let Some(s) = self.subs.get_mut(&sub) {
+                s.next = sequence.saturating_add(1).max(oldest);
+                s.page.clear();
+                s.page_fetch = None;
+                s.redeliver_due.clear();
+                let gone = std::mem::take(&mut s.redeliver_pending);
+                drop_redelivery_timers(&mut self.timers, sub, gone);
+                s.redeliver_fetches.clear();
+                s.recent.clear();
+            }
+            self.poke(sub);
+        }
+        true
+    }
+}

@@ -1,0 +1,155 @@
+//! The values that cross the core's boundary: configuration, requests, the
+//! [`Action`]s it asks of its environment, deliveries and operator views.
+//! Plain data; calls nothing in the broker.
+
+use std::sync::Arc;
+
+use crate::broker::message::StoredMessage;
+
+/// A subscription's identity, chosen by the caller (unique for the process).
+pub type SubId = u64;
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// In-memory tail budget shared by all topics.
+    pub tail_max_messages: usize,
+    pub tail_max_bytes: usize,
+    /// Largest backlog page asked of the reader (also never above credit).
+    pub page_max: u32,
+    /// Heartbeat on a stream idle this long; 0 disables heartbeats.
+    pub heartbeat_interval_ms: u64,
+    /// Redelivered messages whose counts a group remembers.
+    pub ledger_cap: usize,
+    /// Nacked messages one subscription may have waiting.
+    pub max_pending_redeliveries: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            tail_max_messages: 2048,
+            tail_max_bytes: 1 << 20,
+            page_max: 256,
+            heartbeat_interval_ms: 5_000,
+            ledger_cap: 65_536,
+            max_pending_redeliveries: 10_000,
+        }
+    }
+}
+
+/// Where a subscription without a persisted cursor starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    Latest,
+    Earliest,
+    /// The first message with sequence >= this.
+    Offset(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct SubscribeRequest {
+    pub topic: String,
+    /// `None` is BROWSE mode: no group, no cursor.
+    pub group: Option<String>,
+    pub start: Start,
+}
+
+/// Why the broker ends a subscription stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Another consumer subscribed with the same topic and group.
+    TakenOver,
+    TopicDeleted,
+    GroupDeleted,
+}
+
+/// A backlog read for the reader thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetch {
+    pub sub: SubId,
+    pub id: u64,
+    pub topic: Arc<str>,
+    /// First sequence wanted.
+    pub from: u64,
+    pub limit: u32,
+}
+
+/// What the broker asks its environment to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// The subscription may have a delivery ready: pull with `next_delivery`.
+    Wake(SubId),
+    /// Read a page of the topic from storage, answer with `on_page`.
+    Fetch(Fetch),
+    /// Persist a group's cursor (the reactor may coalesce these).
+    PersistCursor {
+        topic: Arc<str>,
+        group: Arc<str>,
+        sequence: u64,
+        acked_at_ms: i64,
+    },
+    /// Persist a topic created by a subscription.
+    CreateTopic { topic: Arc<str>, created_at_ms: i64 },
+    /// End this subscription's stream (it is already removed from the broker).
+    End { sub: SubId, reason: EndReason },
+    /// Send a heartbeat on this idle stream.
+    Heartbeat { sub: SubId, latest_seq: u64 },
+}
+
+/// One message to send, with the count of times it has been sent.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: Arc<StoredMessage>,
+    pub delivery_count: u32,
+}
+
+/// One open subscription as the gauges see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionStatus {
+    pub topic: Arc<str>,
+    pub group: Arc<str>,
+    pub lag: u64,
+    pub backpressure: bool,
+}
+
+/// A consumer group as reported to operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupView {
+    pub name: Arc<str>,
+    pub cursor: u64,
+    pub cursor_ordinal: u64,
+    pub last_ack_ms: i64,
+}
+
+/// A topic as reported to operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicView {
+    pub name: Arc<str>,
+    pub created_at_ms: i64,
+    pub first_seq: u64,
+    pub first_ordinal: u64,
+    pub first_ts: i64,
+    pub last_seq: u64,
+    pub last_ordinal: u64,
+    pub last_ts: i64,
+}
+
+impl TopicView {
+    /// Messages stored for the topic now.
+    pub fn total_messages(&self) -> u64 {
+        if self.first_seq == 0 {
+            0
+        } else {
+            self.last_ordinal + 1 - self.first_ordinal
+        }
+    }
+
+    /// The topic's messages after a cursor whose message has `cursor_ordinal`.
+    pub fn pending_after(&self, cursor: u64, cursor_ordinal: u64) -> u64 {
+        if self.first_seq == 0 || cursor >= self.last_seq {
+            return 0;
+        }
+        let acked = cursor_ordinal.max(self.first_ordinal.saturating_sub(1));
+        self.last_ordinal.saturating_sub(acked)
+    }
+}
