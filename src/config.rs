@@ -17,6 +17,8 @@ pub struct ServeConfig {
     pub max_batch_messages: usize,
     pub max_inflight_bytes: usize,
     pub message_timeout: Duration,
+    pub max_topics: usize,
+    pub max_groups_per_topic: usize,
     pub commit_max_messages: usize,
     pub commit_max_bytes: usize,
     pub writer_queue: usize,
@@ -45,6 +47,8 @@ impl Default for ServeConfig {
             max_batch_messages: 10_000,
             max_inflight_bytes: 64 << 20,
             message_timeout: Duration::from_secs(30),
+            max_topics: 10_000,
+            max_groups_per_topic: 1_000,
             commit_max_messages: 10_000,
             commit_max_bytes: 16 << 20,
             writer_queue: 4096,
@@ -92,6 +96,10 @@ OPTIONS (each also read from the environment variable shown):
                                  (default 64MiB)
     --message-timeout DUR        a request message must complete within this once it started, or its
                                  call ends DEADLINE_EXCEEDED [SLUICE_MESSAGE_TIMEOUT] (default 30s)
+    --max-topics N               topics that may exist; creating one more fails RESOURCE_EXHAUSTED
+                                 [SLUICE_MAX_TOPICS] (default 10000)
+    --max-groups-per-topic N     consumer groups one topic may have; one more fails RESOURCE_EXHAUSTED
+                                 [SLUICE_MAX_GROUPS_PER_TOPIC] (default 1000)
     --commit-max-messages N      most messages in one group commit [SLUICE_COMMIT_MAX_MESSAGES] (default 10000)
     --commit-max-bytes N         most payload bytes in one group commit [SLUICE_COMMIT_MAX_BYTES] (default 16777216)
     --writer-queue N             requests queued for the writer before publishers are held back
@@ -225,6 +233,8 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
             }
             cfg.message_timeout = d;
         }
+        "max-topics" => cfg.max_topics = positive(&flag, v)?,
+        "max-groups-per-topic" => cfg.max_groups_per_topic = positive(&flag, v)?,
         "commit-max-messages" => cfg.commit_max_messages = positive(&flag, v)?,
         "commit-max-bytes" => cfg.commit_max_bytes = positive(&flag, v)?,
         "writer-queue" => cfg.writer_queue = positive(&flag, v)?,
@@ -307,6 +317,8 @@ const SETTINGS: &[&str] = &[
     "max-batch-messages",
     "max-inflight-bytes",
     "message-timeout",
+    "max-topics",
+    "max-groups-per-topic",
     "commit-max-messages",
     "commit-max-bytes",
     "writer-queue",

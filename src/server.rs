@@ -55,6 +55,8 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
     report_lost_tail(&state, recorded);
     let mut broker = Broker::new(BrokerConfig {
         heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+        max_topics: cfg.max_topics,
+        max_groups_per_topic: cfg.max_groups_per_topic,
         ..BrokerConfig::default()
     });
     broker.set_last_sequence(state.last_seq);

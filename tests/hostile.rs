@@ -362,3 +362,54 @@ async fn group_names_follow_the_topic_rule_on_every_rpc_and_offsets_stay_in_rang
     };
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 }
+
+#[tokio::test]
+async fn topics_and_groups_are_capped_with_resource_exhausted_naming_the_limit() {
+    let server = Server::start_with(&["--max-topics", "3", "--max-groups-per-topic", "2"]);
+    let mut c = server.client().await;
+    for t in ["a", "b", "c"] {
+        c.publish(t, b"x").await.unwrap();
+    }
+    let err = c.publish("d", b"x").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("--max-topics"), "{err:?}");
+    let err = c.batch_publish("d", &[b"x"]).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    // Existing topics still take messages.
+    c.publish("a", b"more").await.unwrap();
+    // A subscription may not create a fourth topic either.
+    let status = match c
+        .subscribe_with(init("e", "g", proto::InitialPosition::Earliest))
+        .await
+    {
+        Err(s) => s,
+        Ok(mut sub) => match sub.next_within(Duration::from_secs(5)).await {
+            Some(Err(s)) => s,
+            other => panic!("{other:?}"),
+        },
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // Two groups on "a", not three.
+    let mut subs = Vec::new();
+    for g in ["g1", "g2"] {
+        let mut sub = c.subscribe("a", g, proto::InitialPosition::Earliest).await;
+        sub.send(credit(1)).await;
+        sub.delivery(Duration::from_secs(5)).await;
+        subs.push(sub);
+    }
+    let status = match c
+        .subscribe_with(init("a", "g3", proto::InitialPosition::Earliest))
+        .await
+    {
+        Err(s) => s,
+        Ok(mut sub) => match sub.next_within(Duration::from_secs(5)).await {
+            Some(Err(s)) => s,
+            other => panic!("{other:?}"),
+        },
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("--max-groups-per-topic"),
+        "{status:?}"
+    );
+}

@@ -32,8 +32,8 @@ use super::message_id::MessageId;
 use super::tail::MessageTail;
 
 pub use self::types::{
-    Action, BrokerConfig, Delivery, EndReason, Fetch, GroupView, Start, SubId, SubscribeRequest,
-    SubscriptionStatus, TopicView,
+    Action, BrokerConfig, Delivery, EndReason, Fetch, GroupView, Start, SubId, SubscribeError,
+    SubscribeRequest, SubscriptionStatus, TopicView,
 };
 
 /// Longest Nack delay honoured (a longer one is cut to this).
@@ -193,6 +193,16 @@ impl Broker {
 
     pub fn topic(&self, name: &str) -> Option<&TopicView> {
         self.topics.get(name).map(|t| &t.view)
+    }
+
+    /// How many topics there are.
+    pub fn topic_count(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// The configured limits: (topics, groups per topic).
+    pub fn limits(&self) -> (usize, usize) {
+        (self.config.max_topics, self.config.max_groups_per_topic)
     }
 
     pub fn topics(&self) -> impl Iterator<Item = &TopicView> {

@@ -13,7 +13,7 @@ pub mod topic_name;
 
 pub use self::core::{
     Action, Broker, BrokerConfig, Delivery, EndReason, Fetch, GroupView, Start, SubId,
-    SubscribeRequest, SubscriptionStatus, TopicView,
+    SubscribeError, SubscribeRequest, SubscriptionStatus, TopicView,
 };
 pub use message::StoredMessage;
 pub use message_id::MessageId;

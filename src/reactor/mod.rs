@@ -91,6 +91,9 @@ pub struct Shared {
     pub max_batch_messages: usize,
     /// Request bytes held in partial messages, across all calls.
     pub inflight: inbound::InflightBudget,
+    /// Appends in flight to topics the broker does not know yet (they count
+    /// against `--max-topics` until their commit answers).
+    creating: HashMap<Arc<str>, usize>,
     /// How long one request message may take to arrive.
     pub message_timeout: Duration,
     pub clock: Clock,
@@ -160,6 +163,38 @@ impl Shared {
 
     pub fn writer_backlog(&self) -> usize {
         self.writer.len() + self.parked.len()
+    }
+
+    /// An append to `topic` may go ahead: the topic exists, or creating it
+    /// stays within `--max-topics` (appends in flight to new topics count).
+    pub fn admit_topic(&mut self, topic: &Arc<str>) -> Result<(), Status> {
+        if self.broker.topic(topic).is_none() {
+            if let Some(n) = self.creating.get_mut(topic) {
+                *n += 1;
+                return Ok(());
+            }
+            let (max_topics, _) = self.broker.limits();
+            if self.broker.topic_count() + self.creating.len() >= max_topics {
+                return Err(Status::new(
+                    crate::grpc::Code::ResourceExhausted,
+                    format!(
+                        "cannot create topic {topic:?}: the limit of {max_topics} topics is reached (--max-topics)"
+                    ),
+                ));
+            }
+            self.creating.insert(topic.clone(), 1);
+        }
+        Ok(())
+    }
+
+    /// An append admitted by `admit_topic` was answered.
+    fn creation_done(&mut self, topic: &Arc<str>) {
+        if let Some(n) = self.creating.get_mut(topic) {
+            *n -= 1;
+            if *n == 0 {
+                self.creating.remove(topic);
+            }
+        }
     }
 
     /// What health checks report: false while shutting down, after a storage
@@ -282,6 +317,7 @@ impl Reactor {
                 max_message_bytes: config.h2.max_message_bytes,
                 max_batch_messages: config.max_batch_messages,
                 inflight: inbound::InflightBudget::new(config.max_inflight_bytes),
+                creating: HashMap::new(),
                 message_timeout: config.message_timeout,
                 clock: Clock {
                     start: Instant::now(),
@@ -530,7 +566,12 @@ impl Reactor {
                 }
             };
             match outcome {
-                WriteOutcome::Appended { token, result } => {
+                WriteOutcome::Appended {
+                    token,
+                    topic,
+                    result,
+                } => {
+                    self.shared.creation_done(&topic);
                     if let Ok(a) = &result {
                         self.shared
                             .broker

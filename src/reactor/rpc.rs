@@ -191,6 +191,7 @@ fn dispatch(
                 attributes: req.attributes,
             }];
             let topic: Arc<str> = req.topic.into();
+            shared.admit_topic(&topic)?;
             *meta = Some(traced(shared, info, &topic, &mut messages, false));
             shared.submit(WriteRequest::Append {
                 token: uid,
@@ -218,6 +219,7 @@ fn dispatch(
                 })
                 .collect();
             let topic: Arc<str> = req.topic.into();
+            shared.admit_topic(&topic)?;
             *meta = Some(traced(shared, info, &topic, &mut messages, true));
             shared.submit(WriteRequest::Append {
                 token: uid,

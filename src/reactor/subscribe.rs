@@ -15,7 +15,7 @@ use super::inbound::{Inbound, RequestReader};
 use super::outbound::Outbound;
 use super::unary::frame_status;
 use super::Shared;
-use crate::broker::{Delivery, EndReason, Start, SubscribeRequest};
+use crate::broker::{Delivery, EndReason, Start, SubscribeError, SubscribeRequest};
 use crate::grpc::headers::CallInfo;
 use crate::grpc::{encode_message, encode_message_with, Code, MessageDecoder, Status};
 use crate::proto::{self, subscribe_downstream, subscribe_upstream};
@@ -306,7 +306,10 @@ impl SubscribeCall {
             shared
                 .broker
                 .subscribe(uid, request, now, wall)
-                .map_err(Status::invalid_argument)?;
+                .map_err(|e| match e {
+                    SubscribeError::Invalid(m) => Status::invalid_argument(m),
+                    SubscribeError::LimitReached(m) => Status::new(Code::ResourceExhausted, m),
+                })?;
             self.initialised = true;
             log::debug!("sub {uid}: subscribed to {topic} (consumer {consumer:?})");
             self.labels = Some((topic, label));

@@ -138,6 +138,7 @@ pub struct Appended {
 pub enum WriteOutcome {
     Appended {
         token: u64,
+        topic: Arc<str>,
         result: Result<Appended, StorageError>,
     },
     CursorSaved {
@@ -736,10 +737,13 @@ impl GroupCommit {
                 let mut failed = Vec::new();
                 for req in batch.drain(..) {
                     match req {
-                        WriteRequest::Append { token, .. } => failed.push(WriteOutcome::Appended {
-                            token,
-                            result: Err(err.clone()),
-                        }),
+                        WriteRequest::Append { token, topic, .. } => {
+                            failed.push(WriteOutcome::Appended {
+                                token,
+                                topic,
+                                result: Err(err.clone()),
+                            })
+                        }
                         WriteRequest::DeleteTopic { token, topic } => {
                             failed.push(WriteOutcome::TopicDeleted {
                                 token,
@@ -909,6 +913,7 @@ impl GroupCommit {
                     appended += stored.len() as u64;
                     out.push(WriteOutcome::Appended {
                         token: *token,
+                        topic: topic.clone(),
                         result: Ok(Appended {
                             topic: topic.clone(),
                             created_at_ms: row.created_at_ms,

@@ -207,6 +207,7 @@ impl Sim {
             heartbeat_interval_ms: [0, 1_000, 5_000][rng.below(3) as usize],
             ledger_cap: [1, 4, 65_536][rng.below(3) as usize],
             max_pending_redeliveries: [2, 10_000][rng.below(2) as usize],
+            ..BrokerConfig::default()
         };
         Sim {
             seed,

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use log::debug;
 
 use super::timers::{drop_redelivery_timers, drop_subscription_timers};
+use super::SubscribeError;
 use super::{
     oldest_stored, AbortOnUnwind, Action, Broker, CreditWindow, DeliveryLedger, EndReason, Group,
     MessageId, Start, SubId, SubscribeRequest, Subscription, Timer, MAX_REDELIVERY_DELAY_MS,
 };
-use crate::broker::topic_name::validate_topic_name;
+use crate::broker::topic_name::{validate_group_name, validate_topic_name};
 
 impl Broker {
     /// Opens a subscription. Creates the topic if needed; takes the group over
@@ -24,13 +25,34 @@ impl Broker {
         request: SubscribeRequest,
         now_ms: u64,
         wall_ms: i64,
-    ) -> Result<(), String> {
+    ) -> Result<(), SubscribeError> {
         let _core = AbortOnUnwind;
-        validate_topic_name(&request.topic)?;
+        validate_topic_name(&request.topic).map_err(SubscribeError::Invalid)?;
+        if let Some(g) = &request.group {
+            validate_group_name(g).map_err(SubscribeError::Invalid)?;
+        }
         if self.subs.contains_key(&sub) {
-            return Err("subscription already initialised".into());
+            return Err(SubscribeError::Invalid(
+                "subscription already initialised".into(),
+            ));
         }
         let known = self.topics.contains_key(request.topic.as_str());
+        if !known && self.topics.len() >= self.config.max_topics {
+            return Err(SubscribeError::LimitReached(format!(
+                "cannot create topic {:?}: the limit of {} topics is reached (--max-topics)",
+                request.topic, self.config.max_topics
+            )));
+        }
+        if let (Some(g), Some(t)) = (&request.group, self.topics.get(request.topic.as_str())) {
+            let name = if g.is_empty() { "default" } else { g.as_str() };
+            if !t.groups.contains_key(name) && t.groups.len() >= self.config.max_groups_per_topic {
+                return Err(SubscribeError::LimitReached(format!(
+                    "cannot create consumer group {name:?}: topic {:?} has the limit of {} groups \
+                     (--max-groups-per-topic)",
+                    request.topic, self.config.max_groups_per_topic
+                )));
+            }
+        }
         let topic = self.ensure_topic(&request.topic, wall_ms);
         if !known {
             self.actions.push_back(Action::CreateTopic {
@@ -45,7 +67,7 @@ impl Broker {
         };
         let ledger_cap = self.config.ledger_cap;
         let Some(t) = self.topics.get_mut(&topic) else {
-            return Err("topic vanished".into());
+            return Err(SubscribeError::Invalid("topic vanished".into()));
         };
         let (group, next, own_ledger) = match request.group {
             None => (None, start_next, Some(DeliveryLedger::new(ledger_cap))),

@@ -22,6 +22,10 @@ pub struct BrokerConfig {
     pub ledger_cap: usize,
     /// Nacked messages one subscription may have waiting.
     pub max_pending_redeliveries: usize,
+    /// Topics a subscription may create up to (`--max-topics`).
+    pub max_topics: usize,
+    /// Consumer groups one topic may have (`--max-groups-per-topic`).
+    pub max_groups_per_topic: usize,
 }
 
 impl Default for BrokerConfig {
@@ -33,6 +37,25 @@ impl Default for BrokerConfig {
             heartbeat_interval_ms: 5_000,
             ledger_cap: 65_536,
             max_pending_redeliveries: 10_000,
+            max_topics: 10_000,
+            max_groups_per_topic: 1_000,
+        }
+    }
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscribeError {
+    /// The request breaks a rule (a name, a repeated Init).
+    Invalid(String),
+    /// It would create a topic or group past a configured limit.
+    LimitReached(String),
+}
+
+impl std::fmt::Display for SubscribeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubscribeError::Invalid(m) | SubscribeError::LimitReached(m) => f.write_str(m),
         }
     }
 }
