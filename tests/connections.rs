@@ -177,6 +177,24 @@ async fn an_idle_connection_gets_goaway_and_one_with_a_stream_is_kept() {
 }
 
 #[tokio::test]
+async fn an_idle_peer_that_ignores_goaway_is_dropped() {
+    let server = Server::start_with(&["--max-connection-idle", "1s", "--keepalive-timeout", "1s"]);
+    let port = server.port;
+    let (closed, took) = tokio::task::spawn_blocking(move || {
+        // Handshakes, then never reads: the GOAWAY's PING goes unanswered.
+        let mut mute = RawPeer::connect(port);
+        let start = Instant::now();
+        std::thread::sleep(Duration::from_millis(1500));
+        let closed = mute.closed_within(Duration::from_secs(3));
+        (closed, start.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(closed, "still open after {took:?}");
+    assert!(took < Duration::from_millis(3500), "closed after {took:?}");
+}
+
+#[tokio::test]
 async fn a_full_server_closes_the_longest_idle_connection_to_admit_a_new_one() {
     let server = Server::start_with(&["--max-connections", "5"]);
     let port = server.port;
@@ -235,12 +253,20 @@ async fn connections_past_the_per_ip_limit_are_refused() {
         "{log}"
     );
 
-    // A slot given back is usable again.
+    // A slot given back is usable again (once the server has seen the close).
     drop(clients.pop());
-    let mut again = tokio::time::timeout(Duration::from_secs(5), server.client())
-        .await
-        .expect("a connection is admitted once one closed");
-    again.publish("t", b"again").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = server.client().await;
+        match again.publish("t", b"again").await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no connection admitted after one closed: {e:?}"),
+        }
+    }
 }
 
 #[tokio::test]
