@@ -24,6 +24,8 @@ pub struct ServeConfig {
     pub writer_queue: usize,
     pub heartbeat_interval: Duration,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_connection_idle: Duration,
     pub max_concurrent_streams: u32,
     pub shutdown_grace: Duration,
     pub max_db_bytes: Option<u64>,
@@ -54,6 +56,8 @@ impl Default for ServeConfig {
             writer_queue: 4096,
             heartbeat_interval: Duration::from_secs(5),
             max_connections: 1024,
+            max_connections_per_ip: 256,
+            max_connection_idle: Duration::from_secs(300),
             max_concurrent_streams: 256,
             shutdown_grace: Duration::from_secs(5),
             max_db_bytes: None,
@@ -105,7 +109,13 @@ OPTIONS (each also read from the environment variable shown):
     --writer-queue N             requests queued for the writer before publishers are held back
                                  [SLUICE_WRITER_QUEUE] (default 4096)
     --heartbeat-interval DUR     heartbeat on idle Subscribe streams, 0 disables [SLUICE_HEARTBEAT_INTERVAL] (default 5s)
-    --max-connections N          connections served at once [SLUICE_MAX_CONNECTIONS] (default 1024)
+    --max-connections N          connections served at once; when full, the connection idle longest
+                                 (no open stream) is closed to admit a new one, else the new one is
+                                 refused [SLUICE_MAX_CONNECTIONS] (default 1024)
+    --max-connections-per-ip N   connections served at once from one peer IP address; more are refused
+                                 [SLUICE_MAX_CONNECTIONS_PER_IP] (default 256)
+    --max-connection-idle DUR    send GOAWAY to a connection that has had no open stream this long
+                                 [SLUICE_MAX_CONNECTION_IDLE] (default 5m)
     --max-concurrent-streams N   HTTP/2 streams per connection [SLUICE_MAX_CONCURRENT_STREAMS] (default 256)
     --shutdown-grace DUR         how long SIGTERM waits for in-flight calls [SLUICE_SHUTDOWN_GRACE] (default 5s)
     --max-db-bytes SIZE          cap the database size; publishes past it fail UNAVAILABLE
@@ -243,6 +253,16 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
                 parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?
         }
         "max-connections" => cfg.max_connections = positive(&flag, v)?,
+        "max-connections-per-ip" => cfg.max_connections_per_ip = positive(&flag, v)?,
+        "max-connection-idle" => {
+            let d = parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
+            if d.is_zero() {
+                return Err(format!(
+                    "invalid value {v:?} for {flag}: must be more than 0"
+                ));
+            }
+            cfg.max_connection_idle = d;
+        }
         "max-concurrent-streams" => {
             cfg.max_concurrent_streams =
                 u32::try_from(positive(&flag, v)?).map_err(|_| format!("{flag} is too large"))?
@@ -324,6 +344,8 @@ const SETTINGS: &[&str] = &[
     "writer-queue",
     "heartbeat-interval",
     "max-connections",
+    "max-connections-per-ip",
+    "max-connection-idle",
     "max-concurrent-streams",
     "shutdown-grace",
     "max-db-bytes",
@@ -400,6 +422,25 @@ mod tests {
         assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 50051));
         assert_eq!(c.max_message_bytes, 4 << 20);
         assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.max_connections_per_ip, 256);
+        assert_eq!(c.max_connection_idle, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn connection_limits_parse() {
+        let c = serve(
+            &["--max-connection-idle", "1s"],
+            &[("SLUICE_MAX_CONNECTIONS_PER_IP", "3")],
+        )
+        .unwrap();
+        assert_eq!(c.max_connection_idle, Duration::from_secs(1));
+        assert_eq!(c.max_connections_per_ip, 3);
+        assert!(serve(&["--max-connection-idle", "0"], &[])
+            .unwrap_err()
+            .contains("--max-connection-idle"));
+        assert!(serve(&["--max-connections-per-ip", "0"], &[])
+            .unwrap_err()
+            .contains("--max-connections-per-ip"));
     }
 
     #[test]

@@ -144,6 +144,8 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
                 max_message_bytes: cfg.max_message_bytes,
             },
             max_connections: cfg.max_connections,
+            max_connections_per_ip: cfg.max_connections_per_ip,
+            max_connection_idle: cfg.max_connection_idle,
             max_batch_messages: cfg.max_batch_messages,
             max_inflight_bytes: cfg.max_inflight_bytes,
             message_timeout: cfg.message_timeout,

@@ -178,6 +178,10 @@ fn daemon_flags_help_version_and_bad_values() {
         "--data-dir",
         "--log-level",
         "--max-message-bytes",
+        "--max-connections-per-ip",
+        "SLUICE_MAX_CONNECTIONS_PER_IP",
+        "--max-connection-idle",
+        "SLUICE_MAX_CONNECTION_IDLE",
         "SLUICE_PORT",
         "publish",
     ] {
@@ -189,6 +193,8 @@ fn daemon_flags_help_version_and_bad_values() {
         &["--port", "not-a-port"][..],
         &["serve", "--bogus"][..],
         &["--heartbeat-interval", "5 parsecs"][..],
+        &["--max-connection-idle", "0"][..],
+        &["--max-connections-per-ip", "none"][..],
     ] {
         let o = Command::new(BIN).args(bad).output().unwrap();
         assert_eq!(o.status.code(), Some(2), "{bad:?}");

@@ -439,6 +439,9 @@ async fn connection_limit_refuses_extra_connections() {
     let mut b = server.client().await;
     a.publish("t", b"a").await.unwrap();
     b.publish("t", b"b").await.unwrap();
+    // Both have a stream open, so neither is closed to make room.
+    let _sa = a.subscribe("t", "ga", proto::InitialPosition::Latest).await;
+    let _sb = b.subscribe("t", "gb", proto::InitialPosition::Latest).await;
     let mut third = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     third
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")

@@ -14,6 +14,9 @@ async fn refused_connections_cannot_flood_the_log() {
     let server = Server::start_with(&["--max-connections", "1"]);
     let mut c = server.client().await;
     c.publish("t", b"held").await.unwrap();
+    // An open stream: the held connection is not idle, so it is not closed
+    // to make room.
+    let _sub = c.subscribe("t", "g", proto::InitialPosition::Latest).await;
     // 300 more connections, each refused at accept.
     for _ in 0..300 {
         let s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();

@@ -4,6 +4,7 @@
 //! only woken calls are polled.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,8 +19,9 @@ use super::inbound::RequestReader;
 use super::reflection::ReflectionCall;
 use super::subscribe::SubscribeCall;
 use super::task::{ReadyQueue, TaskId, TaskWaker};
+use super::timers::{Timer, TimerSet};
 use super::unary::UnaryCall;
-use super::{Shared, Timer};
+use super::Shared;
 use crate::grpc::headers::{
     check_request, http_refusal, response_headers_with, trailers_only, Method, Refusal,
 };
@@ -103,6 +105,16 @@ pub struct Connection {
     /// When the outstanding keepalive ping went out.
     ping_sent: Option<Instant>,
     last_pong: Instant,
+    peer_ip: IpAddr,
+    /// Since when no call has been open (None while one is).
+    idle_since: Option<Instant>,
+    /// A connection idle this long is sent GOAWAY.
+    max_idle: Duration,
+    /// When the GOAWAY for being idle went out.
+    idle_goaway_sent: Option<Instant>,
+    /// When this connection's `Timer::Connection` is due (it has one
+    /// while it is in the reactor's table).
+    timer_at: Option<Instant>,
 }
 
 /// Keepalive settings: ping a connection every `interval`; a peer that does
@@ -130,7 +142,14 @@ pub struct H2Settings {
 }
 
 impl Connection {
-    pub fn new(token: usize, io: SocketIo, settings: &H2Settings, queue: Arc<ReadyQueue>) -> Self {
+    pub fn new(
+        token: usize,
+        io: SocketIo,
+        peer_ip: IpAddr,
+        settings: &H2Settings,
+        max_idle: Duration,
+        queue: Arc<ReadyQueue>,
+    ) -> Self {
         let fd = io.stream.as_raw_fd();
         // What one connection may send before its data is read and released:
         // the bound on what a peer parks in h2's buffers when the in-flight
@@ -155,6 +174,7 @@ impl Connection {
             },
             queue.clone(),
         );
+        let now = Instant::now();
         Connection {
             token,
             fd,
@@ -165,15 +185,52 @@ impl Connection {
             waker,
             queue,
             draining: false,
-            born: Instant::now(),
+            born: now,
             ping: None,
             ping_sent: None,
-            last_pong: Instant::now(),
+            last_pong: now,
+            peer_ip,
+            idle_since: Some(now),
+            max_idle,
+            idle_goaway_sent: None,
+            timer_at: None,
         }
     }
 
     pub fn fd(&self) -> RawFd {
         self.fd
+    }
+
+    pub fn peer_ip(&self) -> IpAddr {
+        self.peer_ip
+    }
+
+    /// Since when no call has been open on this connection (None: one is).
+    pub fn idle_since(&self) -> Option<Instant> {
+        self.idle_since
+    }
+
+    /// Moves (or with `None` cancels) this connection's check timer.
+    pub fn set_timer(&mut self, timers: &mut TimerSet, at: Option<Instant>) {
+        timers.rearm(&mut self.timer_at, at, Timer::Connection(self.token));
+    }
+
+    /// Moves the check timer earlier to `at` (never later).
+    fn timer_by(&mut self, timers: &mut TimerSet, at: Instant) {
+        if self.timer_at.is_none_or(|t| at < t) {
+            self.set_timer(timers, Some(at));
+        }
+    }
+
+    /// The reactor took this connection's timer due at `at` off its set.
+    pub fn timer_fired(&mut self, at: Instant) {
+        if self.timer_at == Some(at) {
+            self.timer_at = None;
+        }
+    }
+
+    fn open_calls(&self) -> usize {
+        self.slots.len() - self.free.len()
     }
 
     pub fn schedule(&self) {
@@ -214,8 +271,71 @@ impl Connection {
         }
     }
 
+    /// The periodic check: keepalive, and GOAWAY once idle too long.
+    pub fn check(&mut self, now: Instant, k: &Keepalive) -> Liveness {
+        let next = match self.keepalive(now, k) {
+            Liveness::Next(at) => at,
+            dead => return dead,
+        };
+        match self.idle_check(now, k) {
+            Ok(Some(at)) => Liveness::Next(next.min(at)),
+            Ok(None) => Liveness::Next(next),
+            Err(why) => Liveness::Dead(why),
+        }
+    }
+
+    /// Sends GOAWAY (NO_ERROR, the two-step graceful one, so a call racing
+    /// it is still served) to a connection that has had no open call for
+    /// `max_idle`; drops it if it is still there, callless, `k.timeout`
+    /// later. Returns when to check again.
+    fn idle_check(&mut self, now: Instant, k: &Keepalive) -> Result<Option<Instant>, &'static str> {
+        if let Some(sent) = self.idle_goaway_sent {
+            if self.open_calls() > 0 {
+                return Ok(None);
+            }
+            return if now >= sent + k.timeout {
+                Err("still open after GOAWAY for being idle")
+            } else {
+                Ok(Some(sent + k.timeout))
+            };
+        }
+        if self.draining {
+            return Ok(None);
+        }
+        let Some(since) = self.idle_since else {
+            return Ok(None);
+        };
+        let Phase::Serving(conn) = &mut self.phase else {
+            // The handshake has its own limit (keepalive timeout).
+            return Ok(None);
+        };
+        let at = since + self.max_idle;
+        if now < at {
+            return Ok(Some(at));
+        }
+        log::debug!(
+            "conn {}: no open stream for {:?}; sending GOAWAY",
+            self.token,
+            now - since
+        );
+        conn.graceful_shutdown();
+        self.idle_goaway_sent = Some(now);
+        self.schedule();
+        Ok(Some(now + k.timeout))
+    }
+
+    /// Closes the connection now (it has no open call): GOAWAY (NO_ERROR)
+    /// is written if the socket takes it; the caller then drops it.
+    pub fn goaway_now(&mut self, shared: &mut Shared) {
+        if let Phase::Serving(conn) = &mut self.phase {
+            conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+            // Drives h2 to write the GOAWAY and shut the socket's write side.
+            self.poll(shared);
+        }
+    }
+
     /// Sends keepalive pings and notices dead peers.
-    pub fn keepalive(&mut self, now: Instant, k: &Keepalive) -> Liveness {
+    fn keepalive(&mut self, now: Instant, k: &Keepalive) -> Liveness {
         let conn = match &mut self.phase {
             Phase::Closed => return Liveness::Dead("closed"),
             Phase::Handshaking(_) => {
@@ -318,6 +438,10 @@ impl Connection {
         mut respond: h2::server::SendResponse<Bytes>,
         shared: &mut Shared,
     ) {
+        // A refused call is use of the connection too: the idle clock restarts.
+        if self.idle_since.is_some() {
+            self.idle_since = Some(Instant::now());
+        }
         let info = match check_request(&request) {
             Ok(info) => info,
             Err(Refusal::Http(code, why)) => {
@@ -388,6 +512,7 @@ impl Connection {
             waker,
             call,
         });
+        self.idle_since = None;
     }
 
     /// Drives one call's task.
@@ -430,6 +555,11 @@ impl Connection {
         if let Some(Some(mut s)) = self.slots.get_mut(slot).map(Option::take) {
             Self::forget_call(&mut s, shared);
             self.free.push(slot);
+            if self.open_calls() == 0 {
+                let now = Instant::now();
+                self.idle_since = Some(now);
+                self.timer_by(&mut shared.timers, now + self.max_idle);
+            }
             // Frames the call queued are written by the connection task.
             self.schedule();
         }
@@ -446,6 +576,7 @@ impl Connection {
                 let _ = i;
             }
         }
+        self.set_timer(&mut shared.timers, None);
         self.phase = Phase::Closed;
     }
 }

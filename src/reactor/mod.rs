@@ -16,10 +16,12 @@ pub mod reflection;
 pub mod rpc;
 pub mod subscribe;
 pub mod task;
+pub mod timers;
 pub mod unary;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
+use std::net::IpAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -32,6 +34,8 @@ use signal_hook_mio::v1_0::Signals;
 
 use self::connection::{Call, Connection, H2Settings, Keepalive, Liveness};
 use self::task::{ReadyQueue, TaskId};
+pub use self::timers::Timer;
+use self::timers::TimerSet;
 use crate::broker::{Action, Broker};
 use crate::grpc::Status;
 use crate::socket_io::SocketIo;
@@ -45,6 +49,8 @@ pub const SIGNALS: Token = Token(2);
 const FIRST_CONN: usize = 3;
 /// Rounds of task polling per loop turn, so IO events are not starved.
 const TASK_ROUNDS: usize = 32;
+/// How soon a failed `accept` (e.g. EMFILE) is tried again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// Monotonic and wall time, handed to the broker core.
 pub struct Clock {
@@ -63,19 +69,6 @@ impl Clock {
     fn instant_of(&self, ms: u64) -> Instant {
         self.start + Duration::from_millis(ms)
     }
-}
-
-/// Something the reactor must do at a given time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Timer {
-    /// A call's `grpc-timeout` expires.
-    Deadline(u64),
-    /// A connection's keepalive check is due.
-    Keepalive(usize),
-    /// Refresh the gauge snapshot the metrics exporter reads.
-    Gauges,
-    /// A call's partial request message may have stalled past the timeout.
-    MessageStall(u64),
 }
 
 /// State every call handler may touch.
@@ -105,18 +98,18 @@ pub struct Shared {
     uid: u64,
     /// Cursor writes coalesced per group until the writer has room.
     pub cursors: HashMap<(Arc<str>, Arc<str>), (u64, i64)>,
-    /// Deadlines and keepalive checks, earliest first.
-    timers: BTreeSet<(Instant, Timer)>,
+    /// Deadlines, connection checks and the like, earliest first.
+    timers: TimerSet,
     pub telemetry: Arc<Telemetry>,
 }
 
 impl Shared {
     pub fn add_timer(&mut self, at: Instant, timer: Timer) {
-        self.timers.insert((at, timer));
+        self.timers.add(at, timer);
     }
 
     pub fn remove_timer(&mut self, at: Instant, timer: Timer) {
-        self.timers.remove(&(at, timer));
+        self.timers.remove(at, timer);
     }
 
     pub fn next_uid(&mut self) -> u64 {
@@ -245,6 +238,10 @@ pub struct ReactorConfig {
     pub h2: H2Settings,
     pub keepalive: Keepalive,
     pub max_connections: usize,
+    /// Most connections served at once from one peer IP address.
+    pub max_connections_per_ip: usize,
+    /// A connection without an open stream for this long is sent GOAWAY.
+    pub max_connection_idle: Duration,
     pub max_batch_messages: usize,
     pub max_inflight_bytes: usize,
     pub message_timeout: Duration,
@@ -272,6 +269,10 @@ pub struct Reactor {
     listener: Option<TcpListener>,
     signals: Signals,
     conns: HashMap<usize, Connection>,
+    /// Connections served per peer IP address (entries at 0 are removed).
+    per_ip: HashMap<IpAddr, usize>,
+    /// An `AcceptRetry` timer is pending.
+    accept_retry_pending: bool,
     next_token: usize,
     queue: Arc<ReadyQueue>,
     shared: Shared,
@@ -307,6 +308,8 @@ impl Reactor {
             listener: Some(listener),
             signals,
             conns: HashMap::new(),
+            per_ip: HashMap::new(),
+            accept_retry_pending: false,
             next_token: FIRST_CONN,
             queue,
             shared: Shared {
@@ -328,9 +331,9 @@ impl Reactor {
                 uid: 0,
                 cursors: HashMap::new(),
                 timers: {
-                    let mut timers = BTreeSet::new();
+                    let mut timers = TimerSet::default();
                     if telemetry.is_enabled() {
-                        timers.insert((Instant::now(), Timer::Gauges));
+                        timers.add(Instant::now(), Timer::Gauges);
                     }
                     timers
                 },
@@ -411,11 +414,7 @@ impl Reactor {
     /// Expires deadlines and runs keepalive checks that are due.
     fn fire_timers(&mut self) {
         let now = Instant::now();
-        while let Some(&(at, timer)) = self.shared.timers.first() {
-            if at > now {
-                break;
-            }
-            self.shared.timers.pop_first();
+        while let Some((at, timer)) = self.shared.timers.pop_due(now) {
             match timer {
                 Timer::Deadline(uid) => {
                     let Some(&(conn, slot)) = self.shared.routes.get(&uid) else {
@@ -453,17 +452,22 @@ impl Reactor {
                         .min(Duration::from_secs(5));
                     self.shared.add_timer(now + every / 2, Timer::Gauges);
                 }
-                Timer::Keepalive(token) => {
+                Timer::Connection(token) => {
                     let Some(c) = self.conns.get_mut(&token) else {
                         continue;
                     };
-                    match c.keepalive(now, &self.config.keepalive) {
-                        Liveness::Next(at) => self.shared.add_timer(at, Timer::Keepalive(token)),
+                    c.timer_fired(at);
+                    match c.check(now, &self.config.keepalive) {
+                        Liveness::Next(at) => c.set_timer(&mut self.shared.timers, Some(at)),
                         Liveness::Dead(why) => {
                             crate::log_limited!(log::Level::Info, "conn {token}: dropped: {why}");
                             self.close(token);
                         }
                     }
+                }
+                Timer::AcceptRetry => {
+                    self.accept_retry_pending = false;
+                    self.accept();
                 }
             }
         }
@@ -488,7 +492,7 @@ impl Reactor {
             .broker
             .next_deadline()
             .map(|ms| self.shared.clock.instant_of(ms));
-        let broker = match (broker, self.shared.timers.first().map(|(at, _)| *at)) {
+        let broker = match (broker, self.shared.timers.first_due()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
@@ -499,60 +503,129 @@ impl Reactor {
         at.map(|at| at.saturating_duration_since(now))
     }
 
+    /// Accepts every pending connection. Past `--max-connections-per-ip` a
+    /// connection is refused; at `--max-connections` the longest-idle
+    /// connection without an open stream is closed to make room (if there
+    /// is none, the new one is refused). When accept itself fails (out of
+    /// file descriptors) it is tried again shortly: the listener is
+    /// edge-triggered, so no new event would come for connections already
+    /// waiting.
     fn accept(&mut self) {
-        let Some(listener) = self.listener.as_ref() else {
-            return;
-        };
         loop {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
             match listener.accept() {
-                Ok((mut stream, peer)) => {
-                    if self.conns.len() >= self.config.max_connections {
-                        crate::log_limited!(
-                            log::Level::Warn,
-                            "refusing connection from {peer}: --max-connections ({}) reached",
-                            self.config.max_connections
-                        );
-                        continue;
-                    }
-                    let _ = stream.set_nodelay(true);
-                    let token = self.next_token;
-                    self.next_token += 1;
-                    if let Err(e) = self.poll.registry().register(
-                        &mut stream,
-                        Token(token),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
-                        crate::log_limited!(
-                            log::Level::Warn,
-                            "cannot register connection from {peer}: {e}"
-                        );
-                        continue;
-                    }
-                    log::debug!("conn {token}: accepted from {peer}");
-                    let conn = Connection::new(
-                        token,
-                        SocketIo { stream },
-                        &self.config.h2,
-                        self.queue.clone(),
-                    );
-                    conn.schedule();
-                    self.conns.insert(token, conn);
-                    let first_check = Instant::now()
-                        + self
-                            .config
-                            .keepalive
-                            .timeout
-                            .min(self.config.keepalive.interval);
-                    self.shared.add_timer(first_check, Timer::Keepalive(token));
-                }
+                Ok((stream, peer)) => self.admit(stream, peer),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
                 Err(e) => {
-                    crate::log_limited!(log::Level::Warn, "accept failed: {e}");
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        "accept failed: {e}; trying again in {ACCEPT_RETRY:?}"
+                    );
+                    if !self.accept_retry_pending {
+                        self.accept_retry_pending = true;
+                        self.shared
+                            .add_timer(Instant::now() + ACCEPT_RETRY, Timer::AcceptRetry);
+                    }
                     return;
                 }
             }
         }
+    }
+
+    /// Serves a just-accepted connection, or refuses it (by dropping it).
+    fn admit(&mut self, mut stream: mio::net::TcpStream, peer: std::net::SocketAddr) {
+        let ip = peer.ip();
+        let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
+        if from_ip >= self.config.max_connections_per_ip {
+            crate::log_limited!(
+                log::Level::Warn,
+                "refusing connection from {peer}: --max-connections-per-ip ({}) reached",
+                self.config.max_connections_per_ip
+            );
+            return;
+        }
+        if self.conns.len() >= self.config.max_connections {
+            match self.longest_idle() {
+                Some((token, since)) => {
+                    crate::log_limited!(
+                        log::Level::Info,
+                        "--max-connections ({}) reached: closing conn {token} (no stream for {:?}) to admit {peer}",
+                        self.config.max_connections,
+                        since.elapsed()
+                    );
+                    self.close_now(token);
+                }
+                None => {
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        "refusing connection from {peer}: --max-connections ({}) reached",
+                        self.config.max_connections
+                    );
+                    return;
+                }
+            }
+        }
+        let _ = stream.set_nodelay(true);
+        let token = self.next_token;
+        self.next_token += 1;
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(token),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            crate::log_limited!(
+                log::Level::Warn,
+                "cannot register connection from {peer}: {e}"
+            );
+            return;
+        }
+        log::debug!("conn {token}: accepted from {peer}");
+        let mut conn = Connection::new(
+            token,
+            SocketIo { stream },
+            ip,
+            &self.config.h2,
+            self.config.max_connection_idle,
+            self.queue.clone(),
+        );
+        conn.schedule();
+        let keepalive = &self.config.keepalive;
+        let first_check = Instant::now()
+            + keepalive
+                .timeout
+                .min(keepalive.interval)
+                .min(self.config.max_connection_idle);
+        conn.set_timer(&mut self.shared.timers, Some(first_check));
+        self.conns.insert(token, conn);
+        *self.per_ip.entry(ip).or_insert(0) += 1;
+    }
+
+    /// The connection that has gone longest without an open stream.
+    fn longest_idle(&self) -> Option<(usize, Instant)> {
+        self.conns
+            .iter()
+            .filter_map(|(&token, c)| c.idle_since().map(|since| (token, since)))
+            .min_by_key(|&(token, since)| (since, token))
+    }
+
+    /// Closes a connection without an open stream at once: GOAWAY
+    /// (NO_ERROR), flushed if the socket takes it, then the socket is closed.
+    fn close_now(&mut self, token: usize) {
+        if let Some(c) = self.conns.get_mut(&token) {
+            let shared = &mut self.shared;
+            let _ = catch_unwind(AssertUnwindSafe(|| c.goaway_now(shared)));
+        }
+        self.close(token);
     }
 
     fn drain_storage(&mut self) {
@@ -901,7 +974,17 @@ impl Reactor {
                 "conn {token}: panic while tearing it down"
             );
         }
-        log::debug!("conn {token}: closed");
+        if let Some(n) = self.per_ip.get_mut(&conn.peer_ip()) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_ip.remove(&conn.peer_ip());
+            }
+        }
+        log::debug!(
+            "conn {token}: closed ({} connections, {} timers pending)",
+            self.conns.len(),
+            self.shared.timers.len()
+        );
         self.apply_actions();
     }
 
