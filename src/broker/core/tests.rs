@@ -768,3 +768,55 @@ fn a_failed_redelivery_read_is_asked_again() {
     b.grant(1, 1);
     assert_eq!(drain(&mut b, 1, 0), vec![(1, 2)]);
 }
+
+#[test]
+fn ten_thousand_subscribe_cancel_cycles_leave_no_timers_behind() {
+    let mut b = Broker::new(BrokerConfig {
+        heartbeat_interval_ms: 1_000,
+        ..Default::default()
+    });
+    publish(&mut b, "t", 1..=3);
+    b.subscribe(0, group("t", "keeper", Start::Earliest), 0, 0)
+        .unwrap();
+    let mut now = 0;
+    for sub in 1..=10_000u64 {
+        now += 7;
+        b.subscribe(sub, group("t", "g", Start::Earliest), now, 0)
+            .unwrap();
+        b.grant(sub, 2);
+        let sent = drain(&mut b, sub, now);
+        if let Some(&(seq, _)) = sent.first() {
+            b.nack(sub, &msg("t", seq).id.to_string(), 60_000, now);
+        }
+        match sub % 4 {
+            0 => b.unsubscribe(sub),
+            1 => {} // taken over by the next one
+            2 => {
+                b.delete_group("t", "g");
+            }
+            _ => {
+                b.reset_cursor("t", "g", 0);
+                b.unsubscribe(sub);
+            }
+        }
+        b.tick(now);
+        actions(&mut b);
+    }
+    b.unsubscribe(10_000);
+    // Only the one open stream's heartbeat remains.
+    let mine = b
+        .timers
+        .iter()
+        .filter(|(_, t)| matches!(t, Timer::Heartbeat { sub: 0 }))
+        .count();
+    assert_eq!(
+        b.timers.len(),
+        1,
+        "{:?}",
+        b.timers.iter().take(5).collect::<Vec<_>>()
+    );
+    assert_eq!(mine, 1);
+    b.unsubscribe(0);
+    assert!(b.timers.is_empty());
+    assert_eq!(b.next_deadline(), None);
+}
