@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{params, Connection};
@@ -32,6 +33,10 @@ pub struct Page {
     pub end: Option<u64>,
     pub error: Option<StorageError>,
 }
+
+/// The wait after a failed read, doubling up to the maximum while reads fail.
+const READ_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const READ_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Largest page, in payload bytes (a page stops early past this).
 const PAGE_MAX_BYTES: usize = 4 << 20;
@@ -70,13 +75,24 @@ pub fn spawn(
 }
 
 fn serve(conn: Connection, rx: Receiver<PageRequest>, pages: Sender<Page>, wake: Wake) {
+    // After a failed read the next one waits a little, doubling while reads
+    // keep failing: a damaged database must not turn into a busy loop of
+    // reads and errors.
+    let mut backoff = Duration::ZERO;
     while let Ok(req) = rx.recv() {
         if crate::failpoint::hit("reader-panic") {
             panic!("failpoint reader-panic");
         }
+        if !backoff.is_zero() {
+            std::thread::sleep(backoff);
+        }
         let page = match read_page(&conn, &req) {
-            Ok(p) => p,
+            Ok(p) => {
+                backoff = Duration::ZERO;
+                p
+            }
             Err(e) => {
+                backoff = (backoff * 2).clamp(READ_BACKOFF_MIN, READ_BACKOFF_MAX);
                 crate::log_limited!(
                     log::Level::Error,
                     "reader: page of {} from sequence {} failed: {e}",
