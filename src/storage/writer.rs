@@ -322,27 +322,7 @@ pub fn spawn(
     hwm: HighWaterMark,
 ) -> Result<Writer, StorageError> {
     let (tx, rx) = crossbeam_channel::bounded(config.queue.max(1));
-    let mut gc = GroupCommit {
-        conn,
-        config,
-        next_seq: 1,
-        min_next_seq: hwm.ceiling() + 1,
-        last_committed: 0,
-        hwm,
-        carry: Vec::new(),
-        last_ts: 0,
-        topics: HashMap::new(),
-        doomed: VecDeque::new(),
-        next_retention: Instant::now(),
-        next_vacuum: Instant::now(),
-
-        telemetry,
-        wal_wrap,
-        unchecked: WalDebt::default(),
-    };
-    gc.reload().map_err(|e| StorageError::from_sqlite(&e))?;
-    gc.last_committed =
-        super::schema::last_sequence(&gc.conn).map_err(|e| StorageError::from_sqlite(&e))?;
+    let gc = GroupCommit::new(conn, config, telemetry, wal_wrap, hwm)?;
     let thread = std::thread::Builder::new()
         .name("sluice-writer".into())
         .spawn(move || {
@@ -357,6 +337,36 @@ pub fn spawn(
 }
 
 impl GroupCommit {
+    fn new(
+        conn: Connection,
+        config: GroupCommitConfig,
+        telemetry: Arc<Telemetry>,
+        wal_wrap: Arc<std::sync::atomic::AtomicBool>,
+        hwm: HighWaterMark,
+    ) -> Result<GroupCommit, StorageError> {
+        let mut gc = GroupCommit {
+            conn,
+            config,
+            next_seq: 1,
+            min_next_seq: hwm.ceiling() + 1,
+            last_committed: 0,
+            hwm,
+            carry: Vec::new(),
+            last_ts: 0,
+            topics: HashMap::new(),
+            doomed: VecDeque::new(),
+            next_retention: Instant::now(),
+            next_vacuum: Instant::now(),
+            telemetry,
+            wal_wrap,
+            unchecked: WalDebt::default(),
+        };
+        gc.reload().map_err(|e| StorageError::from_sqlite(&e))?;
+        gc.last_committed =
+            super::schema::last_sequence(&gc.conn).map_err(|e| StorageError::from_sqlite(&e))?;
+        Ok(gc)
+    }
+
     /// (Re)reads counters and topic rows from the database.
     fn reload(&mut self) -> rusqlite::Result<()> {
         self.next_seq = (super::schema::last_sequence(&self.conn)? + 1).max(self.min_next_seq);
@@ -1061,4 +1071,111 @@ fn topic_row<'a>(
     topics
         .get_mut(topic)
         .ok_or(rusqlite::Error::QueryReturnedNoRows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer_in(dir: &std::path::Path, cap: Option<u64>) -> GroupCommit {
+        let conn = super::super::schema::open_writer(dir, None).unwrap();
+        let (hwm, _) = HighWaterMark::open(dir).unwrap();
+        GroupCommit::new(
+            conn,
+            GroupCommitConfig {
+                max_store_bytes: cap,
+                ..GroupCommitConfig::default()
+            },
+            Arc::new(Telemetry::disabled()),
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            hwm,
+        )
+        .unwrap()
+    }
+
+    fn append(token: u64, topic: &str, bytes: usize) -> WriteRequest {
+        WriteRequest::Append {
+            token,
+            topic: topic.into(),
+            messages: vec![NewMessage {
+                payload: vec![1u8; bytes].into(),
+                attributes: HashMap::new(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_failed_batch_carries_topic_creations_and_cursor_writes_to_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut gc = writer_in(tmp.path(), None);
+        let out = gc.commit(&mut vec![append(1, "t", 10)]);
+        assert!(matches!(
+            &out[..],
+            [WriteOutcome::Appended { result: Ok(_), .. }]
+        ));
+        // The cap refuses the append; the batch fails as a whole.
+        gc.config.max_store_bytes = Some(1);
+        let mut batch = vec![
+            append(2, "t", 10),
+            WriteRequest::SetCursor {
+                topic: "t".into(),
+                group: "g".into(),
+                sequence: 1,
+                acked_at_ms: 5,
+                token: None,
+            },
+            WriteRequest::SetCursor {
+                topic: "t".into(),
+                group: "g".into(),
+                sequence: 1,
+                acked_at_ms: 6,
+                token: None,
+            },
+            WriteRequest::CreateTopic {
+                topic: "u".into(),
+                created_at_ms: 7,
+            },
+        ];
+        let out = gc.commit(&mut batch);
+        assert!(
+            matches!(&out[..], [WriteOutcome::Appended { result: Err(e), .. }] if e.message.contains("--max-db-bytes"))
+        );
+        // One cursor per group (the latest) and the creation wait for the next batch.
+        assert_eq!(gc.carry.len(), 2);
+        gc.config.max_store_bytes = None;
+        let mut next = std::mem::take(&mut gc.carry);
+        let out = gc.commit(&mut next);
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, WriteOutcome::CursorSaved { sequence: 1, .. })));
+        let cursor: i64 = gc
+            .conn
+            .query_row(
+                "SELECT c.acked_at FROM cursors c JOIN topics t ON t.id = c.topic_id WHERE t.name = 't' AND c.grp = 'g'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(cursor, 6);
+        assert!(gc.topics.contains_key("u"));
+    }
+
+    #[test]
+    fn sequences_continue_after_the_high_water_mark() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let mut gc = writer_in(tmp.path(), None);
+            gc.hwm = std::mem::replace(&mut gc.hwm, HighWaterMark::open(tmp.path()).unwrap().0)
+                .with_block(100);
+            gc.commit(&mut vec![append(1, "t", 1), append(2, "t", 1)]);
+            assert_eq!(gc.hwm.ceiling(), 102);
+            // Dropped without a clean stop, as by SIGKILL.
+        }
+        let mut gc = writer_in(tmp.path(), None);
+        let out = gc.commit(&mut vec![append(3, "t", 1)]);
+        let [WriteOutcome::Appended { result: Ok(a), .. }] = &out[..] else {
+            panic!("{out:?}");
+        };
+        assert_eq!(a.messages[0].sequence, 103);
+    }
 }
