@@ -22,3 +22,12 @@ pub fn config(default: u32, divisor: u32) -> Config {
         ..Config::default()
     }
 }
+
+/// The topic-name rule restated independently of `validate_topic_name`, so
+/// properties check the code against the rule rather than against itself.
+pub fn topic_rule_ok(name: &str) -> bool {
+    (1..=255).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}

@@ -9,6 +9,18 @@ use common::*;
 use sluice::proto;
 use tonic::Code;
 
+/// The status a refused Subscribe ends with: it may come with the response
+/// headers or on the first read.
+async fn refused_subscription(c: &mut Client, first: proto::SubscribeUpstream) -> tonic::Status {
+    match c.subscribe_with(first).await {
+        Err(s) => s,
+        Ok(mut sub) => match sub.next_within(Duration::from_secs(5)).await {
+            Some(Err(s)) => s,
+            other => panic!("the subscription was not refused: {other:?}"),
+        },
+    }
+}
+
 #[tokio::test]
 async fn refused_connections_cannot_flood_the_log() {
     let server = Server::start_with(&["--max-connections", "1"]);
@@ -315,17 +327,8 @@ async fn group_names_follow_the_topic_rule_on_every_rpc_and_offsets_stay_in_rang
     let mut c = server.client().await;
     let last = c.publish("t", b"x").await.unwrap().sequence;
     for bad in ["a\0b", "a/b", "two\nlines", &"g".repeat(70_000)] {
-        // The status may come with the response headers or on the first read.
-        let status = match c
-            .subscribe_with(init("t", bad, proto::InitialPosition::Earliest))
-            .await
-        {
-            Err(s) => s,
-            Ok(mut sub) => match sub.next_within(Duration::from_secs(5)).await {
-                Some(Err(s)) => s,
-                other => panic!("{bad:?}: {other:?}"),
-            },
-        };
+        let status =
+            refused_subscription(&mut c, init("t", bad, proto::InitialPosition::Earliest)).await;
         assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}: {status:?}");
         let err = c
             .unary::<_, proto::DeleteConsumerGroupResponse>(
@@ -356,13 +359,7 @@ async fn group_names_follow_the_topic_rule_on_every_rpc_and_offsets_stay_in_rang
     if let Some(proto::subscribe_upstream::Request::Init(i)) = &mut first.request {
         i.offset = last + 2;
     }
-    let status = match c.subscribe_with(first).await {
-        Err(s) => s,
-        Ok(mut sub) => match sub.next_within(Duration::from_secs(5)).await {
-            Some(Err(s)) => s,
-            other => panic!("{other:?}"),
-        },
-    };
+    let status = refused_subscription(&mut c, first).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 }
 
@@ -381,16 +378,8 @@ async fn topics_and_groups_are_capped_with_resource_exhausted_naming_the_limit()
     // Existing topics still take messages.
     c.publish("a", b"more").await.unwrap();
     // A subscription may not create a fourth topic either.
-    let status = match c
-        .subscribe_with(init("e", "g", proto::InitialPosition::Earliest))
-        .await
-    {
-        Err(s) => s,
-        Ok(mut sub) => match sub.next_within(Duration::from_secs(5)).await {
-            Some(Err(s)) => s,
-            other => panic!("{other:?}"),
-        },
-    };
+    let status =
+        refused_subscription(&mut c, init("e", "g", proto::InitialPosition::Earliest)).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     // Two groups on "a", not three.
     let mut subs = Vec::new();
@@ -400,16 +389,8 @@ async fn topics_and_groups_are_capped_with_resource_exhausted_naming_the_limit()
         sub.delivery(Duration::from_secs(5)).await;
         subs.push(sub);
     }
-    let status = match c
-        .subscribe_with(init("a", "g3", proto::InitialPosition::Earliest))
-        .await
-    {
-        Err(s) => s,
-        Ok(mut sub) => match sub.next_within(Duration::from_secs(5)).await {
-            Some(Err(s)) => s,
-            other => panic!("{other:?}"),
-        },
-    };
+    let status =
+        refused_subscription(&mut c, init("a", "g3", proto::InitialPosition::Earliest)).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
         status.message().contains("--max-groups-per-topic"),

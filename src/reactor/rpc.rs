@@ -433,13 +433,7 @@ mod fuzz {
     use crate::fuzz_support::config;
     use crate::grpc::headers::trailers;
 
-    /// The topic-name rule, restated.
-    fn rule_ok(name: &str) -> bool {
-        (1..=255).contains(&name.len())
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    }
+    use crate::fuzz_support::topic_rule_ok as rule_ok;
 
     fn topic() -> impl Strategy<Value = String> {
         prop_oneof![

@@ -374,12 +374,7 @@ mod fuzz {
     use crate::broker::{Broker, BrokerConfig, MessageId, StoredMessage};
     use crate::fuzz_support::config;
 
-    fn rule_ok(name: &str) -> bool {
-        (1..=255).contains(&name.len())
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    }
+    use crate::fuzz_support::topic_rule_ok as rule_ok;
 
     fn init() -> impl Strategy<Value = proto::SubscriptionInit> {
         (
