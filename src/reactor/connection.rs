@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use h2::server::{Connection as H2Connection, Handshake};
 
 use super::health::WatchCall;
 use super::inbound::RequestReader;
+use super::metered_io::{MeteredIo, ReadMeter};
 use super::reflection::ReflectionCall;
 use super::subscribe::SubscribeCall;
 use super::task::{ReadyQueue, TaskId, TaskWaker};
@@ -30,6 +32,14 @@ use crate::socket_io::SocketIo;
 
 /// The HTTP/2 connection-level receive window (4 MiB).
 const CONNECTION_WINDOW: u32 = 4 << 20;
+/// Bytes one connection may read per reactor turn: a connection that has
+/// more waiting is polled again next turn, after every other ready one.
+pub const READ_BUDGET_PER_TURN: usize = 64 * 1024;
+/// Control frames (all but DATA, HEADERS, CONTINUATION) one connection may
+/// send within a second before it is sent GOAWAY ENHANCE_YOUR_CALM. Honest
+/// clients send a few per call at most (WINDOW_UPDATE as they read,
+/// SETTINGS, PING, RST_STREAM); floods send millions.
+pub const MAX_CONTROL_FRAMES_PER_SECOND: u64 = 10_000;
 
 pub enum Call {
     Unary(UnaryCall),
@@ -85,8 +95,8 @@ struct Slot {
 }
 
 enum Phase {
-    Handshaking(Handshake<SocketIo, Bytes>),
-    Serving(H2Connection<SocketIo, Bytes>),
+    Handshaking(Handshake<MeteredIo, Bytes>),
+    Serving(H2Connection<MeteredIo, Bytes>),
     Closed,
 }
 
@@ -94,6 +104,10 @@ pub struct Connection {
     token: usize,
     fd: RawFd,
     phase: Phase,
+    /// What this connection's socket reads did this turn.
+    meter: Rc<ReadMeter>,
+    /// The reactor turn `meter`'s budget was last refilled in.
+    budget_turn: u64,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     task: Arc<TaskWaker>,
@@ -151,6 +165,7 @@ impl Connection {
         queue: Arc<ReadyQueue>,
     ) -> Self {
         let fd = io.stream.as_raw_fd();
+        let (io, meter) = MeteredIo::new(io, MAX_CONTROL_FRAMES_PER_SECOND);
         // What one connection may send before its data is read and released:
         // the bound on what a peer parks in h2's buffers when the in-flight
         // budget withholds window.
@@ -179,6 +194,8 @@ impl Connection {
             token,
             fd,
             phase: Phase::Handshaking(handshake),
+            meter,
+            budget_turn: 0,
             slots: Vec::new(),
             free: Vec::new(),
             task,
@@ -330,7 +347,7 @@ impl Connection {
         if let Phase::Serving(conn) = &mut self.phase {
             conn.abrupt_shutdown(h2::Reason::NO_ERROR);
             // Drives h2 to write the GOAWAY and shut the socket's write side.
-            self.poll(shared);
+            self.drive(shared);
         }
     }
 
@@ -377,8 +394,45 @@ impl Connection {
         matches!(self.phase, Phase::Closed)
     }
 
-    /// Drives the connection task: handshake, then accept new streams.
+    /// Drives the connection task: handshake, then accept new streams,
+    /// reading at most this turn's budget. A connection that used it up is
+    /// listed in `shared.read_starved` (the reactor polls it again next
+    /// turn); one flooding control frames is sent GOAWAY and closed.
     pub fn poll(&mut self, shared: &mut Shared) {
+        if self.budget_turn != shared.turn {
+            self.budget_turn = shared.turn;
+            self.meter.refill(READ_BUDGET_PER_TURN);
+        }
+        self.drive(shared);
+        if self.meter.flooding() && !self.is_closed() {
+            self.calm(shared);
+        } else if self.meter.starved() && !self.is_closed() {
+            shared.read_starved.push(self.token);
+        }
+    }
+
+    /// A peer flooding control frames: GOAWAY ENHANCE_YOUR_CALM (written
+    /// if the socket takes it), then the connection is closed without
+    /// waiting for its calls.
+    fn calm(&mut self, shared: &mut Shared) {
+        crate::log_limited!(
+            log::Level::Warn,
+            "conn {} from {}: more than {MAX_CONTROL_FRAMES_PER_SECOND} control frames \
+             (PRIORITY, WINDOW_UPDATE, PING, SETTINGS, RST_STREAM, unknown types) within a second; \
+             sending GOAWAY ENHANCE_YOUR_CALM and closing it",
+            self.token,
+            self.peer_ip
+        );
+        if let Phase::Serving(conn) = &mut self.phase {
+            conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+            // Writes the GOAWAY and shuts the socket's write side.
+            self.drive(shared);
+        }
+        self.phase = Phase::Closed;
+    }
+
+    /// One poll of h2: the handshake, then accepting streams.
+    fn drive(&mut self, shared: &mut Shared) {
         self.task.clear();
         let waker = self.waker.clone();
         let mut cx = Context::from_waker(&waker);

@@ -9,8 +9,10 @@
 //! get through.
 
 pub mod connection;
+pub mod frame_scan;
 pub mod health;
 pub mod inbound;
+pub mod metered_io;
 pub mod outbound;
 pub mod reflection;
 pub mod rpc;
@@ -100,6 +102,13 @@ pub struct Shared {
     pub cursors: HashMap<(Arc<str>, Arc<str>), (u64, i64)>,
     /// Deadlines, connection checks and the like, earliest first.
     timers: TimerSet,
+    /// The reactor's loop turn: each connection's read budget is refilled
+    /// once per turn.
+    pub turn: u64,
+    /// Connections that used up this turn's read budget with bytes maybe
+    /// still waiting: polled again next turn (their socket is
+    /// edge-triggered, so no event would come for those bytes).
+    pub read_starved: Vec<usize>,
     pub telemetry: Arc<Telemetry>,
 }
 
@@ -337,6 +346,8 @@ impl Reactor {
                     }
                     timers
                 },
+                turn: 0,
+                read_starved: Vec::new(),
                 telemetry,
             },
             outcomes: links.outcomes,
@@ -363,6 +374,7 @@ impl Reactor {
                     return Err(e);
                 }
             }
+            self.shared.turn += 1;
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
@@ -959,6 +971,13 @@ impl Reactor {
         }
         for token in dead {
             self.close(token);
+        }
+        // After this turn's rounds, so a connection that used its budget
+        // waits for every other ready task before it reads again.
+        for token in std::mem::take(&mut self.shared.read_starved) {
+            if let Some(c) = self.conns.get(&token) {
+                c.schedule();
+            }
         }
     }
 
