@@ -14,6 +14,7 @@ pub mod failpoint;
 mod fuzz_support;
 pub mod grpc;
 pub mod log_limit;
+pub mod nats;
 pub mod notify;
 pub mod proto;
 pub mod reactor;

@@ -1,0 +1,375 @@
+//! A thin typed layer over the JetStream JSON API, for what the JetStream
+//! store needs first: account info, create-or-verify a stream, stream info,
+//! and publish-with-ack (dedup by `Nats-Msg-Id`). Calls `client` only.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::client::{Error as ClientError, NatsClient};
+use super::headers::Headers;
+
+/// The header JetStream deduplicates on within the stream's duplicate window.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+/// JetStream's err_code for "stream name already in use with a different configuration".
+pub const ERR_STREAM_NAME_IN_USE: u64 = 10058;
+/// JetStream's err_code for "stream not found".
+pub const ERR_STREAM_NOT_FOUND: u64 = 10059;
+
+/// The `error` object of a JetStream API reply.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct ApiError {
+    pub code: u16,
+    pub err_code: u64,
+    pub description: String,
+}
+
+/// What a JetStream call reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JetStreamError {
+    /// The connection failed, timed out, or had no responders (JetStream off,
+    /// or no stream bound to a published subject).
+    Client(ClientError),
+    /// JetStream answered with an error.
+    Api(ApiError),
+    /// The stream exists with a configuration that differs from the one asked for.
+    StreamMismatch {
+        stream: String,
+        differences: Vec<String>,
+    },
+    /// The reply is not the JSON we expect.
+    Decode(String),
+}
+
+impl fmt::Display for JetStreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JetStreamError::Client(e) => write!(f, "{e}"),
+            JetStreamError::Api(e) => write!(
+                f,
+                "JetStream error {} (err_code {}): {}",
+                e.code, e.err_code, e.description
+            ),
+            JetStreamError::StreamMismatch {
+                stream,
+                differences,
+            } => write!(
+                f,
+                "stream {stream:?} exists with a different configuration: {}",
+                differences.join("; ")
+            ),
+            JetStreamError::Decode(e) => write!(f, "JetStream reply does not decode: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for JetStreamError {}
+
+impl From<ClientError> for JetStreamError {
+    fn from(e: ClientError) -> Self {
+        JetStreamError::Client(e)
+    }
+}
+
+/// Storage kind of a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageType {
+    File,
+    Memory,
+}
+
+/// The stream settings we set; everything else keeps the server's default
+/// (limits retention, discard old). Durations are nanoseconds on the wire.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamConfig {
+    pub name: String,
+    pub subjects: Vec<String>,
+    pub num_replicas: usize,
+    pub storage: StorageType,
+    /// Nanoseconds; 0 is unlimited.
+    #[serde(default)]
+    pub max_age: u64,
+    /// -1 is unlimited.
+    #[serde(default = "unlimited")]
+    pub max_msgs_per_subject: i64,
+    /// Nanoseconds; 0 asks for the server default (2 minutes).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub duplicate_window: u64,
+}
+
+fn unlimited() -> i64 {
+    -1
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl StreamConfig {
+    /// File storage, one replica, no limits.
+    pub fn new(name: impl Into<String>, subjects: Vec<String>) -> Self {
+        StreamConfig {
+            name: name.into(),
+            subjects,
+            num_replicas: 1,
+            storage: StorageType::File,
+            max_age: 0,
+            max_msgs_per_subject: -1,
+            duplicate_window: 0,
+        }
+    }
+
+    pub fn replicas(mut self, n: usize) -> Self {
+        self.num_replicas = n;
+        self
+    }
+
+    pub fn max_age(mut self, d: Duration) -> Self {
+        self.max_age = d.as_nanos().min(u64::MAX as u128) as u64;
+        self
+    }
+
+    pub fn max_msgs_per_subject(mut self, n: i64) -> Self {
+        self.max_msgs_per_subject = n;
+        self
+    }
+
+    pub fn duplicate_window(mut self, d: Duration) -> Self {
+        self.duplicate_window = d.as_nanos().min(u64::MAX as u128) as u64;
+        self
+    }
+
+    /// The fields we set that differ in `actual` (a 0 duplicate_window
+    /// means "server default" and matches anything).
+    fn differences(&self, actual: &StreamConfig) -> Vec<String> {
+        let mut d = Vec::new();
+        let mut want_subjects = self.subjects.clone();
+        let mut have_subjects = actual.subjects.clone();
+        want_subjects.sort();
+        have_subjects.sort();
+        if want_subjects != have_subjects {
+            d.push(format!(
+                "subjects {:?} != {:?}",
+                actual.subjects, self.subjects
+            ));
+        }
+        if self.num_replicas != actual.num_replicas {
+            d.push(format!(
+                "replicas {} != {}",
+                actual.num_replicas, self.num_replicas
+            ));
+        }
+        if self.storage != actual.storage {
+            d.push(format!(
+                "storage {:?} != {:?}",
+                actual.storage, self.storage
+            ));
+        }
+        if self.max_age != actual.max_age {
+            d.push(format!(
+                "max_age {}ns != {}ns",
+                actual.max_age, self.max_age
+            ));
+        }
+        if self.max_msgs_per_subject != actual.max_msgs_per_subject {
+            d.push(format!(
+                "max_msgs_per_subject {} != {}",
+                actual.max_msgs_per_subject, self.max_msgs_per_subject
+            ));
+        }
+        if self.duplicate_window != 0 && self.duplicate_window != actual.duplicate_window {
+            d.push(format!(
+                "duplicate_window {}ns != {}ns",
+                actual.duplicate_window, self.duplicate_window
+            ));
+        }
+        d
+    }
+}
+
+/// A stream's message counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct StreamState {
+    pub messages: u64,
+    pub bytes: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// Where a replicated stream's leader is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct ClusterInfo {
+    pub name: Option<String>,
+    pub leader: Option<String>,
+}
+
+/// `$JS.API.STREAM.INFO` and `STREAM.CREATE` replies.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct StreamInfo {
+    pub config: StreamConfig,
+    #[serde(default)]
+    pub state: StreamState,
+    #[serde(default)]
+    pub cluster: Option<ClusterInfo>,
+}
+
+/// `$JS.API.INFO`: the account's JetStream usage.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct AccountInfo {
+    pub memory: u64,
+    pub storage: u64,
+    pub streams: u64,
+    pub consumers: u64,
+}
+
+/// The acknowledgement of a JetStream publish.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct PubAck {
+    pub stream: String,
+    pub seq: u64,
+    #[serde(default)]
+    pub duplicate: bool,
+}
+
+/// JetStream calls over a shared client; cheap to clone.
+#[derive(Clone)]
+pub struct JetStream {
+    client: Arc<NatsClient>,
+    timeout: Duration,
+}
+
+#[derive(Deserialize)]
+struct ErrorReply {
+    error: Option<ApiError>,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, JetStreamError> {
+    if let Ok(ErrorReply { error: Some(e) }) = serde_json::from_slice::<ErrorReply>(payload) {
+        return Err(JetStreamError::Api(e));
+    }
+    serde_json::from_slice(payload).map_err(|e| JetStreamError::Decode(e.to_string()))
+}
+
+impl JetStream {
+    /// JetStream over `client`; every API call waits at most `timeout`.
+    pub fn new(client: Arc<NatsClient>, timeout: Duration) -> Self {
+        JetStream { client, timeout }
+    }
+
+    pub fn client(&self) -> &Arc<NatsClient> {
+        &self.client
+    }
+
+    fn api<T: for<'de> Deserialize<'de>>(
+        &self,
+        subject: &str,
+        body: &[u8],
+    ) -> Result<T, JetStreamError> {
+        let reply = self.client.request(subject, None, body, self.timeout)?;
+        decode(&reply.payload)
+    }
+
+    /// `$JS.API.INFO`.
+    pub fn account_info(&self) -> Result<AccountInfo, JetStreamError> {
+        self.api("$JS.API.INFO", b"")
+    }
+
+    /// `$JS.API.STREAM.INFO.<name>`.
+    pub fn stream_info(&self, name: &str) -> Result<StreamInfo, JetStreamError> {
+        self.api(&format!("$JS.API.STREAM.INFO.{name}"), b"")
+    }
+
+    /// Creates the stream, or verifies that the existing one has this
+    /// configuration (`StreamMismatch` listing the differences otherwise).
+    pub fn create_or_verify_stream(
+        &self,
+        config: &StreamConfig,
+    ) -> Result<StreamInfo, JetStreamError> {
+        let body = serde_json::to_vec(config).map_err(|e| JetStreamError::Decode(e.to_string()))?;
+        let created: Result<StreamInfo, _> =
+            self.api(&format!("$JS.API.STREAM.CREATE.{}", config.name), &body);
+        let info = match created {
+            Ok(info) => info,
+            Err(JetStreamError::Api(e)) if e.err_code == ERR_STREAM_NAME_IN_USE => {
+                self.stream_info(&config.name)?
+            }
+            Err(e) => return Err(e),
+        };
+        let differences = config.differences(&info.config);
+        if differences.is_empty() {
+            Ok(info)
+        } else {
+            Err(JetStreamError::StreamMismatch {
+                stream: config.name.clone(),
+                differences,
+            })
+        }
+    }
+
+    /// Publishes and waits for the stream's ack. With `msg_id`, a repeat
+    /// within the duplicate window is acked with `duplicate: true` and the
+    /// first copy's seq. On `Client(Timeout)` the outcome is unknown: the
+    /// message may be stored; retry with the same `msg_id`.
+    pub fn publish(
+        &self,
+        subject: &str,
+        msg_id: Option<&str>,
+        payload: &[u8],
+    ) -> Result<PubAck, JetStreamError> {
+        let mut headers = Headers::new();
+        if let Some(id) = msg_id {
+            headers.insert(MSG_ID_HEADER, id);
+        }
+        let headers = msg_id.map(|_| &headers);
+        let reply = self
+            .client
+            .request(subject, headers, payload, self.timeout)?;
+        decode(&reply.payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_replies_map_to_api_errors() {
+        let e = decode::<PubAck>(
+            br#"{"type":"io.nats.jetstream.api.v1.pub_ack_response","error":{"code":503,"err_code":10039,"description":"jetstream not enabled"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            JetStreamError::Api(ApiError {
+                code: 503,
+                err_code: 10039,
+                description: "jetstream not enabled".into()
+            })
+        );
+        let ack: PubAck = decode(br#"{"stream":"S","seq":3,"duplicate":true}"#).unwrap();
+        assert_eq!(
+            (ack.stream.as_str(), ack.seq, ack.duplicate),
+            ("S", 3, true)
+        );
+        assert!(matches!(
+            decode::<PubAck>(b"nope"),
+            Err(JetStreamError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn differences_name_each_field() {
+        let want = StreamConfig::new("S", vec!["a".into()]).replicas(3);
+        let have = StreamConfig::new("S", vec!["a".into(), "b".into()]);
+        let d = want.differences(&have);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert!(want.differences(&want).is_empty());
+    }
+}
