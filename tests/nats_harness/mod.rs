@@ -1,0 +1,228 @@
+//! Real `nats-server` processes for the NATS client tests: one JetStream
+//! node, or a three-node JetStream cluster, each on free loopback ports with
+//! a temporary store directory, killed (SIGKILL) on drop. A missing
+//! `nats-server` binary fails the test with instructions; it never skips.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice::nats::jetstream::{JetStream, StreamConfig};
+use sluice::nats::{NatsClient, Options};
+
+/// `$NATS_SERVER`, else `nats-server` on PATH, else the Debian package's path.
+pub fn nats_server_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER") {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    for dir in path.split(':').chain(["/usr/sbin", "/usr/bin"]) {
+        let candidate = PathBuf::from(dir).join("nats-server");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "nats-server not found (needed by the NATS client tests): install it \
+         (`make deps` does, on Debian as root: apt-get install nats-server) \
+         or set NATS_SERVER=/path/to/nats-server"
+    );
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// One nats-server process.
+pub struct Node {
+    pub name: String,
+    pub port: u16,
+    pub cluster_port: u16,
+    child: Option<Child>,
+    _store: tempfile::TempDir,
+}
+
+impl Node {
+    fn spawn(name: &str, port: u16, cluster: Option<(&str, u16, &[u16])>) -> Node {
+        let store = tempfile::tempdir().expect("temp store dir");
+        let mut cmd = Command::new(nats_server_binary());
+        cmd.args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-n",
+            name,
+        ])
+        .arg("-sd")
+        .arg(store.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("NATS_SERVER_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
+        let mut cluster_port = 0;
+        if let Some((cluster_name, own, peers)) = cluster {
+            cluster_port = own;
+            let routes: Vec<String> = peers
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            cmd.args([
+                "--cluster_name",
+                cluster_name,
+                "--cluster",
+                &format!("nats://127.0.0.1:{own}"),
+                "--routes",
+                &routes.join(","),
+            ]);
+        }
+        let child = cmd.spawn().expect("start nats-server");
+        Node {
+            name: name.to_string(),
+            port,
+            cluster_port,
+            child: Some(child),
+            _store: store,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, and wait for the process to go.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Options with short timeouts so tests stay bounded.
+pub fn test_options() -> Options {
+    Options {
+        connect_timeout: Duration::from_millis(500),
+        ping_interval: Duration::from_millis(500),
+        max_pings_out: 2,
+        reconnect_initial_wait: Duration::from_millis(50),
+        reconnect_max_wait: Duration::from_millis(500),
+        ..Options::default()
+    }
+}
+
+/// Retries `f` until it returns Some, panicking with `what` after `limit`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Connects and waits until `$JS.API.INFO` answers.
+pub fn connect_ready(url: &str, limit: Duration) -> Arc<NatsClient> {
+    wait_for(limit, &format!("JetStream at {url}"), || {
+        let c = Arc::new(NatsClient::connect(url, test_options()).ok()?);
+        JetStream::new(Arc::clone(&c), Duration::from_secs(1))
+            .account_info()
+            .ok()?;
+        Some(c)
+    })
+}
+
+/// One JetStream-enabled node.
+pub struct SingleNode {
+    pub node: Node,
+}
+
+impl SingleNode {
+    pub fn start() -> (SingleNode, Arc<NatsClient>) {
+        let node = Node::spawn("solo", free_port(), None);
+        let client = connect_ready(&node.url(), Duration::from_secs(10));
+        (SingleNode { node }, client)
+    }
+}
+
+/// Three JetStream nodes routed into one cluster.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+}
+
+impl Cluster {
+    /// Starts the nodes and waits until an R3 stream can be created (the
+    /// JetStream meta group has a leader and every peer is known).
+    pub fn start(cluster_name: &str) -> Cluster {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let nodes: Vec<Node> = (0..3)
+            .map(|i| {
+                let peers: Vec<u16> = cluster_ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, p)| *p)
+                    .collect();
+                Node::spawn(
+                    &format!("{cluster_name}-n{i}"),
+                    ports[i],
+                    Some((cluster_name, cluster_ports[i], &peers)),
+                )
+            })
+            .collect();
+        let cluster = Cluster { nodes };
+        let client = connect_ready(&cluster.url(), Duration::from_secs(15));
+        let js = JetStream::new(client, Duration::from_secs(2));
+        let probe = StreamConfig::new("READY_PROBE", vec!["ready.probe".into()]).replicas(3);
+        wait_for(
+            Duration::from_secs(20),
+            "an R3 stream to be creatable",
+            || js.create_or_verify_stream(&probe).ok(),
+        );
+        cluster
+    }
+
+    /// Every live node's URL, as one server list.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node started with `-n name` (INFO's server_name).
+    pub fn node_named(&mut self, name: &str) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .expect("a node with that name")
+    }
+}
