@@ -1,6 +1,7 @@
 # Sluice — build, run, test, benchmark, package.
 #   make run      build (release) and start the daemon with defaults
-#   make test     format check, clippy (warnings are errors), all tests
+#   make deps     test prerequisites: installs nats-server (Debian, as root) when missing
+#   make test     deps, format check, clippy (warnings are errors), all tests
 #   make bench    benchmarks; results go to the terminal (record them in bench/RESULTS.md)
 #   make sim SEEDS=N / make fuzz CASES=N / make crash-loop ROUNDS=N   longer proof runs
 
@@ -12,7 +13,7 @@ UNITDIR ?= $(DESTDIR)/etc/systemd/system
 TARGET ?= $(shell rustc -vV | sed -n 's/^host: //p')
 ARGS   ?=
 
-.PHONY: all build run test lint bench release install install-files clean sim fuzz crash-loop
+.PHONY: all build run deps test lint bench release install install-files clean sim fuzz crash-loop
 
 SEEDS  ?= 2000
 CASES  ?= 100000
@@ -30,7 +31,21 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-test: lint
+# The NATS client tests (tests/nats_client.rs) start real nats-server processes.
+# NATS_SERVER=/path/to/nats-server overrides the lookup (PATH, /usr/sbin, /usr/bin).
+deps:
+	@if [ -n "$$NATS_SERVER" ] || command -v nats-server >/dev/null 2>&1 \
+	    || [ -x /usr/sbin/nats-server ] || [ -x /usr/bin/nats-server ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "deps: installing nats-server (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nats-server >/dev/null; \
+	else \
+	  echo "deps: missing nats-server (needed by tests/nats_client.rs)."; \
+	  echo "      Install it (Debian: sudo apt-get install nats-server) or set NATS_SERVER=/path/to/nats-server."; \
+	  exit 1; \
+	fi
+
+test: deps lint
 	$(CARGO) test --locked
 
 # Longer runs of what `make test` runs in bounded form.

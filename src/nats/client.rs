@@ -318,7 +318,7 @@ fn handshake(server: &ServerAddr, options: &Options) -> Result<Handshake, Error>
             return Err(Error::Connect(format!("{}: handshake timed out", server.0)));
         }
         read_ops(&mut stream, &mut parser, &mut buf, &mut ops)?;
-        let mut drained = ops.drain(..).collect::<Vec<_>>().into_iter();
+        let mut drained = std::mem::take(&mut ops).into_iter();
         for op in drained.by_ref() {
             match op {
                 ServerOp::Info(i) if info.is_none() => {
