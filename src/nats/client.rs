@@ -564,7 +564,11 @@ impl NatsClient {
     /// fail with `Error::Closed`; subscriptions end.
     pub fn close(&self) {
         self.shared.closed.store(true, Ordering::SeqCst);
-        self.shared.wake.1.notify_all();
+        {
+            // Under the lock, so a backoff pause cannot miss the wake-up.
+            let _guard = lock(&self.shared.wake.0);
+            self.shared.wake.1.notify_all();
+        }
         if let Some(c) = lock(&self.shared.conn).take() {
             let _ = c.writer.shutdown(Shutdown::Both);
         }
@@ -928,6 +932,153 @@ mod tests {
         parse_urls("nats://sekrit@h:1", &mut o).unwrap();
         assert_eq!(o.token.as_deref(), Some("sekrit"));
         assert!(parse_urls(" , ", &mut Options::default()).is_err());
+    }
+
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+
+    /// A scripted server: accepts one connection, sends INFO, answers the
+    /// handshake's PING, then hands the socket to `script`.
+    fn fake_server(
+        script: impl FnOnce(BufReader<TcpStream>, TcpStream) + Send + 'static,
+    ) -> (String, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("nats://{}", listener.local_addr().unwrap());
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"INFO {\"server_id\":\"fake\",\"max_payload\":1024,\"headers\":true}\r\n")
+                .unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap() > 0 {
+                if line.trim() == "PING" {
+                    break;
+                }
+                line.clear();
+            }
+            script(r, s);
+            // Keep the listener (so reconnects hang in the handshake, bounded).
+            std::thread::sleep(Duration::from_millis(500));
+            drop(listener);
+        });
+        (url, t)
+    }
+
+    fn fast_options() -> Options {
+        Options {
+            connect_timeout: Duration::from_millis(300),
+            ping_interval: Duration::from_millis(100),
+            max_pings_out: 2,
+            max_reconnect_rounds: Some(1),
+            reconnect_initial_wait: Duration::from_millis(10),
+            ..Options::default()
+        }
+    }
+
+    #[test]
+    fn authorization_violation_fails_connect() {
+        let (url, t) = fake_server(|_, mut s| {
+            s.write_all(b"-ERR 'Authorization Violation'\r\n").unwrap();
+        });
+        match NatsClient::connect(&url, fast_options()) {
+            Err(Error::Authorization(text)) => assert!(text.contains("Authorization")),
+            Err(e) => panic!("unexpected {e}"),
+            Ok(_) => panic!("connected despite -ERR"),
+        }
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn silent_server_is_stale_and_fails_pending_requests() {
+        let (url, t) = fake_server(|mut r, mut s| {
+            s.write_all(b"PONG\r\n").unwrap();
+            // Read everything, answer nothing (no PONG to our PINGs).
+            let mut line = String::new();
+            let until = Instant::now() + Duration::from_secs(3);
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            while Instant::now() < until {
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(0) => break,
+                    _ => continue,
+                }
+            }
+        });
+        let client = NatsClient::connect(&url, fast_options()).unwrap();
+        assert_eq!(client.server_info().max_payload, 1024);
+        assert!(matches!(
+            client.publish("x", None, &[0u8; 1025]),
+            Err(Error::PayloadTooLarge {
+                size: 1025,
+                limit: 1024
+            })
+        ));
+        let started = Instant::now();
+        let err = client
+            .request("svc", None, b"", Duration::from_secs(5))
+            .unwrap_err();
+        assert_eq!(err, Error::Disconnected);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        client.close();
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn full_subscription_is_dropped_as_slow_consumer() {
+        let (url, t) = fake_server(|mut r, mut s| {
+            s.write_all(b"PONG\r\n").unwrap();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if r.read_line(&mut line).unwrap() == 0 {
+                    return;
+                }
+                if line.starts_with("SUB slow ") {
+                    break;
+                }
+            }
+            let sid = line.trim().rsplit(' ').next().unwrap().to_string();
+            for i in 0..5 {
+                s.write_all(format!("MSG slow {sid} 1\r\n{i}\r\n").as_bytes())
+                    .unwrap();
+            }
+            // Expect our UNSUB for it.
+            loop {
+                line.clear();
+                if r.read_line(&mut line).unwrap() == 0 {
+                    panic!("no UNSUB");
+                }
+                if line.trim() == format!("UNSUB {sid}") {
+                    return;
+                }
+            }
+        });
+        let client = NatsClient::connect(
+            &url,
+            Options {
+                subscription_capacity: 2,
+                ..fast_options()
+            },
+        )
+        .unwrap();
+        let sub = client.subscribe("slow").unwrap();
+        t.join().unwrap();
+        assert_eq!(
+            sub.next_timeout(Duration::from_secs(1)).unwrap().payload,
+            b"0"
+        );
+        assert_eq!(
+            sub.next_timeout(Duration::from_secs(1)).unwrap().payload,
+            b"1"
+        );
+        assert_eq!(
+            sub.next_timeout(Duration::from_secs(1)).unwrap_err(),
+            Error::SlowConsumer
+        );
     }
 
     #[test]
