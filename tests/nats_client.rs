@@ -173,7 +173,9 @@ fn cluster_r3_publishing_survives_a_killed_node() {
             .unwrap()
     };
     cluster.node_named(&victim).kill();
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let killed_at = Instant::now();
+    let deadline = killed_at + Duration::from_secs(15);
+    let mut failures = Vec::new();
     let mut i = 20;
     while i < 40 {
         // Same Nats-Msg-Id on retry: a publish whose ack was lost is not stored twice.
@@ -184,10 +186,20 @@ fn cluster_r3_publishing_survives_a_killed_node() {
             }
             Err(e) => {
                 assert!(Instant::now() < deadline, "publishing did not resume: {e}");
+                failures.push(e.to_string());
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
     }
+    // nats-server 2.9.10: while the new stream leader is elected (~5-7 s
+    // here) a publish gets 503 no responders, not a timeout: only the leader
+    // listens on the stream's subjects. The store must treat it as transient.
+    failures.sort();
+    failures.dedup();
+    eprintln!(
+        "killed {victim}; 20 more acks {:?} after the kill; distinct errors meanwhile: {failures:?}",
+        killed_at.elapsed()
+    );
     assert!(
         seqs.windows(2).all(|w| w[0] < w[1]),
         "acked seqs not increasing: {seqs:?}"

@@ -463,6 +463,8 @@ impl NatsClient {
             },
         );
         // If not connected, the reconnect re-sends SUB for every table entry.
+        // (A reconnect racing this write may send the same SUB twice; the
+        // server keeps one subscription per sid.)
         match shared.write(&op) {
             Ok(()) | Err(Error::NotConnected) => {}
             Err(e) => {

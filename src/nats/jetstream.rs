@@ -317,6 +317,9 @@ impl JetStream {
     /// within the duplicate window is acked with `duplicate: true` and the
     /// first copy's seq. On `Client(Timeout)` the outcome is unknown: the
     /// message may be stored; retry with the same `msg_id`.
+    /// `Client(NoResponders)` means no stream leader listens on `subject`:
+    /// either no stream binds it, or (nats-server 2.9.10, measured in
+    /// tests/nats_client.rs) its leader died and the election takes seconds.
     pub fn publish(
         &self,
         subject: &str,
