@@ -51,7 +51,8 @@ pub struct Node {
 impl Node {
     fn spawn(name: &str, port: u16, cluster: Option<(&str, u16, &[u16])>) -> Node {
         let store = tempfile::tempdir().expect("temp store dir");
-        let mut cmd = Command::new(nats_server_binary());
+        let binary = nats_server_binary();
+        let mut cmd = Command::new(&binary);
         cmd.args([
             "-js",
             "-a",
@@ -86,7 +87,13 @@ impl Node {
                 &routes.join(","),
             ]);
         }
-        let child = cmd.spawn().expect("start nats-server");
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} ({e}): the NATS client tests need nats-server \
+                 (`make deps` installs it on Debian as root)",
+                binary.display()
+            )
+        });
         Node {
             name: name.to_string(),
             port,
