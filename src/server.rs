@@ -14,7 +14,7 @@ use crate::broker::{Broker, BrokerConfig};
 use crate::config::ServeConfig;
 use crate::reactor::connection::{H2Settings, Keepalive};
 use crate::reactor::task::ReadyQueue;
-use crate::reactor::{Reactor, ReactorConfig, ReactorIo, StorageLinks, WAKER};
+use crate::reactor::{Reactor, ReactorConfig, ReactorIo, WAKER};
 use crate::storage::dir_lock::DataDirLock;
 use crate::storage::high_water::{HighWaterMark, Recorded};
 use crate::storage::{self, checkpointer, reader, schema, writer};
@@ -127,11 +127,11 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
         },
         broker,
         telemetry.clone(),
-        StorageLinks {
-            writer: writer.requests,
+        storage::StoreLinks {
+            requests: writer.requests,
             outcomes: outcome_rx,
-            reader: readers.requests,
-            pages: page_rx,
+            pages_in: readers.requests,
+            pages_out: page_rx,
         },
         ReactorConfig {
             keepalive: Keepalive {
@@ -181,7 +181,7 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
 /// high-water mark or a consumer group's cursor is past its last sequence
 /// (a damaged or truncated WAL). New sequences continue after the mark, so
 /// none is reused and no cursor skips a new message.
-fn report_lost_tail(state: &schema::LoadedState, recorded: Recorded) {
+fn report_lost_tail(state: &storage::LoadedState, recorded: Recorded) {
     let cursor_max = state
         .groups
         .iter()

@@ -11,6 +11,7 @@
 pub mod checkpointer;
 pub mod dir_lock;
 pub mod high_water;
+pub mod interface;
 pub mod maintenance;
 pub mod reader;
 pub mod retention;
@@ -18,49 +19,15 @@ pub mod schema;
 pub mod writer;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use prost::Message as _;
 
-/// Wakes the thread that consumes a storage thread's replies.
-pub type Wake = Arc<dyn Fn() + Send + Sync>;
-
-/// Held by a storage thread for its whole life: when the thread ends, by
-/// returning or by a panic, its consumer is woken to notice the closed
-/// channel instead of sleeping on it.
-pub struct WakeOnExit(pub Wake);
-
-impl Drop for WakeOnExit {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            log::error!(
-                "storage thread {:?} panicked",
-                std::thread::current().name().unwrap_or("?")
-            );
-        }
-        (self.0)();
-    }
-}
-
-/// Why a storage operation failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StorageError {
-    /// The disk (or the database's size limit) is full.
-    pub disk_full: bool,
-    /// The database file is damaged (SQLite reports corruption).
-    pub corrupt: bool,
-    pub message: String,
-}
+pub use interface::{
+    Appended, LoadedState, NewMessage, OpenedStore, Page, PageRequest, StorageError, StoreLinks,
+    StoreThreads, Wake, WakeOnExit, WriteOutcome, WriteRequest,
+};
 
 impl StorageError {
-    pub fn new(message: impl Into<String>) -> Self {
-        StorageError {
-            disk_full: false,
-            corrupt: false,
-            message: message.into(),
-        }
-    }
-
     fn from_sqlite(e: &rusqlite::Error) -> Self {
         let code = match e {
             rusqlite::Error::SqliteFailure(f, _) => Some(f.code),

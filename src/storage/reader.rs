@@ -9,30 +9,8 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{params, Connection};
 
-use super::{decode_attributes, StorageError, Wake};
+use super::{decode_attributes, Page, PageRequest, StorageError, Wake};
 use crate::broker::{MessageId, StoredMessage};
-
-/// A request for up to `limit` messages of `topic` from sequence `from` on.
-#[derive(Debug, Clone)]
-pub struct PageRequest {
-    pub sub: u64,
-    pub fetch: u64,
-    pub topic: Arc<str>,
-    pub from: u64,
-    pub limit: u32,
-}
-
-/// The answer. `end` is set when the page is short: the store held nothing
-/// more of the topic up to that (global) sequence when it was read.
-/// `error` is set when the read failed (then nothing else is).
-#[derive(Debug)]
-pub struct Page {
-    pub sub: u64,
-    pub fetch: u64,
-    pub messages: Vec<Arc<StoredMessage>>,
-    pub end: Option<u64>,
-    pub error: Option<StorageError>,
-}
 
 /// The wait after a failed read, doubling up to the maximum while reads fail.
 const READ_BACKOFF_MIN: Duration = Duration::from_millis(10);

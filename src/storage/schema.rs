@@ -5,6 +5,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
 
+use super::LoadedState;
 use crate::broker::{GroupView, TopicView};
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
@@ -137,14 +138,6 @@ pub fn last_sequence(conn: &Connection) -> rusqlite::Result<u64> {
         |r| r.get(0),
     )?;
     Ok(v as u64)
-}
-
-/// What the broker needs to know at start-up.
-#[derive(Debug, Default)]
-pub struct LoadedState {
-    pub last_seq: u64,
-    pub topics: Vec<TopicView>,
-    pub groups: Vec<(String, GroupView)>,
 }
 
 /// Reads topics, their first/last messages and the group cursors.
