@@ -19,10 +19,11 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use super::encode_attributes;
 use super::high_water::HighWaterMark;
 use super::retention::{self, RetentionPolicy};
-use super::{encode_attributes, Appended, StorageError, Wake, WriteOutcome, WriteRequest};
 use crate::broker::{MessageId, StoredMessage};
+use crate::storage::{Appended, StorageError, Wake, WakeOnExit, WriteOutcome, WriteRequest};
 use crate::telemetry::Telemetry;
 
 /// Rows deleted per transaction when purging a deleted topic.
@@ -238,7 +239,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("sluice-writer".into())
         .spawn(move || {
-            let _exit = super::WakeOnExit(wake.clone());
+            let _exit = WakeOnExit(wake.clone());
             gc.run(rx, outcomes, wake)
         })
         .map_err(|e| StorageError::new(e.to_string()))?;

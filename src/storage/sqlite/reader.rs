@@ -9,8 +9,9 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{params, Connection};
 
-use super::{decode_attributes, Page, PageRequest, StorageError, Wake};
+use super::decode_attributes;
 use crate::broker::{MessageId, StoredMessage};
+use crate::storage::{Page, PageRequest, StorageError, Wake, WakeOnExit};
 
 /// The wait after a failed read, doubling up to the maximum while reads fail.
 const READ_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -40,7 +41,7 @@ pub fn spawn(
         let t = std::thread::Builder::new()
             .name(format!("sluice-reader-{i}"))
             .spawn(move || {
-                let _exit = super::WakeOnExit(wake.clone());
+                let _exit = WakeOnExit(wake.clone());
                 serve(conn, rx, pages, wake)
             })
             .map_err(|e| StorageError::new(e.to_string()))?;
