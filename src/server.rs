@@ -2,8 +2,8 @@
 //! `open` locks its data, starts its threads and returns neutral links plus
 //! the broker's start-up state), builds the broker and runs the reactor on
 //! this thread until a shutdown signal; then lets the store finish what it
-//! has queued and joins its threads. The only module that names a store
-//! implementation.
+//! has queued and joins its threads. The one place the daemon chooses a
+//! store implementation (`--store`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,7 +14,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::broker::{Broker, BrokerConfig};
-use crate::config::ServeConfig;
+use crate::config::{ServeConfig, StoreConfig};
 use crate::reactor::connection::{H2Settings, Keepalive};
 use crate::reactor::task::ReadyQueue;
 use crate::reactor::{Reactor, ReactorConfig, ReactorIo, WAKER};
@@ -120,12 +120,19 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
     Ok(())
 }
 
-/// Opens the store chosen at start-up and returns its neutral links.
+/// Opens the store chosen at start-up (`--store`) and returns its neutral
+/// links.
 fn open_store(
     cfg: &ServeConfig,
     wake: storage::Wake,
     telemetry: Arc<Telemetry>,
 ) -> Result<OpenedStore, String> {
+    if let StoreConfig::JetStream(js) = &cfg.store {
+        return Err(format!(
+            "--store {js}: the NATS JetStream store is not built yet (issue 11); \
+             use --store sqlite"
+        ));
+    }
     sqlite::open(
         &SqliteConfig {
             data_dir: cfg.data_dir.clone(),
@@ -142,4 +149,29 @@ fn open_store(
         wake,
         telemetry,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_store;
+
+    #[test]
+    fn a_jetstream_store_fails_at_start_and_leaves_the_data_dir_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let cfg = ServeConfig {
+            store: parse_store("nats://sluice:secret@n1:4222,n2:4222").unwrap(),
+            port: 0,
+            data_dir: data_dir.clone(),
+            ..ServeConfig::default()
+        };
+        let e = run(&cfg, &TelemetryConfig::default()).unwrap_err();
+        assert_eq!(
+            e,
+            "--store nats://sluice:***@n1:4222,n2:4222: the NATS JetStream store is not built \
+             yet (issue 11); use --store sqlite"
+        );
+        assert!(!data_dir.exists());
+    }
 }
