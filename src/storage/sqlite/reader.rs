@@ -1,6 +1,7 @@
 //! `BacklogReader`: threads with read-only connections that serve pages of a
 //! topic's stored messages to the reactor, never more than asked for (the
 //! subscriber's credit) and never more than a byte budget.
+//! May call SQLite and `broker` types; speaks `storage::interface` types.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;

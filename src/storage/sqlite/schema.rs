@@ -1,5 +1,6 @@
 //! Opening the database: pragmas, versioned migrations (`PRAGMA
 //! user_version`), and loading the state the broker starts from.
+//! Returns the neutral `storage::LoadedState`; calls only SQLite.
 
 use std::path::Path;
 

@@ -8,6 +8,9 @@
 //! batches it does bounded housekeeping: purging deleted topics and applying
 //! retention a chunk at a time, so neither ever stalls publishing, and when
 //! nothing is queued a short checkpoint that keeps the WAL small.
+//!
+//! May call `schema`, `retention`, `high_water`, `broker` types and
+//! `telemetry`; speaks `storage::interface` types to the reactor.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
