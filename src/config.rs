@@ -7,8 +7,96 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// `--store`: which store sits behind the storage boundary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// SQLite in `--data-dir` (the default).
+    Sqlite,
+    /// A NATS JetStream cluster (issue 11; not built yet).
+    JetStream(JetStreamConfig),
+}
+
+/// `nats://[USER:PASS@]HOST:PORT[,HOST:PORT…]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JetStreamConfig {
+    /// Seed servers, `(host, port)`; a host may be a bracketed IPv6 address.
+    pub servers: Vec<(String, u16)>,
+    /// `(user, password)` from the URL.
+    pub credentials: Option<(String, String)>,
+}
+
+/// The URL without its password, for messages and `Debug`.
+impl std::fmt::Display for JetStreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("nats://")?;
+        if let Some((user, _)) = &self.credentials {
+            write!(f, "{user}:***@")?;
+        }
+        for (i, (host, port)) in self.servers.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{host}:{port}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for JetStreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JetStreamConfig({self})")
+    }
+}
+
+/// Parses `--store`: `sqlite`, or `nats://[USER:PASS@]HOST:PORT[,HOST:PORT…]`.
+pub fn parse_store(v: &str) -> Result<StoreConfig, String> {
+    let bad = |why: &str| {
+        format!(
+            "invalid value {v:?} for --store: {why} (expected sqlite or \
+             nats://[USER:PASS@]HOST:PORT[,HOST:PORT...])"
+        )
+    };
+    if v == "sqlite" {
+        return Ok(StoreConfig::Sqlite);
+    }
+    let Some(rest) = v.strip_prefix("nats://") else {
+        return Err(bad("unknown store"));
+    };
+    let (credentials, hosts) = match rest.rsplit_once('@') {
+        Some((creds, hosts)) => {
+            let (user, pass) = creds
+                .split_once(':')
+                .ok_or_else(|| bad("credentials must be USER:PASS"))?;
+            if user.is_empty() {
+                return Err(bad("empty user name"));
+            }
+            (Some((user.to_string(), pass.to_string())), hosts)
+        }
+        None => (None, rest),
+    };
+    let mut servers = Vec::new();
+    for server in hosts.split(',') {
+        let (host, port) = server
+            .rsplit_once(':')
+            .ok_or_else(|| bad("each server needs HOST:PORT"))?;
+        if host.is_empty() || host.contains(['/', '@', ' ']) {
+            return Err(bad("bad host"));
+        }
+        let port: u16 = match port.parse() {
+            Ok(p) if p > 0 => p,
+            _ => return Err(bad("bad port")),
+        };
+        servers.push((host.to_string(), port));
+    }
+    Ok(StoreConfig::JetStream(JetStreamConfig {
+        servers,
+        credentials,
+    }))
+}
+
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    pub store: StoreConfig,
     pub host: String,
     pub port: u16,
     pub data_dir: PathBuf,
@@ -41,6 +129,7 @@ pub struct ServeConfig {
 impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
+            store: StoreConfig::Sqlite,
             host: "127.0.0.1".into(),
             port: 50051,
             data_dir: PathBuf::from("./sluice-data"),
@@ -86,6 +175,9 @@ USAGE:
     sluice [serve] [OPTIONS]
 
 OPTIONS (each also read from the environment variable shown):
+    --store STORE                where messages are stored: sqlite (in --data-dir), or a NATS
+                                 JetStream cluster nats://[USER:PASS@]HOST:PORT[,HOST:PORT...]
+                                 (not built yet: fails at start) [SLUICE_STORE] (default sqlite)
     --host HOST                  address to listen on [SLUICE_HOST] (default 127.0.0.1)
     --port PORT                  TCP port, 0 picks a free one [SLUICE_PORT] (default 50051)
     --data-dir DIR               where the database lives [SLUICE_DATA_DIR] (default ./sluice-data)
@@ -201,6 +293,7 @@ fn positive(flag: &str, v: &str) -> Result<usize, String> {
 fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
     let flag = format!("--{name}");
     match name {
+        "store" => cfg.store = parse_store(v)?,
         "host" => {
             if v.is_empty() {
                 return Err("invalid value \"\" for --host".into());
@@ -329,6 +422,7 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
 pub const MAX_BATCH_MESSAGES: usize = 65_536;
 
 const SETTINGS: &[&str] = &[
+    "store",
     "host",
     "port",
     "data-dir",
@@ -491,6 +585,66 @@ mod tests {
         assert!(serve(&["--retention-max-bytes", "lots"], &[])
             .unwrap_err()
             .contains("--retention-max-bytes"));
+    }
+
+    #[test]
+    fn store_defaults_to_sqlite_and_parses_nats_urls() {
+        assert_eq!(serve(&[], &[]).unwrap().store, StoreConfig::Sqlite);
+        assert_eq!(
+            serve(&["--store", "sqlite"], &[]).unwrap().store,
+            StoreConfig::Sqlite
+        );
+        let c = serve(&[], &[("SLUICE_STORE", "nats://n1:4222,n2:4223")]).unwrap();
+        assert_eq!(
+            c.store,
+            StoreConfig::JetStream(JetStreamConfig {
+                servers: vec![("n1".into(), 4222), ("n2".into(), 4223)],
+                credentials: None,
+            })
+        );
+        let c = serve(&["--store", "nats://sluice:s3:cr@t@[::1]:4222"], &[]).unwrap();
+        let StoreConfig::JetStream(js) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(js.servers, vec![("[::1]".to_string(), 4222)]);
+        assert_eq!(
+            js.credentials,
+            Some(("sluice".to_string(), "s3:cr@t".to_string()))
+        );
+        // The password never shows in messages or debug output.
+        assert_eq!(js.to_string(), "nats://sluice:***@[::1]:4222");
+        assert!(!format!("{c:?}").contains("s3:cr@t"));
+        // A flag beats the variable.
+        let c = serve(
+            &["--store", "sqlite"],
+            &[("SLUICE_STORE", "nats://n1:4222")],
+        )
+        .unwrap();
+        assert_eq!(c.store, StoreConfig::Sqlite);
+    }
+
+    #[test]
+    fn bad_store_values_name_the_flag() {
+        for v in [
+            "",
+            "SQLite",
+            "postgres://db:5432",
+            "nats://",
+            "nats://n1",
+            "nats://n1:0",
+            "nats://n1:65536",
+            "nats://n1:4222,",
+            "nats://:4222",
+            "nats://user@n1:4222",
+            "nats://:pw@n1:4222",
+            "nats://n1:4222/path",
+        ] {
+            let e = serve(&["--store", v], &[]).unwrap_err();
+            assert!(e.contains("--store"), "{v:?}: {e}");
+        }
+        assert!(serve(&[], &[("SLUICE_STORE", "bogus")])
+            .unwrap_err()
+            .contains("SLUICE_STORE"));
     }
 
     #[test]

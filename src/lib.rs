@@ -4,7 +4,9 @@
 //! `reactor` owns sockets and drives HTTP/2 + gRPC; `socket_io` adapts a mio
 //! socket to the async IO traits h2 needs (for the reactor and the CLI
 //! client); `grpc` is pure framing and status handling; `broker` is the sans-IO state machine (topics,
-//! subscriptions, credit, cursors, redelivery); `storage` owns SQLite.
+//! subscriptions, credit, cursors, redelivery); `storage` is the store-neutral boundary
+//! (channels of requests, outcomes and pages) with one implementation today,
+//! `storage::sqlite`; only `server` and the `check`/`backup` commands name it.
 
 pub mod broker;
 pub mod cli;

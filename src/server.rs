@@ -1,6 +1,9 @@
-//! `serve`: opens storage, loads the broker's state, starts the writer and
-//! reader threads, binds the listener and runs the reactor on this thread
-//! until a shutdown signal; then lets the writer finish and joins it.
+//! `serve`: binds the listener, opens the store chosen at start-up (its
+//! `open` locks its data, starts its threads and returns neutral links plus
+//! the broker's start-up state), builds the broker and runs the reactor on
+//! this thread until a shutdown signal; then lets the store finish what it
+//! has queued and joins its threads. The one place the daemon chooses a
+//! store implementation (`--store`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,13 +14,13 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::broker::{Broker, BrokerConfig};
-use crate::config::ServeConfig;
+use crate::config::{ServeConfig, StoreConfig};
 use crate::reactor::connection::{H2Settings, Keepalive};
 use crate::reactor::task::ReadyQueue;
-use crate::reactor::{Reactor, ReactorConfig, ReactorIo, StorageLinks, WAKER};
-use crate::storage::dir_lock::DataDirLock;
-use crate::storage::high_water::{HighWaterMark, Recorded};
-use crate::storage::{self, checkpointer, reader, schema, writer};
+use crate::reactor::{Reactor, ReactorConfig, ReactorIo, WAKER};
+use crate::storage::sqlite::retention::RetentionPolicy;
+use crate::storage::sqlite::{self, SqliteConfig};
+use crate::storage::{self, OpenedStore};
 use crate::telemetry::{Telemetry, TelemetryConfig};
 
 pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), String> {
@@ -29,8 +32,9 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
             telemetry.export_interval()
         );
     }
-    // The port first, then the data dir's lock: a second daemon (same port,
-    // or the same dir by any path) fails before it touches the database.
+    // The port first, then the store (which takes the data dir's lock): a
+    // second daemon (same port, or the same dir by any path) fails before it
+    // touches the database.
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let sock_addr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
         .map_err(|e| format!("invalid listen address {addr}: {e}"))?
@@ -38,21 +42,19 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
         .ok_or_else(|| format!("invalid listen address {addr}"))?;
     let listener =
         TcpListener::bind(sock_addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let dir_lock = DataDirLock::acquire(&cfg.data_dir)?;
-    let data_dir = dir_lock.dir().to_path_buf();
-    let conn = schema::open_writer(&data_dir, cfg.max_db_bytes)
-        .map_err(|e| format!("cannot open database in {}: {e}", data_dir.display()))?;
-    schema::check_writable(&conn, &data_dir)?;
-    let state = schema::load_state(&conn).map_err(|e| format!("cannot load state: {e}"))?;
-    log::info!(
-        "recovered {} topics, {} consumer groups, last sequence {} from {}",
-        state.topics.len(),
-        state.groups.len(),
-        state.last_seq,
-        data_dir.display()
-    );
-    let (hwm, recorded) = HighWaterMark::open(&data_dir)?;
-    report_lost_tail(&state, recorded);
+    let poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
+    let waker =
+        mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("cannot create waker: {e}"))?;
+    let queue = ReadyQueue::new(waker);
+    let wake: storage::Wake = {
+        let q = queue.clone();
+        Arc::new(move || q.wake_poll())
+    };
+    let OpenedStore {
+        links,
+        state,
+        mut threads,
+    } = open_store(cfg, wake, telemetry.clone())?;
     let mut broker = Broker::new(BrokerConfig {
         heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
         max_topics: cfg.max_topics,
@@ -67,53 +69,6 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
         broker.load_group(&topic, g);
     }
 
-    let poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
-    let waker =
-        mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("cannot create waker: {e}"))?;
-    let queue = ReadyQueue::new(waker);
-    let wake: storage::Wake = {
-        let q = queue.clone();
-        Arc::new(move || q.wake_poll())
-    };
-
-    let (outcome_tx, outcome_rx) = crossbeam_channel::bounded(cfg.writer_queue * 2);
-    let wal_wrap = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let group_commit = writer::GroupCommitConfig {
-        max_messages: cfg.commit_max_messages,
-        max_bytes: cfg.commit_max_bytes,
-        retention: storage::retention::RetentionPolicy {
-            max_age: cfg.retention_max_age,
-            max_messages: cfg.retention_max_messages,
-            max_bytes: cfg.retention_max_bytes,
-        },
-        max_store_bytes: cfg.max_db_bytes,
-        queue: cfg.writer_queue,
-    };
-    let writer = writer::spawn(
-        conn,
-        group_commit,
-        outcome_tx,
-        wake.clone(),
-        telemetry.clone(),
-        wal_wrap.clone(),
-        hwm,
-    )
-    .map_err(|e| format!("cannot start writer: {}", e.message))?;
-    let (page_tx, page_rx) = crossbeam_channel::bounded(1024);
-    let dir = data_dir.clone();
-    let readers = reader::spawn(1, move || schema::open_reader(&dir), 1024, page_tx, wake)
-        .map_err(|e| format!("cannot start reader: {}", e.message))?;
-
-    let checkpoint_conn = schema::open_checkpointer(&data_dir)
-        .map_err(|e| format!("cannot open checkpoint connection: {e}"))?;
-    let checkpointer = checkpointer::spawn(
-        checkpoint_conn,
-        std::time::Duration::from_millis(200),
-        262_144, // 1 GiB of WAL: a last resort that blocks the writer
-        wal_wrap,
-    )
-    .map_err(|e| format!("cannot start checkpointer: {e}"))?;
-
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let signals = Signals::new([SIGTERM, SIGINT])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
@@ -127,12 +82,7 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
         },
         broker,
         telemetry.clone(),
-        StorageLinks {
-            writer: writer.requests,
-            outcomes: outcome_rx,
-            reader: readers.requests,
-            pages: page_rx,
-        },
+        links,
         ReactorConfig {
             keepalive: Keepalive {
                 interval: cfg.keepalive_interval,
@@ -160,44 +110,68 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
     );
     crate::notify::notify(&format!("READY=1\nSTATUS=listening on {local}"));
     let result = reactor.run();
-    // The reactor dropped its senders: the writer commits what it has queued
-    // and exits; then the readers.
-    if writer.thread.join().is_err() {
-        return Err("writer thread panicked".into());
-    }
-    for t in readers.threads {
-        let _ = t.join();
-    }
-    drop(checkpointer.stop);
-    let _ = checkpointer.thread.join();
+    // The reactor dropped its senders: the store finishes what it has queued
+    // and its threads end.
+    threads.join()?;
     telemetry.shutdown();
     result.map_err(|e| format!("reactor failed: {e}"))?;
     log::info!("shutdown complete");
-    drop(dir_lock);
+    drop(threads);
     Ok(())
 }
 
-/// Says once, loudly, when the database holds less than was committed: the
-/// high-water mark or a consumer group's cursor is past its last sequence
-/// (a damaged or truncated WAL). New sequences continue after the mark, so
-/// none is reused and no cursor skips a new message.
-fn report_lost_tail(state: &schema::LoadedState, recorded: Recorded) {
-    let cursor_max = state
-        .groups
-        .iter()
-        .map(|(_, g)| g.cursor)
-        .max()
-        .unwrap_or(0);
-    let committed = recorded.committed.max(cursor_max);
-    if committed > state.last_seq {
-        log::error!(
-            "the database lost its tail: sequences up to {committed} were committed (high-water mark {}, \
-             highest consumer-group cursor {cursor_max}) but the last one stored is {}; \
-             up to {} acknowledged messages are missing. New messages continue after sequence {}",
-            recorded.committed,
-            state.last_seq,
-            committed - state.last_seq,
-            recorded.ceiling.max(state.last_seq)
+/// Opens the store chosen at start-up (`--store`) and returns its neutral
+/// links.
+fn open_store(
+    cfg: &ServeConfig,
+    wake: storage::Wake,
+    telemetry: Arc<Telemetry>,
+) -> Result<OpenedStore, String> {
+    if let StoreConfig::JetStream(js) = &cfg.store {
+        return Err(format!(
+            "--store {js}: the NATS JetStream store is not built yet (issue 11); \
+             use --store sqlite"
+        ));
+    }
+    sqlite::open(
+        &SqliteConfig {
+            data_dir: cfg.data_dir.clone(),
+            max_db_bytes: cfg.max_db_bytes,
+            writer_queue: cfg.writer_queue,
+            commit_max_messages: cfg.commit_max_messages,
+            commit_max_bytes: cfg.commit_max_bytes,
+            retention: RetentionPolicy {
+                max_age: cfg.retention_max_age,
+                max_messages: cfg.retention_max_messages,
+                max_bytes: cfg.retention_max_bytes,
+            },
+        },
+        wake,
+        telemetry,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_store;
+
+    #[test]
+    fn a_jetstream_store_fails_at_start_and_leaves_the_data_dir_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let cfg = ServeConfig {
+            store: parse_store("nats://sluice:secret@n1:4222,n2:4222").unwrap(),
+            port: 0,
+            data_dir: data_dir.clone(),
+            ..ServeConfig::default()
+        };
+        let e = run(&cfg, &TelemetryConfig::default()).unwrap_err();
+        assert_eq!(
+            e,
+            "--store nats://sluice:***@n1:4222,n2:4222: the NATS JetStream store is not built \
+             yet (issue 11); use --store sqlite"
         );
+        assert!(!data_dir.exists());
     }
 }

@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use crate::storage::maintenance;
+use crate::storage::sqlite::maintenance;
 
 pub const COMMANDS: &[&str] = &["check", "backup"];
 

@@ -41,8 +41,7 @@ use self::timers::TimerSet;
 use crate::broker::{Action, Broker};
 use crate::grpc::Status;
 use crate::socket_io::SocketIo;
-use crate::storage::reader::{Page, PageRequest};
-use crate::storage::writer::{WriteOutcome, WriteRequest};
+use crate::storage::{Page, PageRequest, StoreLinks, WriteOutcome, WriteRequest};
 use crate::telemetry::{GaugeSnapshot, SubscriptionGauge, Telemetry};
 
 pub const LISTENER: Token = Token(0);
@@ -265,14 +264,6 @@ pub struct ReactorIo {
     pub signals: Signals,
 }
 
-/// Channels to and from the storage threads.
-pub struct StorageLinks {
-    pub writer: Sender<WriteRequest>,
-    pub outcomes: Receiver<WriteOutcome>,
-    pub reader: Sender<PageRequest>,
-    pub pages: Receiver<Page>,
-}
-
 pub struct Reactor {
     poll: Poll,
     listener: Option<TcpListener>,
@@ -299,7 +290,7 @@ impl Reactor {
         io: ReactorIo,
         broker: Broker,
         telemetry: Arc<Telemetry>,
-        links: StorageLinks,
+        links: StoreLinks,
         config: ReactorConfig,
     ) -> std::io::Result<Self> {
         let ReactorIo {
@@ -323,7 +314,7 @@ impl Reactor {
             queue,
             shared: Shared {
                 broker,
-                writer: links.writer,
+                writer: links.requests,
                 parked: VecDeque::new(),
                 routes: HashMap::new(),
                 max_message_bytes: config.h2.max_message_bytes,
@@ -351,8 +342,8 @@ impl Reactor {
                 telemetry,
             },
             outcomes: links.outcomes,
-            pages: links.pages,
-            reader: links.reader,
+            pages: links.pages_out,
+            reader: links.pages_in,
             fetches: VecDeque::new(),
             config,
             shutdown_deadline: None,

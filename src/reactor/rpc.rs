@@ -13,8 +13,7 @@ use crate::broker::{validate_topic_name, Broker};
 use crate::grpc::headers::{CallInfo, Method};
 use crate::grpc::{encode_message, Code, Status};
 use crate::proto;
-use crate::storage::writer::{Appended, NewMessage, WriteRequest};
-use crate::storage::StorageError;
+use crate::storage::{Appended, NewMessage, StorageError, WriteRequest};
 use crate::telemetry::{PublishSpan, TraceContext};
 
 /// The handler's answer: now, or after the writer.

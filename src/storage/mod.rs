@@ -1,104 +1,18 @@
-//! Durable storage on SQLite (WAL, `synchronous=FULL`).
+//! Storage behind one store-neutral boundary.
 //!
-//! `schema` opens and migrates the database and loads the broker's start-up
-//! state; `writer` is the one thread that writes (group commit: one
-//! transaction and one fsync per batch); `reader` threads serve backlog pages
-//! on read-only connections; `checkpointer` moves WAL checkpoints off the
-//! commit path. The interface is narrow (append a batch, read a
-//! range, set a cursor, delete) and knows nothing of gRPC or sockets: results
-//! go back over channels plus a wake-up callback.
+//! `interface` defines it: the reactor sends `WriteRequest`s and
+//! `PageRequest`s over channels and gets `WriteOutcome`s and `Page`s back,
+//! each followed by a wake-up; at start-up a store hands the broker its
+//! `LoadedState`. Each implementation has one entry point, `open`, which
+//! returns an `OpenedStore` (links, start-up state, threads to join).
+//! Today there is one: `sqlite` (WAL, `synchronous=FULL`, group commit).
+//! The reactor and the broker use only the re-exported neutral types and
+//! never learn which store is behind them.
 
-pub mod checkpointer;
-pub mod dir_lock;
-pub mod high_water;
-pub mod maintenance;
-pub mod reader;
-pub mod retention;
-pub mod schema;
-pub mod writer;
+pub mod interface;
+pub mod sqlite;
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use prost::Message as _;
-
-/// Wakes the thread that consumes a storage thread's replies.
-pub type Wake = Arc<dyn Fn() + Send + Sync>;
-
-/// Held by a storage thread for its whole life: when the thread ends, by
-/// returning or by a panic, its consumer is woken to notice the closed
-/// channel instead of sleeping on it.
-pub struct WakeOnExit(pub Wake);
-
-impl Drop for WakeOnExit {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            log::error!(
-                "storage thread {:?} panicked",
-                std::thread::current().name().unwrap_or("?")
-            );
-        }
-        (self.0)();
-    }
-}
-
-/// Why a storage operation failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StorageError {
-    /// The disk (or the database's size limit) is full.
-    pub disk_full: bool,
-    /// The database file is damaged (SQLite reports corruption).
-    pub corrupt: bool,
-    pub message: String,
-}
-
-impl StorageError {
-    pub fn new(message: impl Into<String>) -> Self {
-        StorageError {
-            disk_full: false,
-            corrupt: false,
-            message: message.into(),
-        }
-    }
-
-    fn from_sqlite(e: &rusqlite::Error) -> Self {
-        let code = match e {
-            rusqlite::Error::SqliteFailure(f, _) => Some(f.code),
-            _ => None,
-        };
-        StorageError {
-            disk_full: code == Some(rusqlite::ErrorCode::DiskFull),
-            corrupt: matches!(
-                code,
-                Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
-            ),
-            message: e.to_string(),
-        }
-    }
-}
-
-/// Attributes as stored in a message row (a small protobuf of their own, not
-/// tied to the wire API).
-#[derive(Clone, PartialEq, prost::Message)]
-struct StoredAttributes {
-    #[prost(map = "string, string", tag = "1")]
-    attributes: HashMap<String, String>,
-}
-
-fn encode_attributes(attributes: &HashMap<String, String>) -> Option<Vec<u8>> {
-    if attributes.is_empty() {
-        return None;
-    }
-    Some(
-        StoredAttributes {
-            attributes: attributes.clone(),
-        }
-        .encode_to_vec(),
-    )
-}
-
-fn decode_attributes(blob: Option<&[u8]>) -> HashMap<String, String> {
-    blob.and_then(|b| StoredAttributes::decode(b).ok())
-        .map(|a| a.attributes)
-        .unwrap_or_default()
-}
+pub use interface::{
+    Appended, LoadedState, NewMessage, OpenedStore, Page, PageRequest, StorageError, StoreLinks,
+    StoreThreads, Wake, WakeOnExit, WriteOutcome, WriteRequest,
+};

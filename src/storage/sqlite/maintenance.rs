@@ -2,6 +2,7 @@
 //! integrity check plus Sluice's own invariants) and `backup` (a consistent
 //! copy through SQLite's online backup API while the daemon runs). Both open
 //! their own connections; neither takes the data dir's lock.
+//! Called by `cli::data_dir`; may call `schema` and `high_water`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};

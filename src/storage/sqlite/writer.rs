@@ -8,6 +8,9 @@
 //! batches it does bounded housekeeping: purging deleted topics and applying
 //! retention a chunk at a time, so neither ever stalls publishing, and when
 //! nothing is queued a short checkpoint that keeps the WAL small.
+//!
+//! May call `schema`, `retention`, `high_water`, `broker` types and
+//! `telemetry`; speaks `storage::interface` types to the reactor.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -19,10 +22,11 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use super::encode_attributes;
 use super::high_water::HighWaterMark;
 use super::retention::{self, RetentionPolicy};
-use super::{encode_attributes, StorageError, Wake};
 use crate::broker::{MessageId, StoredMessage};
+use crate::storage::{Appended, StorageError, Wake, WakeOnExit, WriteOutcome, WriteRequest};
 use crate::telemetry::Telemetry;
 
 /// Rows deleted per transaction when purging a deleted topic.
@@ -70,43 +74,6 @@ fn multi_row_insert() -> &'static str {
     })
 }
 
-/// A message as published, before it has a sequence.
-#[derive(Debug, Clone)]
-pub struct NewMessage {
-    pub payload: Bytes,
-    pub attributes: HashMap<String, String>,
-}
-
-/// Work for the writer.
-#[derive(Debug)]
-pub enum WriteRequest {
-    /// Append messages to a topic (creating it), atomically.
-    Append {
-        token: u64,
-        topic: Arc<str>,
-        messages: Vec<NewMessage>,
-    },
-    /// Make sure a topic exists.
-    CreateTopic { topic: Arc<str>, created_at_ms: i64 },
-    /// Store a group's cursor (its last acknowledged sequence); `token` asks
-    /// for the outcome to be routed back to a call.
-    SetCursor {
-        topic: Arc<str>,
-        group: Arc<str>,
-        sequence: u64,
-        acked_at_ms: i64,
-        token: Option<u64>,
-    },
-    /// Delete a topic, its groups and (in chunks, later) its messages.
-    DeleteTopic { token: u64, topic: Arc<str> },
-    /// Delete a consumer group's cursor.
-    DeleteGroup {
-        token: u64,
-        topic: Arc<str>,
-        group: Arc<str>,
-    },
-}
-
 impl WriteRequest {
     fn payload_bytes(&self) -> usize {
         match self {
@@ -122,57 +89,6 @@ impl WriteRequest {
             _ => 1,
         }
     }
-}
-
-/// A committed append.
-#[derive(Debug, Clone)]
-pub struct Appended {
-    pub topic: Arc<str>,
-    pub created_at_ms: i64,
-    pub timestamp_ms: i64,
-    pub messages: Vec<Arc<StoredMessage>>,
-}
-
-/// What the writer reports back, in commit order.
-#[derive(Debug)]
-pub enum WriteOutcome {
-    Appended {
-        token: u64,
-        topic: Arc<str>,
-        result: Result<Appended, StorageError>,
-    },
-    CursorSaved {
-        token: Option<u64>,
-        topic: Arc<str>,
-        group: Arc<str>,
-        sequence: u64,
-        ordinal: u64,
-    },
-    TopicDeleted {
-        token: u64,
-        topic: Arc<str>,
-        result: Result<bool, StorageError>,
-    },
-    GroupDeleted {
-        token: u64,
-        topic: Arc<str>,
-        group: Arc<str>,
-        result: Result<bool, StorageError>,
-    },
-    /// A cursor write that carried a token (ResetCursor) failed with its batch.
-    CursorFailed {
-        token: u64,
-        topic: Arc<str>,
-        group: Arc<str>,
-        error: StorageError,
-    },
-    /// Retention removed a topic's oldest messages; `first` is the oldest
-    /// left (sequence, ordinal, timestamp).
-    Trimmed {
-        topic: Arc<str>,
-        first: Option<(u64, u64, i64)>,
-        removed: u64,
-    },
 }
 
 /// Batch limits: a batch takes what is queued, up to these.
@@ -326,7 +242,7 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name("sluice-writer".into())
         .spawn(move || {
-            let _exit = super::WakeOnExit(wake.clone());
+            let _exit = WakeOnExit(wake.clone());
             gc.run(rx, outcomes, wake)
         })
         .map_err(|e| StorageError::new(e.to_string()))?;
@@ -1076,6 +992,7 @@ fn topic_row<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::NewMessage;
 
     fn writer_in(dir: &std::path::Path, cap: Option<u64>) -> GroupCommit {
         let conn = super::super::schema::open_writer(dir, None).unwrap();

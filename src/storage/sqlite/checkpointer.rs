@@ -8,6 +8,7 @@
 //! beginning again, reusing the file in place). Only past `restart_pages`
 //! does it force a RESTART checkpoint, which blocks the writer while it
 //! runs: a last resort against unbounded disk use.
+//! Owns its own connection; shares only the `wal_wrap` flag with the writer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -5,6 +5,7 @@
 //! pages are reused by later inserts (and, when the writer is idle, handed
 //! back to the file system by incremental vacuum), so the database stops
 //! growing under steady load.
+//! Called only by the writer, on its connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,11 +1,13 @@
 //! Opening the database: pragmas, versioned migrations (`PRAGMA
 //! user_version`), and loading the state the broker starts from.
+//! Returns the neutral `storage::LoadedState`; calls only SQLite.
 
 use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
 
 use crate::broker::{GroupView, TopicView};
+use crate::storage::LoadedState;
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[
@@ -137,14 +139,6 @@ pub fn last_sequence(conn: &Connection) -> rusqlite::Result<u64> {
         |r| r.get(0),
     )?;
     Ok(v as u64)
-}
-
-/// What the broker needs to know at start-up.
-#[derive(Debug, Default)]
-pub struct LoadedState {
-    pub last_seq: u64,
-    pub topics: Vec<TopicView>,
-    pub groups: Vec<(String, GroupView)>,
 }
 
 /// Reads topics, their first/last messages and the group cursors.

@@ -1,6 +1,7 @@
 //! `BacklogReader`: threads with read-only connections that serve pages of a
 //! topic's stored messages to the reactor, never more than asked for (the
 //! subscriber's credit) and never more than a byte budget.
+//! May call SQLite and `broker` types; speaks `storage::interface` types.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -9,30 +10,9 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 use rusqlite::{params, Connection};
 
-use super::{decode_attributes, StorageError, Wake};
+use super::decode_attributes;
 use crate::broker::{MessageId, StoredMessage};
-
-/// A request for up to `limit` messages of `topic` from sequence `from` on.
-#[derive(Debug, Clone)]
-pub struct PageRequest {
-    pub sub: u64,
-    pub fetch: u64,
-    pub topic: Arc<str>,
-    pub from: u64,
-    pub limit: u32,
-}
-
-/// The answer. `end` is set when the page is short: the store held nothing
-/// more of the topic up to that (global) sequence when it was read.
-/// `error` is set when the read failed (then nothing else is).
-#[derive(Debug)]
-pub struct Page {
-    pub sub: u64,
-    pub fetch: u64,
-    pub messages: Vec<Arc<StoredMessage>>,
-    pub end: Option<u64>,
-    pub error: Option<StorageError>,
-}
+use crate::storage::{Page, PageRequest, StorageError, Wake, WakeOnExit};
 
 /// The wait after a failed read, doubling up to the maximum while reads fail.
 const READ_BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -62,7 +42,7 @@ pub fn spawn(
         let t = std::thread::Builder::new()
             .name(format!("sluice-reader-{i}"))
             .spawn(move || {
-                let _exit = super::WakeOnExit(wake.clone());
+                let _exit = WakeOnExit(wake.clone());
                 serve(conn, rx, pages, wake)
             })
             .map_err(|e| StorageError::new(e.to_string()))?;

@@ -1,0 +1,226 @@
+//! The store-neutral storage boundary: what the reactor sends a store and
+//! what it gets back. Writes go in as `WriteRequest`s and come back, in
+//! commit order, as `WriteOutcome`s; backlog reads go in as `PageRequest`s
+//! and come back as `Page`s; every reply is followed by a `Wake`. At start-up
+//! a store hands the broker its `LoadedState`. `StoreLinks` are the four
+//! channel ends, `StoreThreads` what the server joins at shutdown, and
+//! `OpenedStore` what each implementation's `open` returns.
+//!
+//! Owns only types and channels: it may use `broker` types, nothing of any
+//! implementation (SQLite, JetStream) and nothing of gRPC or sockets.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::broker::{GroupView, StoredMessage, TopicView};
+
+/// Wakes the thread that consumes a storage thread's replies.
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+/// Held by a storage thread for its whole life: when the thread ends, by
+/// returning or by a panic, its consumer is woken to notice the closed
+/// channel instead of sleeping on it.
+pub struct WakeOnExit(pub Wake);
+
+impl Drop for WakeOnExit {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            log::error!(
+                "storage thread {:?} panicked",
+                std::thread::current().name().unwrap_or("?")
+            );
+        }
+        (self.0)();
+    }
+}
+
+/// Why a storage operation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageError {
+    /// The disk (or the database's size limit) is full.
+    pub disk_full: bool,
+    /// The database file is damaged (SQLite reports corruption).
+    pub corrupt: bool,
+    pub message: String,
+}
+
+impl StorageError {
+    pub fn new(message: impl Into<String>) -> Self {
+        StorageError {
+            disk_full: false,
+            corrupt: false,
+            message: message.into(),
+        }
+    }
+}
+
+/// A message as published, before it has a sequence.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub payload: Bytes,
+    pub attributes: HashMap<String, String>,
+}
+
+/// Work for the writer.
+#[derive(Debug)]
+pub enum WriteRequest {
+    /// Append messages to a topic (creating it), atomically.
+    Append {
+        token: u64,
+        topic: Arc<str>,
+        messages: Vec<NewMessage>,
+    },
+    /// Make sure a topic exists.
+    CreateTopic { topic: Arc<str>, created_at_ms: i64 },
+    /// Store a group's cursor (its last acknowledged sequence); `token` asks
+    /// for the outcome to be routed back to a call.
+    SetCursor {
+        topic: Arc<str>,
+        group: Arc<str>,
+        sequence: u64,
+        acked_at_ms: i64,
+        token: Option<u64>,
+    },
+    /// Delete a topic, its groups and (in chunks, later) its messages.
+    DeleteTopic { token: u64, topic: Arc<str> },
+    /// Delete a consumer group's cursor.
+    DeleteGroup {
+        token: u64,
+        topic: Arc<str>,
+        group: Arc<str>,
+    },
+}
+
+/// A committed append.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub topic: Arc<str>,
+    pub created_at_ms: i64,
+    pub timestamp_ms: i64,
+    pub messages: Vec<Arc<StoredMessage>>,
+}
+
+/// What the writer reports back, in commit order.
+#[derive(Debug)]
+pub enum WriteOutcome {
+    Appended {
+        token: u64,
+        topic: Arc<str>,
+        result: Result<Appended, StorageError>,
+    },
+    CursorSaved {
+        token: Option<u64>,
+        topic: Arc<str>,
+        group: Arc<str>,
+        sequence: u64,
+        ordinal: u64,
+    },
+    TopicDeleted {
+        token: u64,
+        topic: Arc<str>,
+        result: Result<bool, StorageError>,
+    },
+    GroupDeleted {
+        token: u64,
+        topic: Arc<str>,
+        group: Arc<str>,
+        result: Result<bool, StorageError>,
+    },
+    /// A cursor write that carried a token (ResetCursor) failed with its batch.
+    CursorFailed {
+        token: u64,
+        topic: Arc<str>,
+        group: Arc<str>,
+        error: StorageError,
+    },
+    /// Retention removed a topic's oldest messages; `first` is the oldest
+    /// left (sequence, ordinal, timestamp).
+    Trimmed {
+        topic: Arc<str>,
+        first: Option<(u64, u64, i64)>,
+        removed: u64,
+    },
+}
+
+/// A request for up to `limit` messages of `topic` from sequence `from` on.
+#[derive(Debug, Clone)]
+pub struct PageRequest {
+    pub sub: u64,
+    pub fetch: u64,
+    pub topic: Arc<str>,
+    pub from: u64,
+    pub limit: u32,
+}
+
+/// The answer. `end` is set when the page is short: the store held nothing
+/// more of the topic up to that (global) sequence when it was read.
+/// `error` is set when the read failed (then nothing else is).
+#[derive(Debug)]
+pub struct Page {
+    pub sub: u64,
+    pub fetch: u64,
+    pub messages: Vec<Arc<StoredMessage>>,
+    pub end: Option<u64>,
+    pub error: Option<StorageError>,
+}
+
+/// What the broker needs to know at start-up.
+#[derive(Debug, Default)]
+pub struct LoadedState {
+    pub last_seq: u64,
+    pub topics: Vec<TopicView>,
+    pub groups: Vec<(String, GroupView)>,
+}
+
+/// The reactor's ends of a store's channels.
+pub struct StoreLinks {
+    /// Writes, applied in order (the sender is the back-pressure point).
+    pub requests: Sender<WriteRequest>,
+    /// Their outcomes, in commit order.
+    pub outcomes: Receiver<WriteOutcome>,
+    /// Backlog reads.
+    pub pages_in: Sender<PageRequest>,
+    /// Their answers.
+    pub pages_out: Receiver<Page>,
+}
+
+/// A store's threads and whatever it holds for its whole life (such as a
+/// lock on its data). Once the reactor has dropped its `StoreLinks`, `join`
+/// waits for the threads to finish what was queued; dropping this value
+/// releases what the store held.
+pub struct StoreThreads {
+    join: Option<Box<dyn FnOnce() -> Result<(), String>>>,
+    _held: Box<dyn std::any::Any>,
+}
+
+impl StoreThreads {
+    pub fn new(
+        join: impl FnOnce() -> Result<(), String> + 'static,
+        held: impl std::any::Any,
+    ) -> Self {
+        StoreThreads {
+            join: Some(Box::new(join)),
+            _held: Box::new(held),
+        }
+    }
+
+    /// Waits for the store's threads to end; `Err` names one that panicked.
+    /// A second call does nothing.
+    pub fn join(&mut self) -> Result<(), String> {
+        match self.join.take() {
+            Some(join) => join(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What a store's `open` returns: the channels for the reactor, the state
+/// the broker starts from and the threads to join at shutdown.
+pub struct OpenedStore {
+    pub links: StoreLinks,
+    pub state: LoadedState,
+    pub threads: StoreThreads,
+}
