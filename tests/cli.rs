@@ -182,6 +182,15 @@ fn daemon_flags_help_version_and_bad_values() {
         "SLUICE_MAX_CONNECTIONS_PER_IP",
         "--max-connection-idle",
         "SLUICE_MAX_CONNECTION_IDLE",
+        "--max-batch-messages",
+        "--max-inflight-bytes",
+        "--message-timeout",
+        "--max-topics",
+        "--max-groups-per-topic",
+        "--store",
+        "SLUICE_STORE",
+        "sluice check",
+        "sluice backup",
         "SLUICE_PORT",
         "publish",
     ] {
@@ -195,6 +204,8 @@ fn daemon_flags_help_version_and_bad_values() {
         &["--heartbeat-interval", "5 parsecs"][..],
         &["--max-connection-idle", "0"][..],
         &["--max-connections-per-ip", "none"][..],
+        &["--max-batch-messages", "70000"][..],
+        &["--store", "mysql://x"][..],
     ] {
         let o = Command::new(BIN).args(bad).output().unwrap();
         assert_eq!(o.status.code(), Some(2), "{bad:?}");
@@ -214,4 +225,27 @@ fn daemon_flags_help_version_and_bad_values() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("SLUICE_PORT"));
+}
+
+#[test]
+fn a_nats_store_is_refused_until_it_exists_and_leaves_the_data_dir_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let o = Command::new(BIN)
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--store",
+            "nats://u:secret@127.0.0.1:4222",
+        ])
+        .arg("--data-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not built yet"), "{err}");
+    assert!(!err.contains("secret"), "the password is masked: {err}");
+    assert!(!dir.exists());
 }
