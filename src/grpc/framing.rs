@@ -4,6 +4,8 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::status::{Code, Status};
+
 const PREFIX: usize = 5;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +86,25 @@ impl MessageDecoder {
     /// Bytes of an incomplete message still buffered.
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+}
+
+/// The status for a framing error on a request stream.
+pub fn frame_status(e: FrameError) -> Status {
+    match e {
+        FrameError::TooLarge { declared, limit } => Status::new(
+            Code::ResourceExhausted,
+            format!("received message larger than max ({declared} vs. {limit})"),
+        ),
+        FrameError::Compressed => Status::internal(
+            "compressed flag set but no grpc-encoding was negotiated for the request",
+        ),
+        FrameError::BadFlag(f) => Status::internal(format!(
+            "invalid compressed-flag byte {f} in message prefix"
+        )),
+        FrameError::BadCompression(e) => {
+            Status::internal(format!("failed to decompress gzip message: {e}"))
+        }
     }
 }
 
@@ -462,7 +483,7 @@ mod fuzz {
                 FrameError::TooLarge { declared: declared as usize, limit }
             };
             prop_assert_eq!(d.next_message(), Err(expected.clone()));
-            let status = crate::reactor::unary::frame_status(expected);
+            let status = super::frame_status(expected);
             let code = if flag == 1 && !gzip { Code::Internal } else { Code::ResourceExhausted };
             prop_assert_eq!(status.code, code);
         }

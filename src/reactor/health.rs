@@ -10,8 +10,8 @@ use prost::Message;
 
 use super::inbound::{Inbound, RequestReader};
 use super::outbound::Outbound;
-use super::unary::frame_status;
 use super::Shared;
+use crate::grpc::framing::frame_status;
 use crate::grpc::headers::CallInfo;
 use crate::grpc::{encode_message, Code, MessageDecoder, Status};
 use crate::proto::health::{

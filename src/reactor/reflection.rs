@@ -14,8 +14,8 @@ use prost_types::{DescriptorProto, FileDescriptorSet};
 
 use super::inbound::{Inbound, RequestReader};
 use super::outbound::Outbound;
-use super::unary::frame_status;
 use super::Shared;
+use crate::grpc::framing::frame_status;
 use crate::grpc::headers::CallInfo;
 use crate::grpc::{encode_message, Code, MessageDecoder, Status};
 use crate::proto::reflection_v1::{

@@ -13,9 +13,9 @@ use prost::Message;
 
 use super::inbound::{Inbound, RequestReader};
 use super::outbound::Outbound;
-use super::unary::frame_status;
 use super::Shared;
 use crate::broker::{Delivery, EndReason, Start, SubscribeError, SubscribeRequest};
+use crate::grpc::framing::frame_status;
 use crate::grpc::headers::CallInfo;
 use crate::grpc::{encode_message, encode_message_with, Code, MessageDecoder, Status};
 use crate::proto::{self, subscribe_downstream, subscribe_upstream};

@@ -16,8 +16,9 @@ use super::inbound::{Inbound, RequestReader};
 use super::rpc::{self, Handled, PublishMeta};
 use super::Shared;
 use crate::grpc::framing::compress_framed;
+use crate::grpc::framing::frame_status;
 use crate::grpc::headers::{response_headers_with, trailers, trailers_only, CallInfo, Method};
-use crate::grpc::{FrameError, MessageDecoder, Status};
+use crate::grpc::{MessageDecoder, Status};
 use crate::telemetry::Telemetry;
 
 enum State {
@@ -45,25 +46,6 @@ pub struct UnaryCall {
 pub fn warn_rejected(method: &str, status: &Status) {
     log::debug!("{method} refused: {status}");
     crate::log_limited!(log::Level::Warn, "{method} refused: {status}");
-}
-
-/// The status for a framing error on a request stream.
-pub fn frame_status(e: FrameError) -> Status {
-    match e {
-        FrameError::TooLarge { declared, limit } => Status::new(
-            crate::grpc::Code::ResourceExhausted,
-            format!("received message larger than max ({declared} vs. {limit})"),
-        ),
-        FrameError::Compressed => Status::internal(
-            "compressed flag set but no grpc-encoding was negotiated for the request",
-        ),
-        FrameError::BadFlag(f) => Status::internal(format!(
-            "invalid compressed-flag byte {f} in message prefix"
-        )),
-        FrameError::BadCompression(e) => {
-            Status::internal(format!("failed to decompress gzip message: {e}"))
-        }
-    }
 }
 
 impl UnaryCall {

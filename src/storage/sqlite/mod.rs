@@ -19,6 +19,7 @@ pub mod maintenance;
 pub mod reader;
 pub mod retention;
 pub mod schema;
+pub mod topic_row;
 pub mod writer;
 
 use std::collections::HashMap;

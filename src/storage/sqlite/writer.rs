@@ -25,6 +25,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::encode_attributes;
 use super::high_water::HighWaterMark;
 use super::retention::{self, RetentionPolicy};
+use super::topic_row::TopicRow;
 use crate::broker::{MessageId, StoredMessage};
 use crate::storage::{Appended, StorageError, Wake, WakeOnExit, WriteOutcome, WriteRequest};
 use crate::telemetry::Telemetry;
@@ -156,19 +157,6 @@ fn send_outcomes(outcomes: &Sender<WriteOutcome>, out: Vec<WriteOutcome>, wake: 
 /// commits, or this many payload bytes, went into the WAL since it last did.
 const IDLE_CHECKPOINT_COMMITS: u64 = 100;
 const IDLE_CHECKPOINT_BYTES: usize = 256 << 10;
-
-/// What the writer remembers of a topic.
-#[derive(Debug, Clone, Copy)]
-pub struct TopicRow {
-    pub id: i64,
-    pub created_at_ms: i64,
-    /// Ordinal of the newest message ever stored (0: none).
-    pub last_ordinal: u64,
-    /// Ordinal of the oldest message still stored (last + 1: none).
-    pub first_ordinal: u64,
-    /// Payload bytes stored (kept only when a byte limit is set).
-    pub bytes: u64,
-}
 
 struct GroupCommit {
     conn: Connection,
