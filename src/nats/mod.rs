@@ -8,7 +8,8 @@ pub mod client;
 pub mod headers;
 pub mod jetstream;
 pub mod protocol;
+pub mod subject_token;
 
-pub use client::{Error, NatsClient, Options, Subscription};
+pub use client::{Error, NatsClient, Options, PendingReply, Subscription};
 pub use headers::Headers;
 pub use protocol::Message;
