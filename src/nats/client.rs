@@ -571,6 +571,11 @@ impl NatsClient {
         self.is_connected()
     }
 
+    /// Messages a subscription buffers before it is dropped as a slow consumer.
+    pub fn subscription_capacity(&self) -> usize {
+        self.shared.options.subscription_capacity.max(1)
+    }
+
     /// How many times the connection was re-established.
     pub fn reconnect_count(&self) -> u64 {
         self.shared.reconnects.load(Ordering::SeqCst)
