@@ -212,6 +212,9 @@ impl JetStream {
     /// message. Returns early once the server says nothing more is pending.
     /// `batch` must not exceed the client's subscription capacity (the batch
     /// is buffered there), so memory is bounded by the caller's N.
+    /// A consumer that does not exist (deleted, or removed after its
+    /// inactive threshold) gets no answer at all from nats-server 2.9.10:
+    /// the fetch fails with `Client(Timeout)` after `wait` + the timeout.
     pub fn fetch(
         &self,
         stream: &str,
