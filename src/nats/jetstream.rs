@@ -91,6 +91,26 @@ impl JetStreamError {
     }
 }
 
+impl JetStreamError {
+    /// True when the same request may succeed if retried after a short
+    /// pause (~100 ms): no responders (e.g. a stream leader election: ~5-8 s
+    /// on nats-server 2.9.10), a timeout or a lost connection (outcome
+    /// unknown: retry a publish with the same `Nats-Msg-Id`), reconnecting,
+    /// or too many requests in flight. False when the server refused it.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            JetStreamError::Client(
+                ClientError::NoResponders
+                    | ClientError::Timeout
+                    | ClientError::NotConnected
+                    | ClientError::Disconnected
+                    | ClientError::TooManyPendingRequests
+            )
+        )
+    }
+}
+
 impl From<ClientError> for JetStreamError {
     fn from(e: ClientError) -> Self {
         JetStreamError::Client(e)
@@ -398,7 +418,7 @@ impl JetStream {
             if out.subjects.is_empty() {
                 out.stream = page.state;
             }
-            let got = subjects.len();
+            let before = out.subjects.len();
             for (name, count) in subjects {
                 if out.subjects.len() >= limit {
                     out.truncated = true;
@@ -406,7 +426,9 @@ impl JetStream {
                 }
                 out.subjects.insert(name, count);
             }
-            if got == 0 || out.subjects.len() >= page.total {
+            // No progress (an empty page, or a server repeating a page) ends
+            // the walk as surely as reaching the total.
+            if out.subjects.len() == before || out.subjects.len() >= page.total {
                 return Ok(out);
             }
         }

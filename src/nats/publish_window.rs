@@ -10,11 +10,11 @@
 //! may not be stored) and `Client(NoResponders)` (no stream leader listens
 //! on the subject; nats-server 2.9.10 answers this for the seconds a new
 //! stream leader takes to be elected after the old one died). In the last
-//! two cases callers retry with the same msg id: within the stream's
+//! two cases (`JetStreamError::is_transient`) callers retry with the same msg id: within the stream's
 //! duplicate window a message that was stored after all is acked again with
 //! `duplicate: true` and its first sequence, never stored twice.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::client::PendingReply;
 use super::headers::Headers;
@@ -102,19 +102,5 @@ impl JetStream {
             .into_iter()
             .map(|r| r.unwrap_or(Err(JetStreamError::Client(super::Error::Timeout))))
             .collect()
-    }
-
-    /// How long the caller should wait before retrying a publish that failed
-    /// with `e`, or None when retrying cannot help (the stream refused it).
-    pub fn publish_retry_hint(e: &JetStreamError) -> Option<Duration> {
-        match e {
-            JetStreamError::Client(
-                super::Error::NoResponders
-                | super::Error::Timeout
-                | super::Error::NotConnected
-                | super::Error::Disconnected,
-            ) => Some(Duration::from_millis(100)),
-            _ => None,
-        }
     }
 }
