@@ -287,6 +287,15 @@ fn subject_counts_purge_by_subject_and_stream_delete() {
     assert_eq!(after.stream.last_seq, 31, "a purge keeps the sequence");
     assert_eq!(after.subjects.len(), 2);
     assert_eq!(js.purge_subject("MSGS", "t.b_2Eb").unwrap(), 0);
+    // A purged sequence reads as absent; its neighbours are still there.
+    assert_eq!(
+        js.get_message("MSGS", MessageSelector::Seq(2)).unwrap(),
+        None
+    );
+    assert!(js
+        .get_message("MSGS", MessageSelector::Seq(1))
+        .unwrap()
+        .is_some());
 
     js.delete_stream("MSGS").unwrap();
     assert!(js.stream_info("MSGS").unwrap_err().is_not_found());
