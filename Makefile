@@ -31,7 +31,7 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-# The NATS client tests (tests/nats_client.rs) start real nats-server processes.
+# The NATS tests (tests/nats_client.rs, tests/jetstream_api.rs) start real nats-server processes.
 # NATS_SERVER=/path/to/nats-server overrides the lookup (PATH, /usr/sbin, /usr/bin).
 deps:
 	@if [ -n "$$NATS_SERVER" ] || command -v nats-server >/dev/null 2>&1 \
@@ -40,7 +40,7 @@ deps:
 	  echo "deps: installing nats-server (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nats-server >/dev/null; \
 	else \
-	  echo "deps: missing nats-server (needed by tests/nats_client.rs)."; \
+	  echo "deps: missing nats-server (needed by tests/nats_client.rs and tests/jetstream_api.rs)."; \
 	  echo "      Install it (Debian: sudo apt-get install nats-server) or set NATS_SERVER=/path/to/nats-server."; \
 	  exit 1; \
 	fi

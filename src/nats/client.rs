@@ -489,6 +489,19 @@ impl NatsClient {
         payload: &[u8],
         timeout: Duration,
     ) -> Result<Message, Error> {
+        self.request_start(subject, headers, payload)?.wait(timeout)
+    }
+
+    /// Sends a request without waiting: the reply is collected later with
+    /// `PendingReply::wait`, so many requests can be in flight on one
+    /// connection (pipelining). Counts against `max_pending_requests` until
+    /// the handle is waited on or dropped.
+    pub fn request_start(
+        &self,
+        subject: &str,
+        headers: Option<&Headers>,
+        payload: &[u8],
+    ) -> Result<PendingReply, Error> {
         let shared = &self.shared;
         let id = shared.next_request.fetch_add(1, Ordering::SeqCst);
         let reply = format!("{}.{id}", shared.inbox_prefix);
@@ -504,17 +517,18 @@ impl NatsClient {
             lock(&shared.pending).remove(&id);
             return Err(e);
         }
-        let result = match rx.recv_timeout(timeout) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout),
-            Err(RecvTimeoutError::Disconnected) => Err(Error::Disconnected),
-        };
-        lock(&shared.pending).remove(&id);
-        let msg = result?;
-        if msg.headers.as_ref().is_some_and(Headers::is_no_responders) {
-            return Err(Error::NoResponders);
-        }
-        Ok(msg)
+        Ok(PendingReply {
+            shared: Arc::clone(shared),
+            id,
+            receiver: rx,
+        })
+    }
+
+    /// A fresh subject under this connection's private prefix, for replies
+    /// that come as a stream of messages (subscribe to it before use).
+    pub fn new_inbox(&self) -> String {
+        let id = self.shared.next_request.fetch_add(1, Ordering::SeqCst);
+        format!("{}.s.{id}", self.shared.inbox_prefix)
     }
 
     /// Round trip to the server: every operation sent before has been processed.
@@ -555,6 +569,11 @@ impl NatsClient {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.is_connected()
+    }
+
+    /// Messages a subscription buffers before it is dropped as a slow consumer.
+    pub fn subscription_capacity(&self) -> usize {
+        self.shared.options.subscription_capacity.max(1)
     }
 
     /// How many times the connection was re-established.
@@ -853,6 +872,36 @@ fn reader_loop(
                 Err(e) => log::warn!("NATS reconnect could not resubscribe: {e}"),
             }
         }
+    }
+}
+
+/// A request sent by `NatsClient::request_start` whose single reply has not
+/// been collected yet. Dropping it forgets the request (a late reply is ignored).
+pub struct PendingReply {
+    shared: Arc<Shared>,
+    id: u64,
+    receiver: Receiver<Result<Message, Error>>,
+}
+
+impl PendingReply {
+    /// Waits up to `timeout` for the reply. A 503 status reply is `Error::NoResponders`.
+    pub fn wait(self, timeout: Duration) -> Result<Message, Error> {
+        let result = match self.receiver.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout),
+            Err(RecvTimeoutError::Disconnected) => Err(Error::Disconnected),
+        };
+        let msg = result?;
+        if msg.headers.as_ref().is_some_and(Headers::is_no_responders) {
+            return Err(Error::NoResponders);
+        }
+        Ok(msg)
+    }
+}
+
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        lock(&self.shared.pending).remove(&self.id);
     }
 }
 

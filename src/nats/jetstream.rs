@@ -1,7 +1,13 @@
-//! A thin typed layer over the JetStream JSON API, for what the JetStream
-//! store needs first: account info, create-or-verify a stream, stream info,
-//! and publish-with-ack (dedup by `Nats-Msg-Id`). Calls `client` only.
+//! A thin typed layer over the JetStream JSON API: the shared request
+//! helper and error type, plus streams themselves: account info,
+//! create-or-verify, stream info with per-subject message counts
+//! (`subjects_filter`), purge by subject, delete, and a single
+//! publish-with-ack (dedup by `Nats-Msg-Id`). Calls `client` and `headers`
+//! only. The other JetStream pieces live beside it, each calling this one:
+//! `publish_window` (pipelined publish), `stored_message` (reads by
+//! sequence), `pull_consumer` (backlog pages) and `kv_bucket`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +48,11 @@ pub enum JetStreamError {
     },
     /// The reply is not the JSON we expect.
     Decode(String),
+    /// A pull request ended with a status other than "no messages" or
+    /// "request timeout" (409 consumer deleted, exceeded max waiting, ...).
+    PullStatus { code: u16, description: String },
+    /// An argument the API cannot carry (bad key, batch over the limit, ...).
+    Invalid(String),
 }
 
 impl fmt::Display for JetStreamError {
@@ -62,11 +73,43 @@ impl fmt::Display for JetStreamError {
                 differences.join("; ")
             ),
             JetStreamError::Decode(e) => write!(f, "JetStream reply does not decode: {e}"),
+            JetStreamError::PullStatus { code, description } => {
+                write!(f, "JetStream pull request ended with {code} {description}")
+            }
+            JetStreamError::Invalid(e) => write!(f, "invalid JetStream request: {e}"),
         }
     }
 }
 
 impl std::error::Error for JetStreamError {}
+
+impl JetStreamError {
+    /// True for the JetStream API's own "not found" answers (404: stream,
+    /// consumer or message not found).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, JetStreamError::Api(e) if e.code == 404)
+    }
+}
+
+impl JetStreamError {
+    /// True when the same request may succeed if retried after a short
+    /// pause (~100 ms): no responders (e.g. a stream leader election: ~5-8 s
+    /// on nats-server 2.9.10), a timeout or a lost connection (outcome
+    /// unknown: retry a publish with the same `Nats-Msg-Id`), reconnecting,
+    /// or too many requests in flight. False when the server refused it.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            JetStreamError::Client(
+                ClientError::NoResponders
+                    | ClientError::Timeout
+                    | ClientError::NotConnected
+                    | ClientError::Disconnected
+                    | ClientError::TooManyPendingRequests
+            )
+        )
+    }
+}
 
 impl From<ClientError> for JetStreamError {
     fn from(e: ClientError) -> Self {
@@ -99,6 +142,11 @@ pub struct StreamConfig {
     /// Nanoseconds; 0 asks for the server default (2 minutes).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub duplicate_window: u64,
+    /// Lets a publish carry `Nats-Rollup: sub` (purge the subject's older messages).
+    #[serde(default)]
+    pub allow_rollup_hdrs: bool,
+    #[serde(default)]
+    pub deny_delete: bool,
 }
 
 fn unlimited() -> i64 {
@@ -120,7 +168,14 @@ impl StreamConfig {
             max_age: 0,
             max_msgs_per_subject: -1,
             duplicate_window: 0,
+            allow_rollup_hdrs: false,
+            deny_delete: false,
         }
+    }
+
+    pub fn allow_rollup_hdrs(mut self, allow: bool) -> Self {
+        self.allow_rollup_hdrs = allow;
+        self
     }
 
     pub fn replicas(mut self, n: usize) -> Self {
@@ -181,6 +236,12 @@ impl StreamConfig {
                 actual.max_msgs_per_subject, self.max_msgs_per_subject
             ));
         }
+        if self.allow_rollup_hdrs != actual.allow_rollup_hdrs {
+            d.push(format!(
+                "allow_rollup_hdrs {} != {}",
+                actual.allow_rollup_hdrs, self.allow_rollup_hdrs
+            ));
+        }
         if self.duplicate_window != 0 && self.duplicate_window != actual.duplicate_window {
             d.push(format!(
                 "duplicate_window {}ns != {}ns",
@@ -199,6 +260,11 @@ pub struct StreamState {
     pub bytes: u64,
     pub first_seq: u64,
     pub last_seq: u64,
+    /// Distinct subjects holding messages.
+    pub num_subjects: u64,
+    /// Per-subject message counts: only present when asked for with
+    /// `subjects_filter`, one page of them at a time.
+    pub subjects: Option<BTreeMap<String, u64>>,
 }
 
 /// Where a replicated stream's leader is.
@@ -229,6 +295,45 @@ pub struct AccountInfo {
     pub consumers: u64,
 }
 
+/// The STREAM.INFO request body asking for per-subject counts.
+#[derive(Serialize)]
+struct StreamInfoRequest<'a> {
+    subjects_filter: &'a str,
+    offset: usize,
+}
+
+/// A STREAM.INFO reply with paging of the `subjects` map.
+#[derive(Deserialize)]
+struct PagedStreamInfo {
+    #[serde(default)]
+    state: StreamState,
+    #[serde(default)]
+    total: usize,
+}
+
+/// Per-subject counts of a stream, with the stream's totals.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubjectCounts {
+    /// The stream's state (messages, first/last seq), without the subjects map.
+    pub stream: StreamState,
+    /// Subject -> messages currently stored on it (subjects with none are absent).
+    pub subjects: BTreeMap<String, u64>,
+    /// True when more subjects matched than the caller's limit.
+    pub truncated: bool,
+}
+
+#[derive(Deserialize)]
+struct PurgeReply {
+    #[serde(default)]
+    purged: u64,
+}
+
+#[derive(Deserialize)]
+struct SuccessReply {
+    #[serde(default)]
+    success: bool,
+}
+
 /// The acknowledgement of a JetStream publish.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct PubAck {
@@ -250,7 +355,7 @@ struct ErrorReply {
     error: Option<ApiError>,
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, JetStreamError> {
+pub(super) fn decode<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, JetStreamError> {
     if let Ok(ErrorReply { error: Some(e) }) = serde_json::from_slice::<ErrorReply>(payload) {
         return Err(JetStreamError::Api(e));
     }
@@ -267,13 +372,99 @@ impl JetStream {
         &self.client
     }
 
-    fn api<T: for<'de> Deserialize<'de>>(
+    /// The per-request timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub(super) fn api<T: for<'de> Deserialize<'de>>(
         &self,
         subject: &str,
         body: &[u8],
     ) -> Result<T, JetStreamError> {
         let reply = self.client.request(subject, None, body, self.timeout)?;
         decode(&reply.payload)
+    }
+
+    /// `api` with a JSON request body.
+    pub(super) fn api_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        subject: &str,
+        body: &impl Serialize,
+    ) -> Result<T, JetStreamError> {
+        let body = serde_json::to_vec(body).map_err(|e| JetStreamError::Decode(e.to_string()))?;
+        self.api(subject, &body)
+    }
+
+    /// Messages per subject for the subjects matching `filter` (a subject,
+    /// wildcards allowed), at most `limit` of them, plus the stream's state.
+    /// Pages through the server's subject map (nats-server pages it at
+    /// 100 000 subjects per reply). Exact at the moment of each page.
+    pub fn subject_counts(
+        &self,
+        stream: &str,
+        filter: &str,
+        limit: usize,
+    ) -> Result<SubjectCounts, JetStreamError> {
+        let subject = format!("$JS.API.STREAM.INFO.{stream}");
+        let mut out = SubjectCounts::default();
+        loop {
+            let request = StreamInfoRequest {
+                subjects_filter: filter,
+                offset: out.subjects.len(),
+            };
+            let mut page: PagedStreamInfo = self.api_json(&subject, &request)?;
+            let subjects = page.state.subjects.take().unwrap_or_default();
+            if out.subjects.is_empty() {
+                out.stream = page.state;
+            }
+            let before = out.subjects.len();
+            for (name, count) in subjects {
+                if out.subjects.len() >= limit {
+                    out.truncated = true;
+                    return Ok(out);
+                }
+                out.subjects.insert(name, count);
+            }
+            // No progress (an empty page, or a server repeating a page) ends
+            // the walk as surely as reaching the total.
+            if out.subjects.len() == before || out.subjects.len() >= page.total {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Messages currently stored on exactly `subject` (0 when none).
+    pub fn subject_message_count(
+        &self,
+        stream: &str,
+        subject: &str,
+    ) -> Result<u64, JetStreamError> {
+        let counts = self.subject_counts(stream, subject, 1)?;
+        Ok(counts.subjects.get(subject).copied().unwrap_or(0))
+    }
+
+    /// Removes every message on subjects matching `filter`; returns how many.
+    pub fn purge_subject(&self, stream: &str, filter: &str) -> Result<u64, JetStreamError> {
+        #[derive(Serialize)]
+        struct Purge<'a> {
+            filter: &'a str,
+        }
+        let reply: PurgeReply =
+            self.api_json(&format!("$JS.API.STREAM.PURGE.{stream}"), &Purge { filter })?;
+        Ok(reply.purged)
+    }
+
+    /// Deletes the stream and all its messages and consumers.
+    pub fn delete_stream(&self, stream: &str) -> Result<(), JetStreamError> {
+        let reply: SuccessReply = self.api(&format!("$JS.API.STREAM.DELETE.{stream}"), b"")?;
+        if reply.success {
+            Ok(())
+        } else {
+            Err(JetStreamError::Decode(
+                "stream delete did not report success".into(),
+            ))
+        }
     }
 
     /// `$JS.API.INFO`.

@@ -1,0 +1,348 @@
+//! Pull consumers for reading a stream in pages: create one (ephemeral, or
+//! named with an inactivity threshold) filtered to a subject and starting at
+//! a sequence (or at the last message per subject), fetch up to N messages
+//! per request, delete it. Owns `PullConsumerConfig`, `PulledMessage` and the
+//! parsing of `$JS.ACK.…` reply subjects (stream sequence, timestamp,
+//! pending count). Calls `jetstream` (request helper, errors) and `client`
+//! (an inbox subscription for the batch) only.
+//!
+//! Consumers here use `ack_policy: none`: a page read moves the consumer
+//! past what it delivered, and nothing is redelivered. A fetch cut short by
+//! our deadline may leave messages in flight to an inbox nobody reads: the
+//! caller resumes from the last stream sequence it got (a new consumer at
+//! `seq + 1`), never from the consumer's own position.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::headers::Headers;
+use super::jetstream::{JetStream, JetStreamError};
+
+/// Where a consumer starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliverFrom {
+    /// At this stream sequence (or the first later one matching the filter).
+    Sequence(u64),
+    /// The newest message of every subject matching the filter.
+    LastPerSubject,
+    /// The stream's first message.
+    All,
+}
+
+/// What a page-reading pull consumer looks like.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PullConsumerConfig {
+    /// None: an ephemeral consumer (the server names it). Some: a durable
+    /// one under this name, removed by the server after `inactive_threshold`.
+    pub name: Option<String>,
+    pub filter_subject: Option<String>,
+    pub deliver: DeliverFrom,
+    /// Deliver headers only (payload omitted; `Nats-Msg-Size` header says its size).
+    pub headers_only: bool,
+    /// The server deletes the consumer after this long without a pull.
+    pub inactive_threshold: Duration,
+}
+
+impl PullConsumerConfig {
+    /// An ephemeral consumer on `filter_subject` from `start_seq`, removed
+    /// by the server 30 s after its last pull.
+    pub fn from_sequence(filter_subject: impl Into<String>, start_seq: u64) -> Self {
+        PullConsumerConfig {
+            name: None,
+            filter_subject: Some(filter_subject.into()),
+            deliver: DeliverFrom::Sequence(start_seq.max(1)),
+            headers_only: false,
+            inactive_threshold: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct WireConsumerConfig<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    durable_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    filter_subject: Option<&'a str>,
+    deliver_policy: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    opt_start_seq: Option<u64>,
+    ack_policy: &'static str,
+    replay_policy: &'static str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    headers_only: bool,
+    inactive_threshold: u64,
+    /// In memory: the consumer's state is ours to lose (pages are re-readable).
+    mem_storage: bool,
+    num_replicas: usize,
+}
+
+#[derive(Serialize)]
+struct CreateConsumerRequest<'a> {
+    stream_name: &'a str,
+    config: WireConsumerConfig<'a>,
+}
+
+/// The part of `ConsumerInfo` we use.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct ConsumerInfo {
+    pub stream_name: String,
+    pub name: String,
+    /// Messages matching the filter not yet delivered.
+    pub num_pending: u64,
+}
+
+/// One message delivered by a fetch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PulledMessage {
+    pub subject: String,
+    pub headers: Option<Headers>,
+    pub payload: Vec<u8>,
+    pub info: DeliveryInfo,
+}
+
+/// What a `$JS.ACK.…` reply subject says about a delivered message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryInfo {
+    pub stream: String,
+    pub consumer: String,
+    pub delivered: u64,
+    pub stream_seq: u64,
+    pub consumer_seq: u64,
+    /// When the stream stored it, nanoseconds since the Unix epoch.
+    pub timestamp_nanos: u64,
+    /// Messages matching the filter still to deliver after this one.
+    pub pending: u64,
+}
+
+/// Parses `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`
+/// (nats-server ≤ 2.9) or the 2.10+ form with domain and account hash
+/// (`$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>.<token>`).
+pub fn parse_ack_subject(subject: &str) -> Option<DeliveryInfo> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    if tokens.len() < 2 || tokens[0] != "$JS" || tokens[1] != "ACK" {
+        return None;
+    }
+    let fields: &[&str] = match tokens.len() {
+        9 => &tokens[2..9],
+        n if n >= 11 => &tokens[4..11],
+        _ => return None,
+    };
+    let n = |i: usize| fields[i].parse::<u64>().ok();
+    Some(DeliveryInfo {
+        stream: fields[0].to_string(),
+        consumer: fields[1].to_string(),
+        delivered: n(2)?,
+        stream_seq: n(3)?,
+        consumer_seq: n(4)?,
+        timestamp_nanos: n(5)?,
+        pending: n(6)?,
+    })
+}
+
+#[derive(Serialize)]
+struct NextRequest {
+    batch: usize,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    no_wait: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires: Option<u64>,
+}
+
+/// Pull status codes that end a fetch normally.
+const STATUS_NO_MESSAGES: u16 = 404;
+const STATUS_REQUEST_TIMEOUT: u16 = 408;
+/// Idle heartbeat / flow control: not a message, not the end.
+const STATUS_CONTROL: u16 = 100;
+
+impl JetStream {
+    /// Creates a pull consumer on `stream` with `ack_policy: none`.
+    pub fn create_pull_consumer(
+        &self,
+        stream: &str,
+        config: &PullConsumerConfig,
+    ) -> Result<ConsumerInfo, JetStreamError> {
+        let (deliver_policy, opt_start_seq) = match config.deliver {
+            DeliverFrom::Sequence(seq) => ("by_start_sequence", Some(seq.max(1))),
+            DeliverFrom::LastPerSubject => ("last_per_subject", None),
+            DeliverFrom::All => ("all", None),
+        };
+        let request = CreateConsumerRequest {
+            stream_name: stream,
+            config: WireConsumerConfig {
+                durable_name: config.name.as_deref(),
+                filter_subject: config.filter_subject.as_deref(),
+                deliver_policy,
+                opt_start_seq,
+                ack_policy: "none",
+                replay_policy: "instant",
+                headers_only: config.headers_only,
+                inactive_threshold: config
+                    .inactive_threshold
+                    .as_nanos()
+                    .min(u128::from(u64::MAX)) as u64,
+                mem_storage: true,
+                num_replicas: 1,
+            },
+        };
+        let subject = match &config.name {
+            Some(name) => format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{name}"),
+            None => format!("$JS.API.CONSUMER.CREATE.{stream}"),
+        };
+        self.api_json(&subject, &request)
+    }
+
+    /// Deletes a consumer; Ok(false) when it did not exist.
+    pub fn delete_consumer(&self, stream: &str, consumer: &str) -> Result<bool, JetStreamError> {
+        #[derive(Deserialize)]
+        struct Reply {
+            #[serde(default)]
+            success: bool,
+        }
+        match self.api::<Reply>(&format!("$JS.API.CONSUMER.DELETE.{stream}.{consumer}"), b"") {
+            Ok(r) => Ok(r.success),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Up to `batch` messages from a pull consumer. `wait` None: only what
+    /// is stored now (`no_wait`); Some(d): wait up to `d` for the first
+    /// message. Returns early once the server says nothing more is pending.
+    /// `batch` must not exceed the client's subscription capacity (the batch
+    /// is buffered there), so memory is bounded by the caller's N.
+    /// A consumer that does not exist (deleted, or removed after its
+    /// inactive threshold) gets no answer at all from nats-server 2.9.10:
+    /// the fetch fails with `Client(Timeout)` after `wait` + the timeout.
+    pub fn fetch(
+        &self,
+        stream: &str,
+        consumer: &str,
+        batch: usize,
+        wait: Option<Duration>,
+    ) -> Result<Vec<PulledMessage>, JetStreamError> {
+        if batch == 0 {
+            return Ok(Vec::new());
+        }
+        let client = self.client();
+        if batch > client.subscription_capacity() {
+            return Err(JetStreamError::Invalid(format!(
+                "fetch batch {batch} exceeds the subscription capacity {}",
+                client.subscription_capacity()
+            )));
+        }
+        let inbox = client.new_inbox();
+        let sub = client.subscribe(&inbox)?;
+        let request = NextRequest {
+            batch,
+            no_wait: wait.is_none(),
+            expires: wait.map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64),
+        };
+        let body =
+            serde_json::to_vec(&request).map_err(|e| JetStreamError::Decode(e.to_string()))?;
+        client.publish_with_reply(
+            &format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
+            &inbox,
+            None,
+            &body,
+        )?;
+        let deadline = Instant::now() + wait.unwrap_or_default() + self.timeout();
+        let mut out = Vec::with_capacity(batch.min(1024));
+        while out.len() < batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let msg = match sub.next_timeout(left) {
+                Ok(m) => m,
+                Err(super::Error::Timeout) if !out.is_empty() => break,
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(code) = msg.headers.as_ref().and_then(Headers::status) {
+                match code {
+                    STATUS_CONTROL => continue,
+                    STATUS_NO_MESSAGES | STATUS_REQUEST_TIMEOUT => break,
+                    _ => {
+                        let description = msg
+                            .headers
+                            .as_ref()
+                            .map(|h| h.description().to_string())
+                            .unwrap_or_default();
+                        return Err(JetStreamError::PullStatus { code, description });
+                    }
+                }
+            }
+            let info = msg
+                .reply
+                .as_deref()
+                .and_then(parse_ack_subject)
+                .ok_or_else(|| {
+                    JetStreamError::Decode(format!(
+                        "pulled message on {:?} has no $JS.ACK reply subject",
+                        msg.subject
+                    ))
+                })?;
+            let done = info.pending == 0;
+            out.push(PulledMessage {
+                subject: msg.subject,
+                headers: msg.headers,
+                payload: msg.payload,
+                info,
+            });
+            if done {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_ack_subject_forms() {
+        let v1 = parse_ack_subject("$JS.ACK.MSGS.c1.1.42.3.1672914030000000000.5").unwrap();
+        assert_eq!(
+            v1,
+            DeliveryInfo {
+                stream: "MSGS".into(),
+                consumer: "c1".into(),
+                delivered: 1,
+                stream_seq: 42,
+                consumer_seq: 3,
+                timestamp_nanos: 1_672_914_030_000_000_000,
+                pending: 5,
+            }
+        );
+        let v2 = parse_ack_subject("$JS.ACK.dom.ACCHASH.MSGS.c1.1.42.3.1672914030000000000.5.tok")
+            .unwrap();
+        assert_eq!(v2, v1);
+        assert_eq!(parse_ack_subject("$JS.ACK.MSGS.c1.1.x.3.4.5"), None);
+        assert_eq!(parse_ack_subject("$JS.ACK.MSGS.c1.1.2"), None);
+        assert_eq!(parse_ack_subject("_INBOX.a.b.c.d.e.f.g.h"), None);
+        assert_eq!(parse_ack_subject(""), None);
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzz_support::config;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(config(512, 1))]
+
+        /// Arbitrary reply subjects never panic the parser; well-formed ones parse.
+        #[test]
+        fn ack_subjects(s in "\\PC{0,80}", seq in any::<u64>(), ts in any::<u64>(), pending in any::<u64>()) {
+            let _ = parse_ack_subject(&s);
+            let mut tail = s.clone();
+            tail.insert_str(0, "$JS.ACK.");
+            let _ = parse_ack_subject(&tail);
+            let good = format!("$JS.ACK.S.C.1.{seq}.2.{ts}.{pending}");
+            let info = parse_ack_subject(&good).unwrap();
+            prop_assert_eq!((info.stream_seq, info.timestamp_nanos, info.pending), (seq, ts, pending));
+        }
+    }
+}
