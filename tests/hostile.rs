@@ -572,3 +572,62 @@ async fn a_malformed_request_h2_can_decode_is_a_stream_error() {
     assert_eq!(answer.resets, vec![(3, PROTOCOL_ERROR)], "{answer:?}");
     assert!(!answer.closed, "{answer:?}");
 }
+
+#[tokio::test]
+async fn a_whole_unary_request_without_end_stream_is_held_only_until_the_message_timeout() {
+    let server = Server::start_with(&["--message-timeout", "1s"]);
+    let mut raw = Raw::connect(server.port).await;
+    let (resp, mut send) = raw.open("Publish", "application/grpc").await;
+    // The whole message, but the stream stays open.
+    send.send_data(framed(&publish("held")).into(), false)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (_, status, msg) = outcome(resp).await;
+    assert_eq!(status, Some(4), "DEADLINE_EXCEEDED: {msg}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut c = server.client().await;
+    assert!(
+        c.list_topics().await.unwrap().topics.is_empty(),
+        "nothing was published"
+    );
+    drop(send);
+}
+
+/// Honest uploads larger together than the in-flight budget are slowed,
+/// never deadlocked: one waiting call may overdraw, so messages keep
+/// completing and freeing their bytes. Each stream first sends half of its
+/// message, so the halves alone fill the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_large_uploads_beyond_the_budget_all_complete() {
+    let server = Server::start_with(&["--max-inflight-bytes", "1MiB", "--message-timeout", "20s"]);
+    let mut raw = Raw::connect(server.port).await;
+    let whole = Bytes::from(framed(&proto::PublishRequest {
+        topic: "big".into(),
+        payload: vec![7u8; 384 * 1024].into(),
+        attributes: Default::default(),
+    }));
+    let half = whole.len() / 2;
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let (resp, mut send) = raw.open("Publish", "application/grpc").await;
+        send.send_data(whole.slice(..half), false).unwrap();
+        calls.push((resp, send));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let mut replies = Vec::new();
+    for (resp, mut send) in calls {
+        send.send_data(whole.slice(half..), true).unwrap();
+        replies.push((resp, send));
+    }
+    for (resp, _send) in replies {
+        let (_, status, msg) = tokio::time::timeout(Duration::from_secs(10), outcome(resp))
+            .await
+            .expect("an upload stalled");
+        assert_eq!(status, Some(0), "{msg}");
+    }
+    eprintln!(
+        "8 × 384 KiB, half-sent first, through a 1 MiB budget: {:?}",
+        started.elapsed()
+    );
+}

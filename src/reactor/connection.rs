@@ -586,7 +586,14 @@ impl Connection {
         };
         if done {
             self.release(slot, shared);
-        } else if let Some(at) = s.call.reader_mut().arm_stall_timer(shared.message_timeout) {
+            return;
+        }
+        let reader = s.call.reader_mut();
+        if !reader.is_open() {
+            // Finished or half-closed: what it held goes back to the budget
+            // now, not when a slow peer finally takes the rest of the reply.
+            reader.close(&mut shared.inflight, uid);
+        } else if let Some(at) = reader.arm_stall_timer(shared.message_timeout) {
             // A partial message is held: it must complete in time.
             shared.add_timer(at, Timer::MessageStall(uid));
         }
@@ -602,7 +609,7 @@ impl Connection {
         if let Some(at) = reader.armed_timer() {
             shared.remove_timer(at, Timer::MessageStall(s.uid));
         }
-        reader.close(&mut shared.inflight);
+        reader.close(&mut shared.inflight, s.uid);
     }
 
     fn release(&mut self, slot: usize, shared: &mut Shared) {

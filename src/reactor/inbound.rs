@@ -19,13 +19,26 @@ use h2::RecvStream;
 
 use crate::grpc::{FrameError, MessageDecoder};
 
+/// Bytes a call may hold whatever the budget says (see `take_for`).
+const SMALL_CALL: usize = 16 << 10;
+
 /// Request bytes held in partial messages, across all calls.
+///
+/// When the budget is full, one waiting call (the first to wait) may go past
+/// it by up to `overdraft` (one largest message plus a window), so some
+/// message can always complete and free its bytes: concurrent large uploads
+/// are slowed, never deadlocked.
 #[derive(Debug)]
 pub struct InflightBudget {
     limit: usize,
     used: usize,
+    overdraft: usize,
+    /// The call allowed past the limit until its message completes.
+    overdraft_owner: Option<u64>,
     /// Calls (uids) holding back window for lack of budget.
     waiting: Vec<u64>,
+    /// Bytes were given back since waiters were last woken.
+    freed: bool,
 }
 
 impl InflightBudget {
@@ -33,7 +46,48 @@ impl InflightBudget {
         InflightBudget {
             limit,
             used: 0,
+            overdraft: 0,
+            overdraft_owner: None,
             waiting: Vec::new(),
+            freed: false,
+        }
+    }
+
+    /// Lets one waiting call go up to `overdraft` past the limit.
+    pub fn with_overdraft(mut self, overdraft: usize) -> Self {
+        self.overdraft = overdraft;
+        self
+    }
+
+    /// `n` more bytes for `uid`, whose call then holds `call_total`; or
+    /// false (it must wait). A call holding no more than `SMALL_CALL` always
+    /// gets them: small requests (acks, credits, ordinary publishes) are never
+    /// held back behind large ones, and what they can hold is of the order of
+    /// the HTTP/2 window each connection already has.
+    fn take_for(&mut self, uid: u64, n: usize, call_total: usize) -> bool {
+        if self.try_take(n) {
+            return true;
+        }
+        if call_total <= SMALL_CALL {
+            self.used += n;
+            return true;
+        }
+        let owner = *self.overdraft_owner.get_or_insert(uid);
+        if owner == uid && self.used + n <= self.limit + self.overdraft {
+            self.used += n;
+            return true;
+        }
+        if !self.waiting.contains(&uid) {
+            self.waiting.push(uid);
+        }
+        false
+    }
+
+    /// `uid`'s message completed or its call ended: the overdraft goes on.
+    fn settled(&mut self, uid: u64) {
+        if self.overdraft_owner == Some(uid) {
+            self.overdraft_owner = None;
+            self.freed = true;
         }
     }
 
@@ -51,12 +105,16 @@ impl InflightBudget {
     }
 
     fn give_back(&mut self, n: usize) {
-        self.used = self.used.saturating_sub(n);
+        if n > 0 {
+            self.used = self.used.saturating_sub(n);
+            self.freed = true;
+        }
     }
 
-    /// Calls to poll again because budget came free (drained).
+    /// Calls to poll again because budget came free since the last call
+    /// (drained); none while nothing was freed, so waiters never spin.
     pub fn take_waiting(&mut self) -> Vec<u64> {
-        if self.used < self.limit {
+        if std::mem::take(&mut self.freed) && self.used < self.limit + self.overdraft {
             std::mem::take(&mut self.waiting)
         } else {
             Vec::new()
@@ -90,6 +148,11 @@ pub struct RequestReader {
     counted: usize,
     /// Bytes received whose HTTP/2 window is not yet released.
     unreleased: usize,
+    /// Unary calls: completed messages stay counted (and timed) until the
+    /// request stream ends, since the call holds them until then.
+    hold_until_end: bool,
+    /// Bytes of completed messages held that way.
+    kept: usize,
     /// When the partial message being held began to arrive.
     partial_since: Option<Instant>,
     /// The reactor's stall timer for this call, if armed.
@@ -103,9 +166,18 @@ impl RequestReader {
             decoder,
             counted: 0,
             unreleased: 0,
+            hold_until_end: false,
+            kept: 0,
             partial_since: None,
             stall_timer: None,
         }
+    }
+
+    /// For unary calls: a completed message stays counted against the budget
+    /// and under the message timeout until the request stream ends.
+    pub fn holding_until_end(mut self) -> Self {
+        self.hold_until_end = true;
+        self
     }
 
     /// True until the client's side ended (or reading stopped).
@@ -121,11 +193,13 @@ impl RequestReader {
 
     /// Stops reading (the call has what it needs, or failed); frees what the
     /// partial message held.
-    pub fn close(&mut self, budget: &mut InflightBudget) {
+    pub fn close(&mut self, budget: &mut InflightBudget, uid: u64) {
         self.recv = None;
         self.decoder = MessageDecoder::new(0);
         budget.give_back(std::mem::take(&mut self.counted));
+        budget.settled(uid);
         self.unreleased = 0;
+        self.kept = 0;
         self.partial_since = None;
     }
 
@@ -140,13 +214,13 @@ impl RequestReader {
             // A message already buffered goes first.
             match self.decoder.next_message() {
                 Ok(Some(body)) => {
-                    self.settle(budget);
+                    self.settle(uid, body.len(), budget);
                     self.release_held(uid, budget);
                     return Inbound::Message(body);
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    self.close(budget);
+                    self.close(budget, uid);
                     return Inbound::Bad(e);
                 }
             }
@@ -167,12 +241,12 @@ impl RequestReader {
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    self.close(budget);
+                    self.close(budget, uid);
                     return Inbound::Reset(e);
                 }
                 Poll::Ready(None) => {
                     let inside = self.decoder.buffered() > 0;
-                    self.close(budget);
+                    self.close(budget, uid);
                     return if inside {
                         Inbound::EndedInsideMessage
                     } else {
@@ -190,12 +264,9 @@ impl RequestReader {
         if self.unreleased == 0 {
             return;
         }
-        let held = self.decoder.buffered();
+        let held = self.decoder.buffered() + self.kept;
         let extra = held.saturating_sub(self.counted);
-        if extra > 0 && !budget.try_take(extra) {
-            if !budget.waiting.contains(&uid) {
-                budget.waiting.push(uid);
-            }
+        if extra > 0 && !budget.take_for(uid, extra, held) {
             return;
         }
         self.counted += extra;
@@ -205,8 +276,14 @@ impl RequestReader {
         self.unreleased = 0;
     }
 
-    /// A message completed: what is left buffered is a new partial message.
-    fn settle(&mut self, budget: &mut InflightBudget) {
+    /// A message of `len` bytes completed: what is left buffered is a new
+    /// partial message (unless the call holds messages until the end).
+    fn settle(&mut self, uid: u64, len: usize, budget: &mut InflightBudget) {
+        budget.settled(uid);
+        if self.hold_until_end {
+            self.kept += len + 5;
+            return;
+        }
         let held = self.decoder.buffered();
         if self.counted > held {
             budget.give_back(self.counted - held);
@@ -265,5 +342,20 @@ mod tests {
         b.give_back(30);
         assert_eq!(b.take_waiting(), vec![7]);
         assert!(b.take_waiting().is_empty());
+        b.waiting.push(8);
+        assert!(b.take_waiting().is_empty(), "nothing freed since: no spin");
+    }
+
+    #[test]
+    fn the_first_waiter_may_overdraw_so_some_message_always_completes() {
+        let big = SMALL_CALL + 1;
+        let mut b = InflightBudget::new(100).with_overdraft(50);
+        assert!(b.take_for(1, 100, big));
+        assert!(b.take_for(2, 30, big), "the first to wait overdraws");
+        assert!(!b.take_for(3, 10, big), "only one call at a time");
+        assert!(!b.take_for(2, 30, big), "and only up to the overdraft");
+        assert!(b.take_for(4, 10, 10), "a small call always gets its bytes");
+        b.settled(2);
+        assert!(b.take_for(3, 10, big), "the next one may now");
     }
 }

@@ -319,7 +319,9 @@ impl Reactor {
                 routes: HashMap::new(),
                 max_message_bytes: config.h2.max_message_bytes,
                 max_batch_messages: config.max_batch_messages,
-                inflight: inbound::InflightBudget::new(config.max_inflight_bytes),
+                inflight: inbound::InflightBudget::new(config.max_inflight_bytes).with_overdraft(
+                    config.h2.max_message_bytes + 5 + config.h2.stream_window as usize,
+                ),
                 creating: HashMap::new(),
                 message_timeout: config.message_timeout,
                 clock: Clock {
@@ -404,6 +406,10 @@ impl Reactor {
                     );
                 }
                 if done || Instant::now() >= deadline {
+                    // The writer keeps committing without anyone reading its
+                    // outcomes: so it can never block on a full outcome
+                    // channel while this thread blocks on its request queue.
+                    self.outcomes = crossbeam_channel::never();
                     self.shared.flush_blocking();
                     return match &self.shared.storage_failed {
                         Some(why) => Err(std::io::Error::other(format!("storage failed: {why}"))),

@@ -59,10 +59,13 @@ impl UnaryCall {
             info: info.clone(),
             started: Instant::now(),
             publish: None,
+            // The request is held until its stream ends: it stays counted
+            // against the in-flight budget and under the message timeout.
             reader: RequestReader::new(
                 recv,
                 MessageDecoder::new(max_message).with_gzip(info.request_gzip),
-            ),
+            )
+            .holding_until_end(),
             request: None,
             respond,
             state: State::Reading,
@@ -131,7 +134,7 @@ impl UnaryCall {
             match self.reader.poll_next(uid, &mut shared.inflight, cx) {
                 Inbound::Message(body) => {
                     if self.request.is_some() {
-                        self.reader.close(&mut shared.inflight);
+                        self.reader.close(&mut shared.inflight, uid);
                         self.state = failed("request carried more than one message");
                         return;
                     }
@@ -139,7 +142,7 @@ impl UnaryCall {
                 }
                 Inbound::Pending => return,
                 Inbound::End => {
-                    self.reader.close(&mut shared.inflight);
+                    self.reader.close(&mut shared.inflight, uid);
                     let Some(body) = self.request.take() else {
                         self.state = failed("request ended without a message");
                         return;

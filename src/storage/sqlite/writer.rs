@@ -610,19 +610,45 @@ impl GroupCommit {
                     ))
                 })
         });
-        let result = reserved.and_then(|()| {
-            self.apply(batch, ts, &mut outcomes).map_err(|e| {
-                let mut err = StorageError::from_sqlite(&e);
-                if err.disk_full {
-                    if let Some(cap) = self.config.max_store_bytes {
-                        err.message = format!(
-                            "the --max-db-bytes cap of {cap} bytes is reached, or the disk is full ({})",
-                            err.message
-                        );
-                    }
+        if let Err(err) = reserved {
+            // Only the appends are refused: deletes (which make room) and
+            // cursor writes in the same batch still go in.
+            crate::log_limited!(
+                log::Level::Error,
+                "writer: appends refused: {}",
+                err.message
+            );
+            let (appends, rest): (Vec<_>, Vec<_>) = batch
+                .drain(..)
+                .partition(|r| matches!(r, WriteRequest::Append { .. }));
+            let mut out: Vec<WriteOutcome> = appends
+                .into_iter()
+                .filter_map(|r| match r {
+                    WriteRequest::Append { token, topic, .. } => Some(WriteOutcome::Appended {
+                        token,
+                        topic,
+                        result: Err(err.clone()),
+                    }),
+                    _ => None,
+                })
+                .collect();
+            *batch = rest;
+            if !batch.is_empty() {
+                out.extend(self.commit(batch));
+            }
+            return out;
+        }
+        let result = self.apply(batch, ts, &mut outcomes).map_err(|e| {
+            let mut err = StorageError::from_sqlite(&e);
+            if err.disk_full {
+                if let Some(cap) = self.config.max_store_bytes {
+                    err.message = format!(
+                        "the --max-db-bytes cap of {cap} bytes is reached, or the disk is full ({})",
+                        err.message
+                    );
                 }
-                err
-            })
+            }
+            err
         });
         let elapsed = started.elapsed();
         match result {
@@ -1018,8 +1044,8 @@ mod tests {
             &out[..],
             [WriteOutcome::Appended { result: Ok(_), .. }]
         ));
-        // The cap refuses the append; the batch fails as a whole.
-        gc.config.max_store_bytes = Some(1);
+        // The database refuses writes: the batch fails as a whole.
+        gc.conn.pragma_update(None, "query_only", true).unwrap();
         let mut batch = vec![
             append(2, "t", 10),
             WriteRequest::SetCursor {
@@ -1042,12 +1068,13 @@ mod tests {
             },
         ];
         let out = gc.commit(&mut batch);
-        assert!(
-            matches!(&out[..], [WriteOutcome::Appended { result: Err(e), .. }] if e.message.contains("--max-db-bytes"))
-        );
+        assert!(matches!(
+            &out[..],
+            [WriteOutcome::Appended { result: Err(_), .. }]
+        ));
         // One cursor per group (the latest) and the creation wait for the next batch.
         assert_eq!(gc.carry.len(), 2);
-        gc.config.max_store_bytes = None;
+        gc.conn.pragma_update(None, "query_only", false).unwrap();
         let mut next = std::mem::take(&mut gc.carry);
         let out = gc.commit(&mut next);
         assert!(out
@@ -1063,6 +1090,40 @@ mod tests {
             .unwrap();
         assert_eq!(cursor, 6);
         assert!(gc.topics.contains_key("u"));
+    }
+
+    #[test]
+    fn the_size_cap_refuses_only_the_appends_of_a_batch() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut gc = writer_in(tmp.path(), None);
+        gc.commit(&mut vec![append(1, "t", 10)]);
+        gc.config.max_store_bytes = Some(1);
+        let out = gc.commit(&mut vec![
+            append(2, "t", 10),
+            WriteRequest::SetCursor {
+                topic: "t".into(),
+                group: "g".into(),
+                sequence: 1,
+                acked_at_ms: 5,
+                token: None,
+            },
+            WriteRequest::DeleteTopic {
+                token: 3,
+                topic: "t".into(),
+            },
+        ]);
+        assert!(out.iter().any(|o| matches!(o, WriteOutcome::Appended { result: Err(e), .. } if e.message.contains("--max-db-bytes"))));
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, WriteOutcome::CursorSaved { .. })));
+        assert!(out.iter().any(|o| matches!(
+            o,
+            WriteOutcome::TopicDeleted {
+                result: Ok(true),
+                ..
+            }
+        )));
+        assert!(gc.carry.is_empty());
     }
 
     #[test]
