@@ -255,6 +255,20 @@ async fn sigterm_right_after_acks_keeps_every_acked_cursor_on_disk() {
     }
 }
 
+/// A BROWSE subscription of `topic` from its first message.
+fn browse_from_earliest(topic: &str) -> proto::SubscribeUpstream {
+    proto::SubscribeUpstream {
+        request: Some(proto::subscribe_upstream::Request::Init(
+            proto::SubscriptionInit {
+                topic: topic.into(),
+                initial_position: proto::InitialPosition::Earliest as i32,
+                mode: proto::SubscriptionMode::Browse as i32,
+                ..Default::default()
+            },
+        )),
+    }
+}
+
 /// Waits until the broker's memory holds `seq` as the group's cursor.
 async fn wait_for_cursor(c: &mut Client, topic: &str, group: &str, seq: u64) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -386,19 +400,7 @@ async fn damaged_pages_end_the_stream_with_data_loss_once_and_check_finds_them()
 
     server.spawn(0);
     let mut c = server.client().await;
-    let mut sub = c
-        .subscribe_with(proto::SubscribeUpstream {
-            request: Some(proto::subscribe_upstream::Request::Init(
-                proto::SubscriptionInit {
-                    topic: "t".into(),
-                    initial_position: proto::InitialPosition::Earliest as i32,
-                    mode: proto::SubscriptionMode::Browse as i32,
-                    ..Default::default()
-                },
-            )),
-        })
-        .await
-        .unwrap();
+    let mut sub = c.subscribe_with(browse_from_earliest("t")).await.unwrap();
     sub.send(credit(10_000)).await;
     let started = Instant::now();
     let mut delivered = 0;
@@ -432,19 +434,7 @@ async fn damaged_pages_end_the_stream_with_data_loss_once_and_check_finds_them()
     }
     // Clients retrying meanwhile do not make the log grow.
     for _ in 0..20 {
-        let mut again = c
-            .subscribe_with(proto::SubscribeUpstream {
-                request: Some(proto::subscribe_upstream::Request::Init(
-                    proto::SubscriptionInit {
-                        topic: "t".into(),
-                        initial_position: proto::InitialPosition::Earliest as i32,
-                        mode: proto::SubscriptionMode::Browse as i32,
-                        ..Default::default()
-                    },
-                )),
-            })
-            .await
-            .unwrap();
+        let mut again = c.subscribe_with(browse_from_earliest("t")).await.unwrap();
         again.send(credit(10_000)).await;
         while let Some(Ok(_)) = again.next_within(Duration::from_secs(5)).await {}
     }
