@@ -7,7 +7,7 @@
 //!   has room, so past it peers are held back by flow control (nothing
 //!   fails); completed messages free their bytes at once.
 //! - A message that has not completed within the message timeout ends its
-//!   call (the reactor's `MessageStall` timer asks [`Inbound::stalled`]).
+//!   call (the reactor's `MessageStall` timer asks [`RequestReader::stalled`]).
 //!
 //! Calls only h2's receive half and the framer; no sockets, no storage.
 
@@ -89,10 +89,6 @@ impl InflightBudget {
             self.overdraft_owner = None;
             self.freed = true;
         }
-    }
-
-    pub fn used(&self) -> usize {
-        self.used
     }
 
     fn try_take(&mut self, n: usize) -> bool {
@@ -293,7 +289,7 @@ impl RequestReader {
     }
 
     /// When the partial message must have completed by, if one is held.
-    pub fn stall_deadline(&self, timeout: Duration) -> Option<Instant> {
+    fn stall_deadline(&self, timeout: Duration) -> Option<Instant> {
         self.partial_since.map(|t| t + timeout)
     }
 
@@ -319,11 +315,6 @@ impl RequestReader {
     pub fn armed_timer(&self) -> Option<Instant> {
         self.stall_timer
     }
-
-    /// Bytes of an incomplete message buffered.
-    pub fn buffered(&self) -> usize {
-        self.decoder.buffered()
-    }
 }
 
 #[cfg(test)]
@@ -337,7 +328,7 @@ mod tests {
         assert!(!b.try_take(41));
         assert!(b.try_take(40));
         b.waiting.push(7);
-        assert_eq!(b.used(), 100);
+        assert_eq!(b.used, 100);
         assert!(b.take_waiting().is_empty(), "full: nobody is woken");
         b.give_back(30);
         assert_eq!(b.take_waiting(), vec![7]);

@@ -1035,6 +1035,17 @@ mod tests {
         }
     }
 
+    /// An acked cursor of group `g` on topic `t` (no caller waits for it).
+    fn acked_cursor(sequence: u64, acked_at_ms: i64) -> WriteRequest {
+        WriteRequest::SetCursor {
+            topic: "t".into(),
+            group: "g".into(),
+            sequence,
+            acked_at_ms,
+            token: None,
+        }
+    }
+
     #[test]
     fn a_failed_batch_carries_topic_creations_and_cursor_writes_to_the_next() {
         let tmp = tempfile::tempdir().unwrap();
@@ -1048,20 +1059,8 @@ mod tests {
         gc.conn.pragma_update(None, "query_only", true).unwrap();
         let mut batch = vec![
             append(2, "t", 10),
-            WriteRequest::SetCursor {
-                topic: "t".into(),
-                group: "g".into(),
-                sequence: 1,
-                acked_at_ms: 5,
-                token: None,
-            },
-            WriteRequest::SetCursor {
-                topic: "t".into(),
-                group: "g".into(),
-                sequence: 1,
-                acked_at_ms: 6,
-                token: None,
-            },
+            acked_cursor(1, 5),
+            acked_cursor(1, 6),
             WriteRequest::CreateTopic {
                 topic: "u".into(),
                 created_at_ms: 7,
@@ -1100,13 +1099,7 @@ mod tests {
         gc.config.max_store_bytes = Some(1);
         let out = gc.commit(&mut vec![
             append(2, "t", 10),
-            WriteRequest::SetCursor {
-                topic: "t".into(),
-                group: "g".into(),
-                sequence: 1,
-                acked_at_ms: 5,
-                token: None,
-            },
+            acked_cursor(1, 5),
             WriteRequest::DeleteTopic {
                 token: 3,
                 topic: "t".into(),
