@@ -12,7 +12,7 @@ use std::time::Duration;
 pub enum StoreConfig {
     /// SQLite in `--data-dir` (the default).
     Sqlite,
-    /// A NATS JetStream cluster (issue 11; not built yet).
+    /// A NATS JetStream cluster: this daemon is a stateless gateway.
     JetStream(JetStreamConfig),
 }
 
@@ -124,6 +124,12 @@ pub struct ServeConfig {
     pub retention_max_age: Option<Duration>,
     pub retention_max_messages: Option<u64>,
     pub retention_max_bytes: Option<u64>,
+    /// `--nats-token`: a token for NATS servers that want one.
+    pub nats_token: Option<String>,
+    /// `--nats-replicas`: replica count of every stream and bucket Sluice creates.
+    pub nats_replicas: usize,
+    /// `--nats-prefix`: namespaces the stream, subjects and buckets.
+    pub nats_prefix: String,
 }
 
 impl Default for ServeConfig {
@@ -157,6 +163,9 @@ impl Default for ServeConfig {
             retention_max_age: None,
             retention_max_messages: None,
             retention_max_bytes: None,
+            nats_token: None,
+            nats_replicas: 3,
+            nats_prefix: "sluice".into(),
         }
     }
 }
@@ -177,7 +186,12 @@ USAGE:
 OPTIONS (each also read from the environment variable shown):
     --store STORE                where messages are stored: sqlite (in --data-dir), or a NATS
                                  JetStream cluster nats://[USER:PASS@]HOST:PORT[,HOST:PORT...]
-                                 (not built yet: fails at start) [SLUICE_STORE] (default sqlite)
+                                 [SLUICE_STORE] (default sqlite)
+    --nats-token TOKEN           token for NATS servers that require one [SLUICE_NATS_TOKEN]
+    --nats-replicas N            replicas of every stream and bucket Sluice creates in JetStream
+                                 (1 for a single NATS server, at most 5) [SLUICE_NATS_REPLICAS] (default 3)
+    --nats-prefix NAME           names Sluice's stream, subjects and buckets, so deployments can share
+                                 one NATS account ([A-Za-z0-9-]) [SLUICE_NATS_PREFIX] (default sluice)
     --host HOST                  address to listen on [SLUICE_HOST] (default 127.0.0.1)
     --port PORT                  TCP port, 0 picks a free one [SLUICE_PORT] (default 50051)
     --data-dir DIR               where the database lives [SLUICE_DATA_DIR] (default ./sluice-data)
@@ -412,6 +426,25 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
             }
             cfg.retention_max_bytes = Some(n);
         }
+        "nats-token" => cfg.nats_token = (!v.is_empty()).then(|| v.to_string()),
+        "nats-replicas" => {
+            let n = positive(&flag, v)?;
+            if n > 5 {
+                return Err(format!("invalid value {v:?} for {flag}: at most 5"));
+            }
+            cfg.nats_replicas = n;
+        }
+        "nats-prefix" => {
+            let ok = !v.is_empty()
+                && v.len() <= 32
+                && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if !ok {
+                return Err(format!(
+                    "invalid value {v:?} for {flag}: 1 to 32 characters of [A-Za-z0-9-]"
+                ));
+            }
+            cfg.nats_prefix = v.to_string();
+        }
         _ => return Err(format!("unknown option --{name}")),
     }
     Ok(())
@@ -450,6 +483,9 @@ const SETTINGS: &[&str] = &[
     "retention-max-age",
     "retention-max-messages",
     "retention-max-bytes",
+    "nats-token",
+    "nats-replicas",
+    "nats-prefix",
 ];
 
 fn env_name(setting: &str) -> String {

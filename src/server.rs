@@ -18,6 +18,7 @@ use crate::config::{ServeConfig, StoreConfig};
 use crate::reactor::connection::{H2Settings, Keepalive};
 use crate::reactor::task::ReadyQueue;
 use crate::reactor::{Reactor, ReactorConfig, ReactorIo, WAKER};
+use crate::storage::jetstream::{self, JetStreamStoreConfig};
 use crate::storage::sqlite::retention::RetentionPolicy;
 use crate::storage::sqlite::{self, SqliteConfig};
 use crate::storage::{self, OpenedStore};
@@ -127,11 +128,20 @@ fn open_store(
     wake: storage::Wake,
     telemetry: Arc<Telemetry>,
 ) -> Result<OpenedStore, String> {
-    if let StoreConfig::JetStream(js) = &cfg.store {
-        return Err(format!(
-            "--store {js}: the NATS JetStream store is not built yet (issue 11); \
-             use --store sqlite"
-        ));
+    if let StoreConfig::JetStream(cluster) = &cfg.store {
+        return jetstream::open(
+            &JetStreamStoreConfig {
+                cluster: cluster.clone(),
+                token: cfg.nats_token.clone(),
+                replicas: cfg.nats_replicas,
+                prefix: cfg.nats_prefix.clone(),
+                writer_queue: cfg.writer_queue,
+                retention_max_age: cfg.retention_max_age,
+                retention_max_messages: cfg.retention_max_messages,
+                retention_max_bytes: cfg.retention_max_bytes,
+            },
+            wake,
+        );
     }
     sqlite::open(
         &SqliteConfig {
@@ -157,21 +167,22 @@ mod tests {
     use crate::config::parse_store;
 
     #[test]
-    fn a_jetstream_store_fails_at_start_and_leaves_the_data_dir_alone() {
+    fn an_unreachable_jetstream_store_fails_at_start_and_leaves_the_data_dir_alone() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
+        // Nothing listens on port 1.
         let cfg = ServeConfig {
-            store: parse_store("nats://sluice:secret@n1:4222,n2:4222").unwrap(),
+            store: parse_store("nats://sluice:secret@127.0.0.1:1").unwrap(),
             port: 0,
             data_dir: data_dir.clone(),
             ..ServeConfig::default()
         };
         let e = run(&cfg, &TelemetryConfig::default()).unwrap_err();
-        assert_eq!(
-            e,
-            "--store nats://sluice:***@n1:4222,n2:4222: the NATS JetStream store is not built \
-             yet (issue 11); use --store sqlite"
+        assert!(
+            e.starts_with("cannot connect to NATS at nats://sluice:***@127.0.0.1:1"),
+            "{e}"
         );
+        assert!(!e.contains("secret"), "{e}");
         assert!(!data_dir.exists());
     }
 }

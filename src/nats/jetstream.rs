@@ -139,6 +139,9 @@ pub struct StreamConfig {
     /// -1 is unlimited.
     #[serde(default = "unlimited")]
     pub max_msgs_per_subject: i64,
+    /// The whole stream's byte limit; -1 is unlimited.
+    #[serde(default = "unlimited")]
+    pub max_bytes: i64,
     /// Nanoseconds; 0 asks for the server default (2 minutes).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub duplicate_window: u64,
@@ -167,6 +170,7 @@ impl StreamConfig {
             storage: StorageType::File,
             max_age: 0,
             max_msgs_per_subject: -1,
+            max_bytes: -1,
             duplicate_window: 0,
             allow_rollup_hdrs: false,
             deny_delete: false,
@@ -190,6 +194,11 @@ impl StreamConfig {
 
     pub fn max_msgs_per_subject(mut self, n: i64) -> Self {
         self.max_msgs_per_subject = n;
+        self
+    }
+
+    pub fn max_bytes(mut self, n: i64) -> Self {
+        self.max_bytes = n;
         self
     }
 
@@ -234,6 +243,12 @@ impl StreamConfig {
             d.push(format!(
                 "max_msgs_per_subject {} != {}",
                 actual.max_msgs_per_subject, self.max_msgs_per_subject
+            ));
+        }
+        if self.max_bytes != actual.max_bytes {
+            d.push(format!(
+                "max_bytes {} != {}",
+                actual.max_bytes, self.max_bytes
             ));
         }
         if self.allow_rollup_hdrs != actual.allow_rollup_hdrs {
@@ -475,6 +490,13 @@ impl JetStream {
     /// `$JS.API.STREAM.INFO.<name>`.
     pub fn stream_info(&self, name: &str) -> Result<StreamInfo, JetStreamError> {
         self.api(&format!("$JS.API.STREAM.INFO.{name}"), b"")
+    }
+
+    /// Changes an existing stream's configuration (limits; the server
+    /// refuses changes it cannot make, such as the storage type).
+    pub fn update_stream(&self, config: &StreamConfig) -> Result<StreamInfo, JetStreamError> {
+        let body = serde_json::to_vec(config).map_err(|e| JetStreamError::Decode(e.to_string()))?;
+        self.api(&format!("$JS.API.STREAM.UPDATE.{}", config.name), &body)
     }
 
     /// Creates the stream, or verifies that the existing one has this

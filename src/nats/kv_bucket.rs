@@ -115,6 +115,21 @@ impl KvBucket {
         self.js.publish_start(&message)?.wait()
     }
 
+    /// Sends a put and returns at once; the ticket's ack carries the revision.
+    pub fn put_start(
+        &self,
+        key: &str,
+        value: &[u8],
+    ) -> Result<crate::nats::publish_window::PubAckTicket, JetStreamError> {
+        let subject = self.subject(key)?;
+        self.js.publish_start(&OutgoingMessage {
+            subject: &subject,
+            msg_id: None,
+            headers: None,
+            payload: value,
+        })
+    }
+
     /// Sets `key`; returns the new revision.
     pub fn put(&self, key: &str, value: &[u8]) -> Result<u64, JetStreamError> {
         Ok(self.publish(key, None, value)?.seq)

@@ -87,6 +87,15 @@ impl WatchCall {
         self.reader.stop();
     }
 
+    /// The store became reachable or unreachable: tell the watcher.
+    pub fn status_changed(&mut self, serving: bool) {
+        if let Some(service) = &self.service {
+            if let Some(status) = status_of(service, !serving) {
+                self.out.push(response(status));
+            }
+        }
+    }
+
     pub fn finish(&mut self, status: Status) {
         self.out.finish(status);
         self.reader.stop();
@@ -100,6 +109,8 @@ impl WatchCall {
     /// Drives the stream; true once it is finished.
     pub fn poll(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) -> bool {
         let shutting_down = !shared.serving();
+        // Unreachable storage comes back by itself: the watch stays open.
+        let ending = shutting_down && shared.store_unavailable.is_none();
         if self.out.poll_reset(cx) {
             return true;
         }
@@ -113,7 +124,7 @@ impl WatchCall {
                             let status = status_of(&req.service, shutting_down)
                                 .unwrap_or(ServingStatus::ServiceUnknown);
                             self.out.push(response(status));
-                            if shutting_down {
+                            if ending {
                                 self.out
                                     .finish(Status::unavailable("server is shutting down"));
                             }

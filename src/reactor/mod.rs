@@ -96,6 +96,9 @@ pub struct Shared {
     pub store_damaged: bool,
     /// A storage thread died: every call is refused and the process exits.
     pub storage_failed: Option<String>,
+    /// The store cannot be reached for now (JetStream): health says
+    /// NOT_SERVING until it can.
+    pub store_unavailable: Option<String>,
     uid: u64,
     /// Cursor writes coalesced per group until the writer has room.
     pub cursors: HashMap<(Arc<str>, Arc<str>), (u64, i64)>,
@@ -201,7 +204,10 @@ impl Shared {
     /// What health checks report: false while shutting down, after a storage
     /// thread died, or once the database was found damaged.
     pub fn serving(&self) -> bool {
-        !self.shutting_down && !self.store_damaged && self.storage_failed.is_none()
+        !self.shutting_down
+            && !self.store_damaged
+            && self.storage_failed.is_none()
+            && self.store_unavailable.is_none()
     }
 
     /// The status for a call refused because the server is stopping.
@@ -329,6 +335,7 @@ impl Reactor {
                 },
                 shutting_down: false,
                 store_damaged: false,
+                store_unavailable: None,
                 storage_failed: None,
                 uid: 0,
                 cursors: HashMap::new(),
@@ -737,6 +744,7 @@ impl Reactor {
                     };
                     self.complete_call(token, reply);
                 }
+                WriteOutcome::Availability { unavailable } => self.store_availability(unavailable),
                 WriteOutcome::Trimmed {
                     topic,
                     first,
@@ -766,6 +774,36 @@ impl Reactor {
         }
     }
 
+    /// The store became unreachable or reachable again: logged, and health
+    /// watchers are told.
+    fn store_availability(&mut self, unavailable: Option<String>) {
+        if self.shared.store_unavailable == unavailable {
+            return;
+        }
+        match &unavailable {
+            Some(why) => log::error!("storage is unavailable ({why}); health reports NOT_SERVING"),
+            None => log::info!("storage is reachable again; health reports SERVING"),
+        }
+        let was_serving = self.shared.serving();
+        self.shared.store_unavailable = unavailable;
+        let serving = self.shared.serving();
+        if was_serving == serving {
+            return;
+        }
+        for conn in self.conns.values_mut() {
+            let mut slots = Vec::new();
+            for (_, slot, call) in conn.calls_mut() {
+                if let Call::Watch(w) = call {
+                    w.status_changed(serving);
+                    slots.push(slot);
+                }
+            }
+            for slot in slots {
+                conn.schedule_slot(slot);
+            }
+        }
+    }
+
     /// A backlog read failed: the subscription ends with the error (no
     /// retry loop); a damaged database also turns health NOT_SERVING.
     fn read_failed(&mut self, sub: u64, e: &crate::storage::StorageError) {
@@ -779,6 +817,8 @@ impl Reactor {
                 );
             }
             crate::grpc::Code::DataLoss
+        } else if e.unavailable {
+            crate::grpc::Code::Unavailable
         } else {
             crate::grpc::Code::Internal
         };

@@ -378,6 +378,10 @@ pub fn delete_group_reply(deleted: bool) -> Bytes {
 pub fn storage_status(e: &StorageError) -> Status {
     if e.disk_full {
         Status::unavailable(format!("storage is full: {}", e.message))
+    } else if e.too_large {
+        Status::new(Code::ResourceExhausted, e.message.clone())
+    } else if e.unavailable {
+        Status::unavailable(format!("storage is unavailable: {}", e.message))
     } else {
         Status::new(Code::Internal, format!("storage failure: {}", e.message))
     }

@@ -44,6 +44,12 @@ pub struct StorageError {
     pub disk_full: bool,
     /// The database file is damaged (SQLite reports corruption).
     pub corrupt: bool,
+    /// The store cannot be reached for now (a JetStream cluster without a
+    /// connection or quorum): the call may succeed if tried again later.
+    pub unavailable: bool,
+    /// The message is larger than the store can hold in one piece (NATS
+    /// max_payload).
+    pub too_large: bool,
     pub message: String,
 }
 
@@ -52,6 +58,8 @@ impl StorageError {
         StorageError {
             disk_full: false,
             corrupt: false,
+            unavailable: false,
+            too_large: false,
             message: message.into(),
         }
     }
@@ -136,6 +144,10 @@ pub enum WriteOutcome {
         group: Arc<str>,
         error: StorageError,
     },
+    /// The store became unreachable (`Some(why)`) or reachable again
+    /// (`None`); health follows it. Sent by stores that can lose their
+    /// connection (JetStream), never by SQLite.
+    Availability { unavailable: Option<String> },
     /// Retention removed a topic's oldest messages; `first` is the oldest
     /// left (sequence, ordinal, timestamp).
     Trimmed {

@@ -10,6 +10,7 @@
 //! never learn which store is behind them.
 
 pub mod interface;
+pub mod jetstream;
 pub mod sqlite;
 
 pub use interface::{

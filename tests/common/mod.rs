@@ -20,6 +20,26 @@ use tonic_prost::ProstCodec;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
+#[path = "../nats_harness/mod.rs"]
+pub mod nats_harness;
+
+/// `SLUICE_TEST_STORE=nats` runs the black-box suites against the JetStream
+/// store: every `Server` then gets its own single-node `nats-server` (kept
+/// across restarts of the daemon) instead of SQLite in its data dir.
+pub fn store_is_nats() -> bool {
+    std::env::var("SLUICE_TEST_STORE").as_deref() == Ok("nats")
+}
+
+/// True (and says so) when the suite runs on JetStream and the test checks
+/// a promise only the SQLite store keeps (a row of the README's difference
+/// table): the caller returns.
+pub fn sqlite_only(why: &str) -> bool {
+    if store_is_nats() {
+        eprintln!("not run on the JetStream store (README difference table): {why}");
+    }
+    store_is_nats()
+}
+
 /// Held by the heavy tests of one test binary (large backlogs, purges,
 /// latency comparisons) so two of them never share this 2-core machine's
 /// CPU and disk at once; the others still run in parallel.
@@ -40,6 +60,8 @@ pub struct Server {
     pub log: Arc<Mutex<String>>,
     args: Vec<String>,
     envs: Vec<(String, String)>,
+    /// The NATS node behind the daemon when the suite runs on JetStream.
+    pub nats: Option<nats_harness::SingleNode>,
 }
 
 impl Server {
@@ -58,7 +80,9 @@ impl Server {
             log: Arc::new(Mutex::new(String::new())),
             args: args.iter().map(|s| s.to_string()).collect(),
             envs: Vec::new(),
+            nats: None,
         };
+        s.use_nats_if_asked();
         s.spawn(0);
         s
     }
@@ -78,9 +102,27 @@ impl Server {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            nats: None,
         };
+        s.use_nats_if_asked();
         s.spawn(0);
         s
+    }
+
+    /// Under `SLUICE_TEST_STORE=nats` (and unless the test chose a store),
+    /// starts a NATS node and points the daemon at it.
+    fn use_nats_if_asked(&mut self) {
+        if !store_is_nats() || self.args.iter().any(|a| a == "--store") {
+            return;
+        }
+        let (node, _client) = nats_harness::SingleNode::start();
+        self.args.extend([
+            "--store".to_string(),
+            node.node.url(),
+            "--nats-replicas".to_string(),
+            "1".to_string(),
+        ]);
+        self.nats = Some(node);
     }
 
     /// Starts (again) on `port` (0: any) with the same data dir and args.

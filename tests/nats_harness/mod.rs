@@ -52,7 +52,11 @@ impl Node {
     fn spawn(name: &str, port: u16, cluster: Option<(&str, u16, &[u16])>) -> Node {
         let store = tempfile::tempdir().expect("temp store dir");
         let binary = nats_server_binary();
+        // As the README's config: room for Sluice's default 4 MiB messages.
+        let conf = store.path().join("nats.conf");
+        std::fs::write(&conf, "max_payload: 8MB\n").expect("write nats.conf");
         let mut cmd = Command::new(&binary);
+        cmd.arg("-c").arg(&conf);
         cmd.args([
             "-js",
             "-a",

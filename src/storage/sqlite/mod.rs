@@ -172,6 +172,8 @@ impl StorageError {
                 code,
                 Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
             ),
+            unavailable: false,
+            too_large: false,
             message: e.to_string(),
         }
     }

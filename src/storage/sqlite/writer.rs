@@ -738,6 +738,8 @@ impl GroupCommit {
             return Err(StorageError {
                 disk_full: true,
                 corrupt: false,
+                unavailable: false,
+too_large: false,
                 message: format!(
                     "the --max-db-bytes cap of {cap} bytes is reached (database and WAL hold {used} bytes); \
                      delete topics or set retention to make room"

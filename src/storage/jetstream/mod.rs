@@ -1,0 +1,232 @@
+//! The NATS JetStream store (`--store nats://…`), opened by [`open`]: the
+//! daemon becomes a stateless gateway in front of a JetStream cluster, which
+//! replicates and keeps the data. Same boundary as `storage::sqlite`:
+//! requests and pages over channels, replies followed by a wake-up.
+//!
+//! `layout` names what lives in JetStream and how a message is written;
+//! `state` loads the broker's start-up state; `writer` publishes and keeps
+//! cursors and the topic registry; `reader` serves backlog pages;
+//! `monitor` watches whether the cluster can serve; `status` is what those
+//! threads share; `migrate` copies an embedded store into a cluster.
+//! Calls `nats` (our own client, no async runtime) and nothing of gRPC.
+
+pub mod layout;
+// pub mod migrate;
+pub mod monitor;
+pub mod reader;
+pub mod state;
+pub mod status;
+pub mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::JetStreamConfig;
+use crate::nats::jetstream::{JetStream, JetStreamError, StreamConfig};
+use crate::nats::kv_bucket::KvBucket;
+use crate::nats::{NatsClient, Options};
+use crate::storage::{OpenedStore, StoreLinks, StoreThreads, Wake};
+use layout::Layout;
+use status::StoreStatus;
+
+/// What the JetStream store is opened with.
+#[derive(Debug, Clone)]
+pub struct JetStreamStoreConfig {
+    pub cluster: JetStreamConfig,
+    pub token: Option<String>,
+    pub replicas: usize,
+    pub prefix: String,
+    pub writer_queue: usize,
+    pub retention_max_age: Option<Duration>,
+    pub retention_max_messages: Option<u64>,
+    pub retention_max_bytes: Option<u64>,
+}
+
+/// How long a JetStream API request may take.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The comma-separated server list for the client.
+fn server_list(cfg: &JetStreamConfig) -> String {
+    cfg.servers
+        .iter()
+        .map(|(h, p)| format!("nats://{h}:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Connects to the cluster (any listed server), waiting up to `wait`.
+pub fn connect(
+    cfg: &JetStreamConfig,
+    token: Option<&str>,
+    name: &str,
+) -> Result<Arc<NatsClient>, String> {
+    let mut options = Options {
+        name: Some(name.to_string()),
+        token: token.map(str::to_string),
+        max_reconnect_rounds: None,
+        ..Options::default()
+    };
+    if let Some((user, pass)) = &cfg.credentials {
+        options.user = Some(user.clone());
+        options.pass = Some(pass.clone());
+    }
+    let client = NatsClient::connect(&server_list(cfg), options)
+        .map_err(|e| format!("cannot connect to NATS at {cfg}: {e}"))?;
+    Ok(Arc::new(client))
+}
+
+/// The stream Sluice keeps messages in, as configured now.
+pub fn stream_config(cfg: &JetStreamStoreConfig, layout: &Layout) -> StreamConfig {
+    // JetStream wants the duplicate window within max_age.
+    let window = Duration::from_secs(120).min(cfg.retention_max_age.unwrap_or(Duration::MAX));
+    let mut s = StreamConfig::new(layout.stream(), layout.stream_subjects())
+        .replicas(cfg.replicas)
+        .duplicate_window(window);
+    if let Some(age) = cfg.retention_max_age {
+        s = s.max_age(age);
+    }
+    if let Some(n) = cfg.retention_max_messages {
+        s = s.max_msgs_per_subject(n.min(i64::MAX as u64) as i64);
+    }
+    if let Some(n) = cfg.retention_max_bytes {
+        s = s.max_bytes(n.min(i64::MAX as u64) as i64);
+    }
+    s
+}
+
+/// Creates or verifies the stream and buckets. Retention limits that differ
+/// from the flags are changed (and logged); any other difference, such as
+/// the replica count, is an error naming it.
+pub fn prepare(
+    js: &JetStream,
+    cfg: &JetStreamStoreConfig,
+    layout: &Layout,
+) -> Result<(KvBucket, KvBucket), String> {
+    js.account_info()
+        .map_err(|e| format!("JetStream is not available on {}: {e}", cfg.cluster))?;
+    let want = stream_config(cfg, layout);
+    match js.create_or_verify_stream(&want) {
+        Ok(info) => log::info!(
+            "JetStream stream {} ready: {} messages, last sequence {}, {} replicas",
+            layout.stream(),
+            info.state.messages,
+            info.state.last_seq,
+            info.config.num_replicas
+        ),
+        Err(JetStreamError::StreamMismatch { differences, .. })
+            if differences.iter().all(|d| {
+                d.starts_with("max_age")
+                    || d.starts_with("max_msgs_per_subject")
+                    || d.starts_with("max_bytes")
+                    || d.starts_with("duplicate_window")
+            }) =>
+        {
+            log::warn!(
+                "changing the retention of stream {}: {}",
+                layout.stream(),
+                differences.join(", ")
+            );
+            js.update_stream(&want).map_err(|e| {
+                format!(
+                    "cannot change the retention of stream {}: {e}",
+                    layout.stream()
+                )
+            })?;
+        }
+        Err(e @ JetStreamError::StreamMismatch { .. }) => {
+            return Err(format!(
+                "stream {} cannot be used: {e} (--nats-replicas must match what the cluster \
+                 holds; another --nats-prefix keeps deployments apart)",
+                layout.stream()
+            ))
+        }
+        Err(e) => return Err(format!("cannot create stream {}: {e}", layout.stream())),
+    }
+    let bucket = |name: String| {
+        js.kv_bucket(&name, cfg.replicas)
+            .map_err(|e| format!("bucket {name} cannot be used: {e}"))
+    };
+    Ok((
+        bucket(layout.topics_bucket())?,
+        bucket(layout.cursors_bucket())?,
+    ))
+}
+
+/// Connects, creates or verifies what Sluice needs, loads the broker's
+/// start-up state and starts the writer, reader and monitor.
+pub fn open(cfg: &JetStreamStoreConfig, wake: Wake) -> Result<OpenedStore, String> {
+    let client = connect(&cfg.cluster, cfg.token.as_deref(), "sluice gateway")?;
+    let js = JetStream::new(client.clone(), API_TIMEOUT);
+    let layout = Layout::new(&cfg.prefix);
+    let (topics_kv, cursors_kv) = prepare(&js, cfg, &layout)?;
+    let (state, counters) = state::load(&js, &layout, &topics_kv, &cursors_kv)
+        .map_err(|e| format!("cannot load state from JetStream: {e}"))?;
+    log::info!(
+        "JetStream store on {}: {} topics, {} consumer groups, last sequence {}",
+        cfg.cluster,
+        state.topics.len(),
+        state.groups.len(),
+        state.last_seq
+    );
+    let status = Arc::new(StoreStatus::new(state.last_seq));
+
+    let (request_tx, request_rx) = crossbeam_channel::bounded(cfg.writer_queue);
+    let (outcome_tx, outcome_rx) = crossbeam_channel::bounded(cfg.writer_queue * 2);
+    let writer = writer::JetStreamWriter::new(
+        js.clone(),
+        layout.clone(),
+        topics_kv,
+        cursors_kv,
+        counters,
+        status.clone(),
+        writer::WriterConfig {
+            retry_for: Duration::from_secs(10),
+            watch_retention: cfg.retention_max_age.is_some()
+                || cfg.retention_max_messages.is_some()
+                || cfg.retention_max_bytes.is_some(),
+        },
+    );
+    let w = wake.clone();
+    let writer_thread = std::thread::Builder::new()
+        .name("sluice-js-writer".into())
+        .spawn(move || writer.run(request_rx, outcome_tx, w))
+        .map_err(|e| format!("cannot start writer: {e}"))?;
+
+    let (page_req_tx, page_req_rx) = crossbeam_channel::bounded(1024);
+    let (page_tx, page_rx) = crossbeam_channel::bounded(1024);
+    let reader = reader::JetStreamReader::new(js.clone(), layout.clone(), status.clone());
+    let reader_thread = std::thread::Builder::new()
+        .name("sluice-js-reader".into())
+        .spawn(move || reader.run(page_req_rx, page_tx, wake))
+        .map_err(|e| format!("cannot start reader: {e}"))?;
+
+    let mut monitor = monitor::Monitor::spawn(js, layout.stream().to_string(), status)
+        .map_err(|e| format!("cannot start the NATS monitor: {e}"))?;
+
+    let threads = StoreThreads::new(
+        move || {
+            let writer = writer_thread.join();
+            let reader = reader_thread.join();
+            monitor.stop();
+            client.close();
+            if writer.is_err() {
+                return Err("writer thread panicked".into());
+            }
+            if reader.is_err() {
+                return Err("reader thread panicked".into());
+            }
+            Ok(())
+        },
+        (),
+    );
+    Ok(OpenedStore {
+        links: StoreLinks {
+            requests: request_tx,
+            outcomes: outcome_rx,
+            pages_in: page_req_tx,
+            pages_out: page_rx,
+        },
+        state,
+        threads,
+    })
+}

@@ -1,0 +1,178 @@
+//! The JetStream store's reader thread: answers `PageRequest`s (a topic's
+//! messages from a sequence on) with pull consumers filtered to the topic's
+//! subject, `ack_policy: none`, in memory and removed by the server when
+//! idle. A consumer that ended one page full is kept for the page that
+//! follows it (a subscription reading its backlog asks for exactly that), so
+//! a long backlog costs one consumer, not one per page; at most
+//! `MAX_CACHED` are kept. Calls `nats` (JetStream) and `layout`; answers
+//! over a channel plus `Wake`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+
+use super::layout::{self, Layout};
+use super::status::StoreStatus;
+use super::writer::storage_error;
+use crate::broker::{MessageId, StoredMessage};
+use crate::nats::jetstream::{JetStream, JetStreamError};
+use crate::nats::pull_consumer::{PullConsumerConfig, PulledMessage};
+use crate::storage::{Page, PageRequest, StorageError, Wake, WakeOnExit};
+
+/// Page consumers kept for their next page.
+const MAX_CACHED: usize = 64;
+
+struct Cached {
+    topic: Arc<str>,
+    /// The sequence the consumer's next message is at or after.
+    next: u64,
+    name: String,
+}
+
+pub struct JetStreamReader {
+    js: JetStream,
+    layout: Layout,
+    status: Arc<StoreStatus>,
+    cached: VecDeque<Cached>,
+}
+
+impl JetStreamReader {
+    pub fn new(js: JetStream, layout: Layout, status: Arc<StoreStatus>) -> Self {
+        JetStreamReader {
+            js,
+            layout,
+            status,
+            cached: VecDeque::new(),
+        }
+    }
+
+    pub fn run(mut self, requests: Receiver<PageRequest>, pages: Sender<Page>, wake: Wake) {
+        let _exit = WakeOnExit(wake.clone());
+        while let Ok(req) = requests.recv() {
+            if crate::failpoint::hit("reader-panic") {
+                panic!("fail point reader-panic");
+            }
+            let (sub, fetch) = (req.sub, req.fetch);
+            let page = match self.read(&req) {
+                Ok((messages, end)) => Page {
+                    sub,
+                    fetch,
+                    messages,
+                    end,
+                    error: None,
+                },
+                Err(e) => {
+                    crate::log_limited!(
+                        log::Level::Warn,
+                        "cannot read {} from {}: {}",
+                        req.topic,
+                        req.from,
+                        e.message
+                    );
+                    Page {
+                        sub,
+                        fetch,
+                        messages: Vec::new(),
+                        end: None,
+                        error: Some(e),
+                    }
+                }
+            };
+            if pages.send(page).is_err() {
+                break;
+            }
+            wake();
+        }
+        for c in self.cached.drain(..) {
+            let _ = self.js.delete_consumer(self.layout.stream(), &c.name);
+        }
+    }
+
+    /// Up to `limit` messages of the topic from `from` on, and (when the
+    /// page is short) the sequence up to which there is nothing more.
+    fn read(
+        &mut self,
+        req: &PageRequest,
+    ) -> Result<(Vec<Arc<StoredMessage>>, Option<u64>), StorageError> {
+        let Some(subject) = self.layout.subject(&req.topic) else {
+            return Ok((Vec::new(), Some(self.status.last_acked())));
+        };
+        // Read before the fetch: every message up to it is in the stream.
+        let end_hint = self.status.last_acked();
+        let limit =
+            (req.limit as usize).clamp(1, self.js.client().subscription_capacity().max(2) / 2);
+        let consumer = match self
+            .cached
+            .iter()
+            .position(|c| c.topic == req.topic && c.next == req.from)
+        {
+            Some(i) => self.cached.remove(i).map(|c| c.name),
+            None => None,
+        };
+        let consumer = match consumer {
+            Some(name) => name,
+            None => {
+                let mut cfg = PullConsumerConfig::from_sequence(subject, req.from);
+                cfg.inactive_threshold = Duration::from_secs(30);
+                self.js
+                    .create_pull_consumer(self.layout.stream(), &cfg)
+                    .map_err(|e| storage_error("cannot open a page consumer", &e))?
+                    .name
+            }
+        };
+        let pulled = match self.js.fetch(self.layout.stream(), &consumer, limit, None) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = self.js.delete_consumer(self.layout.stream(), &consumer);
+                return Err(storage_error("cannot read a page", &e));
+            }
+        };
+        let mut messages = Vec::with_capacity(pulled.len());
+        let mut last_pending = 0;
+        for m in pulled {
+            last_pending = m.info.pending;
+            messages.push(Arc::new(
+                decode(&req.topic, m).map_err(|e| StorageError::new(e.to_string()))?,
+            ));
+        }
+        let last_seq = messages.last().map_or(0, |m| m.sequence);
+        let more = messages.len() == limit && last_pending > 0;
+        if more {
+            self.cached.push_back(Cached {
+                topic: req.topic.clone(),
+                next: last_seq + 1,
+                name: consumer,
+            });
+            while self.cached.len() > MAX_CACHED {
+                if let Some(old) = self.cached.pop_front() {
+                    let _ = self.js.delete_consumer(self.layout.stream(), &old.name);
+                }
+            }
+            Ok((messages, None))
+        } else {
+            let _ = self.js.delete_consumer(self.layout.stream(), &consumer);
+            Ok((messages, Some(end_hint.max(last_seq))))
+        }
+    }
+}
+
+/// A pulled message as the broker stores it.
+pub fn decode(topic: &str, m: PulledMessage) -> Result<StoredMessage, JetStreamError> {
+    let meta = layout::message_meta(m.headers.as_ref()).map_err(|e| {
+        JetStreamError::Decode(format!(
+            "message {} on {} was not written by Sluice: {e}",
+            m.info.stream_seq, m.subject
+        ))
+    })?;
+    Ok(StoredMessage {
+        sequence: m.info.stream_seq,
+        ordinal: meta.ordinal,
+        id: MessageId::new(meta.timestamp_ms, m.info.stream_seq, topic),
+        timestamp_ms: meta.timestamp_ms,
+        payload: Bytes::from(m.payload),
+        attributes: meta.attributes,
+    })
+}

@@ -1,0 +1,831 @@
+//! The JetStream store's writer thread: takes `WriteRequest`s in order and
+//! answers `WriteOutcome`s in the same order, like the SQLite writer. What
+//! is queued when it wakes is one batch: its publishes and cursor puts are
+//! all sent before any ack is awaited (one round trip per batch, not per
+//! message), so many concurrent callers share the cluster's latency the way
+//! they share an fsync on SQLite. Deletes wait for what was sent before
+//! them. A publish whose ack does not come (leader election, a lost
+//! connection) is sent again with the same `Nats-Msg-Id` for up to
+//! `retry_for`, so it is stored at most once; while `monitor` says the
+//! cluster is unreachable, publishes fail at once with `unavailable`.
+//!
+//! Owns the topics' ordinal counters (this gateway numbers each topic's
+//! messages) and the topic registry's cache. Calls `nats` (JetStream, KV)
+//! and `layout`; answers over a channel plus `Wake`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use super::layout::{self, CursorValue, Layout, TopicValue};
+use super::status::StoreStatus;
+use crate::broker::{MessageId, StoredMessage};
+use crate::nats::jetstream::{JetStream, JetStreamError, PubAck};
+use crate::nats::kv_bucket::{KvBucket, ERR_WRONG_LAST_SEQUENCE};
+use crate::nats::publish_window::{OutgoingMessage, PubAckTicket};
+use crate::nats::stored_message::MessageSelector;
+use crate::storage::{Appended, StorageError, Wake, WakeOnExit, WriteOutcome, WriteRequest};
+
+/// Recent (sequence, ordinal) pairs kept per topic, so a cursor near the
+/// tail learns its ordinal without a lookup.
+const RECENT_PER_TOPIC: usize = 128;
+/// Most requests taken into one batch.
+const MAX_BATCH_REQUESTS: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// How long a publish is retried (same msg id) before its call fails.
+    pub retry_for: Duration,
+    /// Retention limits are set on the stream: look for messages JetStream
+    /// removed once a second and report them as `Trimmed`.
+    pub watch_retention: bool,
+}
+
+/// How often the writer looks for messages retention removed.
+const TRIM_CHECK: Duration = Duration::from_secs(1);
+
+/// What the writer knows of a topic.
+#[derive(Debug, Clone, Default)]
+pub struct TopicCounters {
+    pub created_at_ms: i64,
+    pub first_seq: u64,
+    pub first_ordinal: u64,
+    pub last_seq: u64,
+    /// The highest ordinal acknowledged by the stream.
+    pub last_ordinal: u64,
+    /// The highest ordinal handed out (acked or in flight).
+    next_ordinal: u64,
+    recent: VecDeque<(u64, u64)>,
+}
+
+impl TopicCounters {
+    pub fn new(created_at_ms: i64, first: (u64, u64), last: (u64, u64)) -> Self {
+        TopicCounters {
+            created_at_ms,
+            first_seq: first.0,
+            first_ordinal: first.1,
+            last_seq: last.0,
+            last_ordinal: last.1,
+            next_ordinal: last.1,
+            recent: VecDeque::new(),
+        }
+    }
+}
+
+/// One message of an append, as sent.
+struct Outgoing {
+    subject: String,
+    msg_id: String,
+    headers: crate::nats::Headers,
+    payload: Bytes,
+    ordinal: u64,
+    attributes: HashMap<String, String>,
+}
+
+struct PendingAppend {
+    token: u64,
+    topic: Arc<str>,
+    ts: i64,
+    messages: Vec<Outgoing>,
+    tickets: Vec<Result<PubAckTicket, JetStreamError>>,
+    /// Set when the append failed before anything was sent.
+    failed: Option<StorageError>,
+}
+
+struct PendingCursor {
+    topic: Arc<str>,
+    group: Arc<str>,
+    sequence: u64,
+    acked_at_ms: i64,
+    token: Option<u64>,
+    ticket: Result<PubAckTicket, JetStreamError>,
+}
+
+enum Pending {
+    Append(PendingAppend),
+    Cursor(PendingCursor),
+}
+
+pub struct JetStreamWriter {
+    js: JetStream,
+    layout: Layout,
+    topics_kv: KvBucket,
+    cursors_kv: KvBucket,
+    topics: HashMap<Arc<str>, TopicCounters>,
+    /// Caller-less cursor writes that failed: tried again with the next batch.
+    carry: HashMap<(Arc<str>, Arc<str>), (u64, i64)>,
+    status: Arc<StoreStatus>,
+    last_ts: i64,
+    cfg: WriterConfig,
+    last_trim_check: Instant,
+}
+
+/// The error for a failed JetStream call.
+pub fn storage_error(what: &str, e: &JetStreamError) -> StorageError {
+    let too_large = matches!(
+        e,
+        JetStreamError::Client(crate::nats::Error::PayloadTooLarge { .. })
+    );
+    StorageError {
+        unavailable: e.is_transient(),
+        too_large,
+        ..StorageError::new(if too_large {
+            format!("{what}: {e} (the NATS servers' max_payload limits message size)")
+        } else {
+            format!("{what}: {e}")
+        })
+    }
+}
+
+impl JetStreamWriter {
+    pub fn new(
+        js: JetStream,
+        layout: Layout,
+        topics_kv: KvBucket,
+        cursors_kv: KvBucket,
+        topics: HashMap<Arc<str>, TopicCounters>,
+        status: Arc<StoreStatus>,
+        cfg: WriterConfig,
+    ) -> Self {
+        JetStreamWriter {
+            js,
+            layout,
+            topics_kv,
+            cursors_kv,
+            topics,
+            carry: HashMap::new(),
+            status,
+            last_ts: 0,
+            cfg,
+            last_trim_check: Instant::now(),
+        }
+    }
+
+    /// Runs until every request sender is gone and the queue is drained.
+    pub fn run(
+        mut self,
+        requests: Receiver<WriteRequest>,
+        outcomes: Sender<WriteOutcome>,
+        wake: Wake,
+    ) {
+        let _exit = WakeOnExit(wake.clone());
+        let mut reported: Option<String> = None;
+        loop {
+            let now = self.status.unavailable_reason();
+            if now.is_some() != reported.is_some() {
+                reported = now.clone();
+                if outcomes
+                    .send(WriteOutcome::Availability { unavailable: now })
+                    .is_err()
+                {
+                    return;
+                }
+                wake();
+            }
+            let first = match requests.recv_timeout(Duration::from_millis(250)) {
+                Ok(r) => Some(r),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch: Vec<WriteRequest> = first.into_iter().collect();
+            while batch.len() < MAX_BATCH_REQUESTS {
+                match requests.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let mut out = Vec::new();
+            if !batch.is_empty() || !self.carry.is_empty() {
+                if crate::failpoint::hit("writer-panic") {
+                    panic!("fail point writer-panic");
+                }
+                out = self.apply(batch);
+            }
+            if self.cfg.watch_retention && self.last_trim_check.elapsed() >= TRIM_CHECK {
+                self.last_trim_check = Instant::now();
+                out.extend(self.check_trims());
+            }
+            if out.is_empty() {
+                continue;
+            }
+            for o in out {
+                if outcomes.send(o).is_err() {
+                    return;
+                }
+            }
+            wake();
+        }
+    }
+
+    /// Applies one batch; the outcomes in request order.
+    pub fn apply(&mut self, batch: Vec<WriteRequest>) -> Vec<WriteOutcome> {
+        let mut batch = batch;
+        if !self.carry.is_empty() {
+            let carried: Vec<WriteRequest> = self
+                .carry
+                .drain()
+                .map(
+                    |((topic, group), (sequence, acked_at_ms))| WriteRequest::SetCursor {
+                        topic,
+                        group,
+                        sequence,
+                        acked_at_ms,
+                        token: None,
+                    },
+                )
+                .collect();
+            batch.splice(0..0, carried);
+        }
+        let superseded = superseded_cursor_writes(&batch);
+        let ts = wall_ms().max(self.last_ts);
+        self.last_ts = ts;
+        let mut out = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
+        for (i, req) in batch.into_iter().enumerate() {
+            match req {
+                WriteRequest::Append {
+                    token,
+                    topic,
+                    messages,
+                } => {
+                    let p = self.start_append(token, topic, ts, messages);
+                    pending.push(Pending::Append(p));
+                }
+                WriteRequest::CreateTopic {
+                    topic,
+                    created_at_ms,
+                } => {
+                    if let Err(e) = self.ensure_topic(&topic, created_at_ms) {
+                        log::warn!("cannot register topic {topic}: {}", e.message);
+                    }
+                }
+                WriteRequest::SetCursor {
+                    topic,
+                    group,
+                    sequence,
+                    acked_at_ms,
+                    token,
+                } => {
+                    if superseded.contains(&i) {
+                        continue;
+                    }
+                    if !self.topics.contains_key(&topic) {
+                        // A cursor never re-creates a topic deleted meanwhile.
+                        if let Some(token) = token {
+                            out.push(WriteOutcome::CursorSaved {
+                                token: Some(token),
+                                topic,
+                                group,
+                                sequence,
+                                ordinal: 0,
+                            });
+                        }
+                        continue;
+                    }
+                    let ticket = match layout::cursor_key(&topic, &group) {
+                        Some(key) => {
+                            let value = serde_json::to_vec(&CursorValue {
+                                seq: sequence,
+                                acked_at_ms,
+                            })
+                            .unwrap_or_default();
+                            self.cursors_kv.put_start(&key, &value)
+                        }
+                        None => Err(JetStreamError::Invalid(format!(
+                            "cannot name the cursor of {topic}/{group}"
+                        ))),
+                    };
+                    pending.push(Pending::Cursor(PendingCursor {
+                        topic,
+                        group,
+                        sequence,
+                        acked_at_ms,
+                        token,
+                        ticket,
+                    }));
+                }
+                WriteRequest::DeleteTopic { token, topic } => {
+                    self.finish(std::mem::take(&mut pending), &mut out);
+                    let result = self.delete_topic(&topic);
+                    out.push(WriteOutcome::TopicDeleted {
+                        token,
+                        topic,
+                        result,
+                    });
+                }
+                WriteRequest::DeleteGroup {
+                    token,
+                    topic,
+                    group,
+                } => {
+                    self.finish(std::mem::take(&mut pending), &mut out);
+                    let result = self.delete_group(&topic, &group);
+                    out.push(WriteOutcome::GroupDeleted {
+                        token,
+                        topic,
+                        group,
+                        result,
+                    });
+                }
+            }
+        }
+        self.finish(pending, &mut out);
+        out
+    }
+
+    /// Registers a topic in the KV bucket unless it is known; keeps the
+    /// creation time already stored there.
+    fn ensure_topic(&mut self, topic: &Arc<str>, created_at_ms: i64) -> Result<(), StorageError> {
+        if self.topics.contains_key(topic) {
+            return Ok(());
+        }
+        let key = layout::topic_key(topic)
+            .ok_or_else(|| StorageError::new(format!("invalid topic name {topic:?}")))?;
+        let value = serde_json::to_vec(&TopicValue { created_at_ms }).unwrap_or_default();
+        let created_at_ms = match self.topics_kv.put_if_revision(&key, &value, 0) {
+            Ok(_) => created_at_ms,
+            Err(JetStreamError::Api(e)) if e.err_code == ERR_WRONG_LAST_SEQUENCE => {
+                // Registered already (by an earlier run): keep its time.
+                match self.topics_kv.get(&key) {
+                    Ok(Some(entry)) => serde_json::from_slice::<TopicValue>(&entry.value)
+                        .map(|v| v.created_at_ms)
+                        .unwrap_or(created_at_ms),
+                    Ok(None) => created_at_ms,
+                    Err(e) => return Err(storage_error("cannot read the topic registry", &e)),
+                }
+            }
+            Err(e) => return Err(storage_error("cannot register the topic", &e)),
+        };
+        self.topics.insert(
+            topic.clone(),
+            TopicCounters::new(created_at_ms, (0, 0), (0, 0)),
+        );
+        Ok(())
+    }
+
+    fn start_append(
+        &mut self,
+        token: u64,
+        topic: Arc<str>,
+        ts: i64,
+        messages: Vec<crate::storage::NewMessage>,
+    ) -> PendingAppend {
+        let mut p = PendingAppend {
+            token,
+            topic: topic.clone(),
+            ts,
+            messages: Vec::new(),
+            tickets: Vec::new(),
+            failed: None,
+        };
+        if let Some(why) = self.status.unavailable_reason() {
+            p.failed = Some(StorageError {
+                unavailable: true,
+                ..StorageError::new(why)
+            });
+            return p;
+        }
+        if let Err(e) = self.ensure_topic(&topic, ts) {
+            p.failed = Some(e);
+            return p;
+        }
+        let Some(subject) = self.layout.subject(&topic) else {
+            p.failed = Some(StorageError::new(format!("invalid topic name {topic:?}")));
+            return p;
+        };
+        let Some(counters) = self.topics.get_mut(&topic) else {
+            p.failed = Some(StorageError::new("topic vanished"));
+            return p;
+        };
+        for m in messages {
+            counters.next_ordinal += 1;
+            let ordinal = counters.next_ordinal;
+            let headers = layout::message_headers(ts, ordinal, &m.attributes);
+            p.messages.push(Outgoing {
+                subject: subject.clone(),
+                msg_id: uuid::Uuid::new_v4().to_string(),
+                headers,
+                payload: m.payload,
+                ordinal,
+                attributes: m.attributes,
+            });
+        }
+        for m in &p.messages {
+            p.tickets.push(self.js.publish_start(&outgoing(m)));
+        }
+        p
+    }
+
+    /// Collects the acks of everything sent, retrying what may be retried,
+    /// and pushes the outcomes in order.
+    fn finish(&mut self, pending: Vec<Pending>, out: &mut Vec<WriteOutcome>) {
+        let started = Instant::now();
+        let mut appended_to: HashSet<Arc<str>> = HashSet::new();
+        for p in pending {
+            match p {
+                Pending::Append(a) => {
+                    appended_to.insert(a.topic.clone());
+                    let outcome = self.finish_append(a, started);
+                    out.push(outcome);
+                }
+                Pending::Cursor(c) => {
+                    let result = c.ticket.and_then(|t| t.wait());
+                    match result {
+                        Ok(_) => {
+                            let ordinal = self.ordinal_at(&c.topic, c.sequence, c.token.is_some());
+                            out.push(WriteOutcome::CursorSaved {
+                                token: c.token,
+                                topic: c.topic,
+                                group: c.group,
+                                sequence: c.sequence,
+                                ordinal,
+                            });
+                        }
+                        Err(e) => {
+                            let error = storage_error("cannot store the cursor", &e);
+                            match c.token {
+                                Some(token) => out.push(WriteOutcome::CursorFailed {
+                                    token,
+                                    topic: c.topic,
+                                    group: c.group,
+                                    error,
+                                }),
+                                None => {
+                                    crate::log_limited!(
+                                        log::Level::Warn,
+                                        "{}; trying again with the next batch",
+                                        error.message
+                                    );
+                                    self.carry
+                                        .insert((c.topic, c.group), (c.sequence, c.acked_at_ms));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Nothing is in flight now: ordinals handed out but never stored
+        // (failed publishes) are handed out again.
+        for topic in appended_to {
+            if let Some(t) = self.topics.get_mut(&topic) {
+                t.next_ordinal = t.last_ordinal;
+            }
+        }
+    }
+
+    fn finish_append(&mut self, a: PendingAppend, started: Instant) -> WriteOutcome {
+        let PendingAppend {
+            token,
+            topic,
+            ts,
+            messages,
+            tickets,
+            failed,
+        } = a;
+        if let Some(e) = failed {
+            return WriteOutcome::Appended {
+                token,
+                topic,
+                result: Err(e),
+            };
+        }
+        let mut acks: Vec<Result<PubAck, JetStreamError>> = tickets
+            .into_iter()
+            .map(|t| t.and_then(|t| t.wait()))
+            .collect();
+        // Retry, in order and with the same msg ids, what may have failed
+        // only for now.
+        let mut backoff = Duration::from_millis(50);
+        for (i, ack) in acks.iter_mut().enumerate() {
+            while let Err(e) = ack {
+                let retry = e.is_transient()
+                    && !self.status.is_unavailable()
+                    && self.js.client().is_connected()
+                    && started.elapsed() < self.cfg.retry_for;
+                if !retry {
+                    break;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                *ack = self
+                    .js
+                    .publish_start(&outgoing(&messages[i]))
+                    .and_then(|t| t.wait());
+            }
+        }
+        let counters = self.topics.get_mut(&topic);
+        let mut stored = Vec::with_capacity(messages.len());
+        let mut error = None;
+        for (m, ack) in messages.into_iter().zip(acks) {
+            match ack {
+                Ok(ack) => {
+                    self.status.acked(ack.seq);
+                    stored.push(Arc::new(StoredMessage {
+                        sequence: ack.seq,
+                        ordinal: m.ordinal,
+                        id: MessageId::new(ts, ack.seq, &topic),
+                        timestamp_ms: ts,
+                        payload: m.payload,
+                        attributes: m.attributes,
+                    }));
+                }
+                Err(e) => {
+                    if error.is_none() {
+                        error = Some(e);
+                    }
+                }
+            }
+        }
+        let Some(counters) = counters else {
+            return WriteOutcome::Appended {
+                token,
+                topic,
+                result: Err(StorageError::new("topic vanished")),
+            };
+        };
+        for m in &stored {
+            if counters.first_seq == 0 {
+                counters.first_seq = m.sequence;
+                counters.first_ordinal = m.ordinal;
+            }
+            counters.last_seq = counters.last_seq.max(m.sequence);
+            counters.last_ordinal = counters.last_ordinal.max(m.ordinal);
+            counters.recent.push_back((m.sequence, m.ordinal));
+            if counters.recent.len() > RECENT_PER_TOPIC {
+                counters.recent.pop_front();
+            }
+        }
+        if let Some(e) = error {
+            let stored_n = stored.len();
+            let mut err = storage_error("publish to JetStream failed", &e);
+            if stored_n > 0 {
+                err.message.push_str(&format!(
+                    " ({stored_n} of the call's messages were stored before it failed)"
+                ));
+            }
+            return WriteOutcome::Appended {
+                token,
+                topic,
+                result: Err(err),
+            };
+        }
+        WriteOutcome::Appended {
+            token,
+            topic: topic.clone(),
+            result: Ok(Appended {
+                topic,
+                created_at_ms: counters.created_at_ms,
+                timestamp_ms: ts,
+                messages: stored,
+            }),
+        }
+    }
+
+    /// Finds topics whose oldest messages JetStream removed (retention
+    /// limits) and reports their new first message. One request for the
+    /// stream's per-subject counts, then one per topic that shrank.
+    fn check_trims(&mut self) -> Vec<WriteOutcome> {
+        let counts = match self.js.subject_counts(
+            self.layout.stream(),
+            &self.layout.all_topics(),
+            usize::MAX,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                crate::log_limited!(log::Level::Warn, "cannot check retention: {e}");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for (topic, t) in self.topics.iter_mut() {
+            if t.first_seq == 0 {
+                continue;
+            }
+            let held = t.last_ordinal + 1 - t.first_ordinal;
+            let Some(subject) = self.layout.subject(topic) else {
+                continue;
+            };
+            let now = counts.subjects.get(&subject).copied().unwrap_or(0);
+            if now >= held {
+                continue;
+            }
+            let first = if now == 0 {
+                None
+            } else {
+                match self.js.get_message(
+                    self.layout.stream(),
+                    MessageSelector::NextBySubject {
+                        seq: t.first_seq,
+                        subject: &subject,
+                    },
+                ) {
+                    Ok(Some(m)) => match layout::message_meta(m.headers.as_ref()) {
+                        Ok(meta) => Some((m.seq, meta.ordinal, meta.timestamp_ms)),
+                        Err(_) => continue,
+                    },
+                    Ok(None) => None,
+                    Err(_) => continue,
+                }
+            };
+            let removed = match first {
+                Some((seq, ordinal, _)) => {
+                    let removed = ordinal.saturating_sub(t.first_ordinal);
+                    t.first_seq = seq;
+                    t.first_ordinal = ordinal;
+                    removed
+                }
+                None => {
+                    let removed = held;
+                    t.first_seq = 0;
+                    t.first_ordinal = t.last_ordinal + 1;
+                    removed
+                }
+            };
+            t.recent
+                .retain(|&(q, _)| first.is_some_and(|(s, _, _)| q >= s));
+            out.push(WriteOutcome::Trimmed {
+                topic: topic.clone(),
+                first,
+                removed,
+            });
+        }
+        out
+    }
+
+    /// The ordinal of the topic's newest message at or before `seq` (0 when
+    /// none): from memory near the tail, else (when `exact` or the answer
+    /// matters) from the stream.
+    fn ordinal_at(&self, topic: &str, seq: u64, exact: bool) -> u64 {
+        let Some(t) = self.topics.get(topic) else {
+            return 0;
+        };
+        if t.first_seq == 0 || seq < t.first_seq {
+            return t.first_ordinal.saturating_sub(1);
+        }
+        if seq >= t.last_seq {
+            return t.last_ordinal;
+        }
+        let i = t.recent.partition_point(|(q, _)| *q <= seq);
+        if i > 0 && (i < t.recent.len() || !exact) {
+            if let Some(&(_, o)) = t.recent.get(i - 1) {
+                return o;
+            }
+        }
+        // The first message after `seq` names the position.
+        let Some(subject) = self.layout.subject(topic) else {
+            return 0;
+        };
+        match self.js.get_message(
+            self.layout.stream(),
+            MessageSelector::NextBySubject {
+                seq: seq + 1,
+                subject: &subject,
+            },
+        ) {
+            Ok(Some(m)) => layout::message_meta(m.headers.as_ref())
+                .map(|meta| meta.ordinal.saturating_sub(1))
+                .unwrap_or(0),
+            Ok(None) => t.last_ordinal,
+            Err(e) => {
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "cannot look up the position of {topic} sequence {seq}: {e}"
+                );
+                0
+            }
+        }
+    }
+
+    fn delete_topic(&mut self, topic: &Arc<str>) -> Result<bool, StorageError> {
+        let (Some(subject), Some(key)) = (self.layout.subject(topic), layout::topic_key(topic))
+        else {
+            return Ok(false);
+        };
+        let purged = self
+            .js
+            .purge_subject(self.layout.stream(), &subject)
+            .map_err(|e| storage_error("cannot purge the topic", &e))?;
+        let registered = self
+            .topics_kv
+            .get(&key)
+            .map_err(|e| storage_error("cannot read the topic registry", &e))?
+            .is_some();
+        let cursors = self
+            .cursors_kv
+            .keys(&key, usize::MAX)
+            .map_err(|e| storage_error("cannot list the topic's cursors", &e))?;
+        for k in cursors {
+            self.cursors_kv
+                .purge(&k)
+                .map_err(|e| storage_error("cannot delete a cursor", &e))?;
+        }
+        if registered {
+            self.topics_kv
+                .purge(&key)
+                .map_err(|e| storage_error("cannot unregister the topic", &e))?;
+        }
+        self.carry.retain(|(t, _), _| t != topic);
+        let known = self.topics.remove(topic).is_some();
+        Ok(known || registered || purged > 0)
+    }
+
+    fn delete_group(&mut self, topic: &Arc<str>, group: &Arc<str>) -> Result<bool, StorageError> {
+        self.carry.remove(&(topic.clone(), group.clone()));
+        let Some(key) = layout::cursor_key(topic, group) else {
+            return Ok(false);
+        };
+        let existed = self
+            .cursors_kv
+            .get(&key)
+            .map_err(|e| storage_error("cannot read the cursor", &e))?
+            .is_some();
+        if existed {
+            self.cursors_kv
+                .purge(&key)
+                .map_err(|e| storage_error("cannot delete the cursor", &e))?;
+        }
+        Ok(existed)
+    }
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn outgoing(m: &Outgoing) -> OutgoingMessage<'_> {
+    OutgoingMessage {
+        subject: &m.subject,
+        msg_id: Some(&m.msg_id),
+        headers: Some(&m.headers),
+        payload: &m.payload,
+    }
+}
+
+/// Indexes of caller-less cursor writes that a later one for the same group
+/// replaces before any delete in between: only the last is sent.
+fn superseded_cursor_writes(batch: &[WriteRequest]) -> HashSet<usize> {
+    let mut later: HashSet<(&str, &str)> = HashSet::new();
+    let mut out = HashSet::new();
+    for (i, req) in batch.iter().enumerate().rev() {
+        match req {
+            WriteRequest::SetCursor {
+                topic,
+                group,
+                token: None,
+                ..
+            } => {
+                if !later.insert((topic, group)) {
+                    out.insert(i);
+                }
+            }
+            WriteRequest::SetCursor { topic, group, .. } => {
+                later.insert((topic, group));
+            }
+            WriteRequest::DeleteTopic { .. } | WriteRequest::DeleteGroup { .. } => later.clear(),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cursor(topic: &str, group: &str, seq: u64, token: Option<u64>) -> WriteRequest {
+        WriteRequest::SetCursor {
+            topic: topic.into(),
+            group: group.into(),
+            sequence: seq,
+            acked_at_ms: 0,
+            token,
+        }
+    }
+
+    #[test]
+    fn only_the_last_caller_less_cursor_write_per_group_is_sent() {
+        let batch = vec![
+            cursor("t", "g", 1, None),
+            cursor("t", "h", 1, None),
+            cursor("t", "g", 2, None),
+            WriteRequest::DeleteGroup {
+                token: 9,
+                topic: "t".into(),
+                group: "h".into(),
+            },
+            cursor("t", "g", 3, None),
+            cursor("t", "g", 4, Some(7)),
+        ];
+        let s = superseded_cursor_writes(&batch);
+        let mut v: Vec<usize> = s.into_iter().collect();
+        v.sort();
+        // 0 is replaced by 2; 4 by the reset at 5 (which is always sent).
+        assert_eq!(v, vec![0, 4]);
+    }
+}
