@@ -505,13 +505,23 @@ impl JetStream {
         &self,
         config: &StreamConfig,
     ) -> Result<StreamInfo, JetStreamError> {
-        let body = serde_json::to_vec(config).map_err(|e| JetStreamError::Decode(e.to_string()))?;
-        let created: Result<StreamInfo, _> =
-            self.api(&format!("$JS.API.STREAM.CREATE.{}", config.name), &body);
-        let info = match created {
+        // Look first: a create with a different config may be refused for
+        // another reason (replicas a single server cannot have) before the
+        // server says the name is taken.
+        let info = match self.stream_info(&config.name) {
             Ok(info) => info,
-            Err(JetStreamError::Api(e)) if e.err_code == ERR_STREAM_NAME_IN_USE => {
-                self.stream_info(&config.name)?
+            Err(e) if e.is_not_found() => {
+                let body = serde_json::to_vec(config)
+                    .map_err(|e| JetStreamError::Decode(e.to_string()))?;
+                let created: Result<StreamInfo, _> =
+                    self.api(&format!("$JS.API.STREAM.CREATE.{}", config.name), &body);
+                match created {
+                    Ok(info) => info,
+                    Err(JetStreamError::Api(e)) if e.err_code == ERR_STREAM_NAME_IN_USE => {
+                        self.stream_info(&config.name)?
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Err(e) => return Err(e),
         };

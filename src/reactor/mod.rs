@@ -662,9 +662,11 @@ impl Reactor {
                 } => {
                     self.shared.creation_done(&topic);
                     if let Ok(a) = &result {
-                        self.shared
-                            .broker
-                            .on_committed(&a.topic, a.created_at_ms, &a.messages);
+                        if !a.announced {
+                            self.shared
+                                .broker
+                                .on_committed(&a.topic, a.created_at_ms, &a.messages);
+                        }
                     }
                     if let Some(&(conn, slot)) = self.shared.routes.get(&token) {
                         if let Some(c) = self.conns.get_mut(&conn) {
@@ -745,6 +747,14 @@ impl Reactor {
                     self.complete_call(token, reply);
                 }
                 WriteOutcome::Availability { unavailable } => self.store_availability(unavailable),
+                WriteOutcome::Committed {
+                    topic,
+                    created_at_ms,
+                    messages,
+                } => self
+                    .shared
+                    .broker
+                    .on_committed(&topic, created_at_ms, &messages),
                 WriteOutcome::Trimmed {
                     topic,
                     first,

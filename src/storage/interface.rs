@@ -108,7 +108,11 @@ pub struct Appended {
     pub topic: Arc<str>,
     pub created_at_ms: i64,
     pub timestamp_ms: i64,
+    /// In the caller's order (their sequences ascend unless `announced`).
     pub messages: Vec<Arc<StoredMessage>>,
+    /// A `Committed` outcome already told the broker about these messages
+    /// (the store stored them out of call order): only answer the call.
+    pub announced: bool,
 }
 
 /// What the writer reports back, in commit order.
@@ -118,6 +122,15 @@ pub enum WriteOutcome {
         token: u64,
         topic: Arc<str>,
         result: Result<Appended, StorageError>,
+    },
+    /// Messages stored, in ascending sequence, to tell the broker about
+    /// before the `Appended` outcomes (marked `announced`) that answer their
+    /// calls. A store sends this when retries stored a call's messages out
+    /// of call order (JetStream after a leader change); SQLite never does.
+    Committed {
+        topic: Arc<str>,
+        created_at_ms: i64,
+        messages: Vec<Arc<StoredMessage>>,
     },
     CursorSaved {
         token: Option<u64>,

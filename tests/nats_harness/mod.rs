@@ -44,6 +44,8 @@ pub struct Node {
     pub name: String,
     pub port: u16,
     pub cluster_port: u16,
+    /// (cluster name, peers' cluster ports) for a clustered node.
+    cluster: Option<(String, Vec<u16>)>,
     child: Option<Child>,
     _store: tempfile::TempDir,
 }
@@ -51,23 +53,39 @@ pub struct Node {
 impl Node {
     fn spawn(name: &str, port: u16, cluster: Option<(&str, u16, &[u16])>) -> Node {
         let store = tempfile::tempdir().expect("temp store dir");
-        let binary = nats_server_binary();
         // As the README's config: room for Sluice's default 4 MiB messages.
-        let conf = store.path().join("nats.conf");
-        std::fs::write(&conf, "max_payload: 8MB\n").expect("write nats.conf");
+        std::fs::write(store.path().join("nats.conf"), "max_payload: 8MB\n")
+            .expect("write nats.conf");
+        let mut node = Node {
+            name: name.to_string(),
+            port,
+            cluster_port: cluster.map_or(0, |c| c.1),
+            cluster: cluster.map(|(n, _, peers)| (n.to_string(), peers.to_vec())),
+            child: None,
+            _store: store,
+        };
+        node.launch();
+        node
+    }
+
+    /// Starts the process (again: same ports, same store directory).
+    pub fn launch(&mut self) {
+        assert!(self.child.is_none(), "node {} is running", self.name);
+        let binary = nats_server_binary();
+        let store = self._store.path();
         let mut cmd = Command::new(&binary);
-        cmd.arg("-c").arg(&conf);
+        cmd.arg("-c").arg(store.join("nats.conf"));
         cmd.args([
             "-js",
             "-a",
             "127.0.0.1",
             "-p",
-            &port.to_string(),
+            &self.port.to_string(),
             "-n",
-            name,
+            &self.name,
         ])
         .arg("-sd")
-        .arg(store.path())
+        .arg(store)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(if std::env::var_os("NATS_SERVER_LOG").is_some() {
@@ -75,9 +93,7 @@ impl Node {
         } else {
             Stdio::null()
         });
-        let mut cluster_port = 0;
-        if let Some((cluster_name, own, peers)) = cluster {
-            cluster_port = own;
+        if let Some((cluster_name, peers)) = &self.cluster {
             let routes: Vec<String> = peers
                 .iter()
                 .map(|p| format!("nats://127.0.0.1:{p}"))
@@ -86,7 +102,7 @@ impl Node {
                 "--cluster_name",
                 cluster_name,
                 "--cluster",
-                &format!("nats://127.0.0.1:{own}"),
+                &format!("nats://127.0.0.1:{}", self.cluster_port),
                 "--routes",
                 &routes.join(","),
             ]);
@@ -98,13 +114,7 @@ impl Node {
                 binary.display()
             )
         });
-        Node {
-            name: name.to_string(),
-            port,
-            cluster_port,
-            child: Some(child),
-            _store: store,
-        }
+        self.child = Some(child);
     }
 
     pub fn url(&self) -> String {

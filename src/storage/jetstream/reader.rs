@@ -20,10 +20,15 @@ use super::writer::storage_error;
 use crate::broker::{MessageId, StoredMessage};
 use crate::nats::jetstream::{JetStream, JetStreamError};
 use crate::nats::pull_consumer::{PullConsumerConfig, PulledMessage};
+use crate::nats::stored_message::MessageSelector;
 use crate::storage::{Page, PageRequest, StorageError, Wake, WakeOnExit};
 
 /// Page consumers kept for their next page.
 const MAX_CACHED: usize = 64;
+/// How long pages are read message by message once consumers failed.
+const DEGRADED_FOR: Duration = Duration::from_secs(30);
+/// How long a page read that failed for now is tried again.
+const RETRY_FOR: Duration = Duration::from_secs(10);
 
 struct Cached {
     topic: Arc<str>,
@@ -37,6 +42,8 @@ pub struct JetStreamReader {
     layout: Layout,
     status: Arc<StoreStatus>,
     cached: VecDeque<Cached>,
+    /// Until then pages are read message by message (consumers failed).
+    degraded_until: Option<std::time::Instant>,
 }
 
 impl JetStreamReader {
@@ -46,6 +53,7 @@ impl JetStreamReader {
             layout,
             status,
             cached: VecDeque::new(),
+            degraded_until: None,
         }
     }
 
@@ -56,7 +64,27 @@ impl JetStreamReader {
                 panic!("fail point reader-panic");
             }
             let (sub, fetch) = (req.sub, req.fetch);
-            let page = match self.read(&req) {
+            log::debug!(
+                "page request {sub}/{fetch}: {} from {} limit {}",
+                req.topic,
+                req.from,
+                req.limit
+            );
+            // A transient failure (a leader election, a timeout) is tried
+            // again for a while before the subscription is told.
+            let started = std::time::Instant::now();
+            let mut backoff = Duration::from_millis(50);
+            let mut result = self.read(&req);
+            while let Err(e) = &result {
+                if !e.unavailable || self.status.is_unavailable() || started.elapsed() >= RETRY_FOR
+                {
+                    break;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                result = self.read(&req);
+            }
+            let page = match result {
                 Ok((messages, end)) => Page {
                     sub,
                     fetch,
@@ -115,19 +143,31 @@ impl JetStreamReader {
         let consumer = match consumer {
             Some(name) => name,
             None => {
-                let mut cfg = PullConsumerConfig::from_sequence(subject, req.from);
+                let mut cfg = PullConsumerConfig::from_sequence(subject.clone(), req.from);
                 cfg.inactive_threshold = Duration::from_secs(30);
-                self.js
-                    .create_pull_consumer(self.layout.stream(), &cfg)
-                    .map_err(|e| storage_error("cannot open a page consumer", &e))?
-                    .name
+                match self.js.create_pull_consumer(self.layout.stream(), &cfg) {
+                    Ok(c) => c.name,
+                    // Consumers are created through the cluster's meta
+                    // leader, which can be missing for many seconds after a
+                    // node died (nats-server 2.9.10); single-message reads
+                    // go to the stream's leader and still work.
+                    Err(e) if e.is_transient() => {
+                        self.degrade(&e);
+                        return self.read_one_by_one(req, &subject, limit, end_hint);
+                    }
+                    Err(e) => return Err(storage_error("cannot open a page consumer", &e)),
+                }
             }
         };
         let pulled = match self.js.fetch(self.layout.stream(), &consumer, limit, None) {
             Ok(p) => p,
             Err(e) => {
                 let _ = self.js.delete_consumer(self.layout.stream(), &consumer);
-                return Err(storage_error("cannot read a page", &e));
+                if !e.is_transient() {
+                    return Err(storage_error("cannot read a page", &e));
+                }
+                self.degrade(&e);
+                return self.read_one_by_one(req, &subject, limit, end_hint);
             }
         };
         let mut messages = Vec::with_capacity(pulled.len());
@@ -139,7 +179,16 @@ impl JetStreamReader {
             ));
         }
         let last_seq = messages.last().map_or(0, |m| m.sequence);
-        let more = messages.len() == limit && last_pending > 0;
+        log::debug!(
+            "page of {} from {} (limit {limit}): {} messages up to {last_seq}, {last_pending} pending",
+            req.topic,
+            req.from,
+            messages.len()
+        );
+        // A fetch may answer with fewer messages than asked while more
+        // wait (`pending` of the last one says so): only `pending == 0`
+        // means the topic had nothing more.
+        let more = !messages.is_empty() && last_pending > 0;
         if more {
             self.cached.push_back(Cached {
                 topic: req.topic.clone(),
@@ -156,6 +205,69 @@ impl JetStreamReader {
             let _ = self.js.delete_consumer(self.layout.stream(), &consumer);
             Ok((messages, Some(end_hint.max(last_seq))))
         }
+    }
+}
+
+impl JetStreamReader {
+    /// Consumers cannot be used for now (nats-server 2.9.10 creates them
+    /// through the cluster's meta leader, which can be missing for many
+    /// seconds after a node died): read message by message for a while.
+    fn degrade(&mut self, e: &JetStreamError) {
+        crate::log_limited!(
+            log::Level::Warn,
+            "page consumers fail ({e}); reading message by message for {DEGRADED_FOR:?}"
+        );
+        self.degraded_until = Some(std::time::Instant::now() + DEGRADED_FOR);
+        for c in self.cached.drain(..) {
+            let _ = self.js.delete_consumer(self.layout.stream(), &c.name);
+        }
+    }
+
+    /// The page read with one `STREAM.MSG.GET` (next by subject) per message.
+    fn read_one_by_one(
+        &self,
+        req: &PageRequest,
+        subject: &str,
+        limit: usize,
+        end_hint: u64,
+    ) -> Result<(Vec<Arc<StoredMessage>>, Option<u64>), StorageError> {
+        let mut messages = Vec::new();
+        let mut seq = req.from.max(1);
+        let started = std::time::Instant::now();
+        while messages.len() < limit {
+            if messages.len() % 64 == 1 {
+                log::debug!("one by one: {} in {:?}", messages.len(), started.elapsed());
+            }
+            let got = self
+                .js
+                .get_message(
+                    self.layout.stream(),
+                    MessageSelector::NextBySubject { seq, subject },
+                )
+                .map_err(|e| storage_error("cannot read a message", &e))?;
+            let Some(m) = got else {
+                let last = messages
+                    .last()
+                    .map_or(0, |m: &Arc<StoredMessage>| m.sequence);
+                return Ok((messages, Some(end_hint.max(last))));
+            };
+            seq = m.seq + 1;
+            let meta = layout::message_meta(m.headers.as_ref()).map_err(|e| {
+                StorageError::new(format!(
+                    "message {} on {} was not written by Sluice: {e}",
+                    m.seq, m.subject
+                ))
+            })?;
+            messages.push(Arc::new(StoredMessage {
+                sequence: m.seq,
+                ordinal: meta.ordinal,
+                id: MessageId::new(meta.timestamp_ms, m.seq, &req.topic),
+                timestamp_ms: meta.timestamp_ms,
+                payload: Bytes::from(m.payload),
+                attributes: meta.attributes,
+            }));
+        }
+        Ok((messages, None))
     }
 }
 

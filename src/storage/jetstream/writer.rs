@@ -421,8 +421,10 @@ impl JetStreamWriter {
 
     /// Collects the acks of everything sent, retrying what may be retried,
     /// and pushes the outcomes in order.
-    fn finish(&mut self, pending: Vec<Pending>, out: &mut Vec<WriteOutcome>) {
+    fn finish(&mut self, pending: Vec<Pending>, all_out: &mut Vec<WriteOutcome>) {
         let started = Instant::now();
+        let mut local = Vec::with_capacity(pending.len());
+        let out = &mut local;
         let mut appended_to: HashSet<Arc<str>> = HashSet::new();
         for p in pending {
             match p {
@@ -475,6 +477,7 @@ impl JetStreamWriter {
                 t.next_ordinal = t.last_ordinal;
             }
         }
+        all_out.extend(announce_in_sequence_order(local));
     }
 
     fn finish_append(&mut self, a: PendingAppend, started: Instant) -> WriteOutcome {
@@ -581,6 +584,7 @@ impl JetStreamWriter {
                 created_at_ms: counters.created_at_ms,
                 timestamp_ms: ts,
                 messages: stored,
+                announced: false,
             }),
         }
     }
@@ -752,6 +756,58 @@ impl JetStreamWriter {
     }
 }
 
+/// A retried publish is stored after messages sent later, so the calls of a
+/// batch can hold a topic's sequences out of order; the broker must learn of
+/// each topic's messages in ascending order (live subscribers move forward
+/// only). For each topic where that is not already so, one `Committed` with
+/// the topic's messages sorted goes before its first `Appended`, and its
+/// `Appended` outcomes only answer their calls.
+fn announce_in_sequence_order(outcomes: Vec<WriteOutcome>) -> Vec<WriteOutcome> {
+    let mut last: HashMap<Arc<str>, u64> = HashMap::new();
+    let mut disordered: HashSet<Arc<str>> = HashSet::new();
+    for o in &outcomes {
+        if let WriteOutcome::Appended { result: Ok(a), .. } = o {
+            let prev = last.entry(a.topic.clone()).or_insert(0);
+            for m in &a.messages {
+                if m.sequence <= *prev {
+                    disordered.insert(a.topic.clone());
+                }
+                *prev = (*prev).max(m.sequence);
+            }
+        }
+    }
+    if disordered.is_empty() {
+        return outcomes;
+    }
+    let mut sorted: HashMap<Arc<str>, (i64, Vec<Arc<StoredMessage>>)> = HashMap::new();
+    for o in &outcomes {
+        if let WriteOutcome::Appended { result: Ok(a), .. } = o {
+            if disordered.contains(&a.topic) {
+                let e = sorted
+                    .entry(a.topic.clone())
+                    .or_insert((a.created_at_ms, Vec::new()));
+                e.1.extend(a.messages.iter().cloned());
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(outcomes.len() + sorted.len());
+    for mut o in outcomes {
+        if let WriteOutcome::Appended { result: Ok(a), .. } = &mut o {
+            if let Some((created_at_ms, mut messages)) = sorted.remove(&a.topic) {
+                messages.sort_by_key(|m| m.sequence);
+                out.push(WriteOutcome::Committed {
+                    topic: a.topic.clone(),
+                    created_at_ms,
+                    messages,
+                });
+            }
+            a.announced = disordered.contains(&a.topic);
+        }
+        out.push(o);
+    }
+    out
+}
+
 fn wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -806,6 +862,73 @@ mod tests {
             acked_at_ms: 0,
             token,
         }
+    }
+
+    fn appended(token: u64, topic: &str, seqs: &[u64]) -> WriteOutcome {
+        WriteOutcome::Appended {
+            token,
+            topic: topic.into(),
+            result: Ok(Appended {
+                topic: topic.into(),
+                created_at_ms: 1,
+                timestamp_ms: 1,
+                messages: seqs
+                    .iter()
+                    .map(|&s| {
+                        Arc::new(StoredMessage {
+                            sequence: s,
+                            ordinal: s,
+                            id: MessageId::new(1, s, topic),
+                            timestamp_ms: 1,
+                            payload: Bytes::new(),
+                            attributes: HashMap::new(),
+                        })
+                    })
+                    .collect(),
+                announced: false,
+            }),
+        }
+    }
+
+    #[test]
+    fn calls_stored_out_of_order_are_announced_sorted_first() {
+        // In order: passed through untouched.
+        let out =
+            announce_in_sequence_order(vec![appended(1, "t", &[1, 2]), appended(2, "t", &[3])]);
+        assert_eq!(out.len(), 2);
+        assert!(out
+            .iter()
+            .all(|o| matches!(o, WriteOutcome::Appended { result: Ok(a), .. } if !a.announced)));
+        // Call 1's second message was retried and stored after call 2's.
+        let out = announce_in_sequence_order(vec![
+            appended(1, "t", &[10, 13]),
+            appended(2, "u", &[11]),
+            appended(3, "t", &[12]),
+        ]);
+        let seqs: Vec<Vec<u64>> = out
+            .iter()
+            .filter_map(|o| match o {
+                WriteOutcome::Committed { messages, .. } => {
+                    Some(messages.iter().map(|m| m.sequence).collect())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![vec![10, 12, 13]]);
+        assert!(matches!(&out[0], WriteOutcome::Committed { topic, .. } if &**topic == "t"));
+        let announced: Vec<(u64, bool)> = out
+            .iter()
+            .filter_map(|o| match o {
+                WriteOutcome::Appended {
+                    token,
+                    result: Ok(a),
+                    ..
+                } => Some((*token, a.announced)),
+                _ => None,
+            })
+            .collect();
+        // The calls are answered in their order; only topic t's were announced.
+        assert_eq!(announced, vec![(1, true), (2, false), (3, true)]);
     }
 
     #[test]

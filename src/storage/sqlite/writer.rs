@@ -861,6 +861,7 @@ too_large: false,
                             created_at_ms: row.created_at_ms,
                             timestamp_ms: ts,
                             messages: stored,
+                            announced: false,
                         }),
                     });
                 }
