@@ -11,7 +11,7 @@
 //! Calls `nats` (our own client, no async runtime) and nothing of gRPC.
 
 pub mod layout;
-// pub mod migrate;
+pub mod migrate;
 pub mod monitor;
 pub mod reader;
 pub mod state;

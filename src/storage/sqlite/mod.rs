@@ -199,7 +199,9 @@ fn encode_attributes(attributes: &HashMap<String, String>) -> Option<Vec<u8>> {
     )
 }
 
-fn decode_attributes(blob: Option<&[u8]>) -> HashMap<String, String> {
+/// The attributes of a message row (none, or undecodable: empty); also
+/// read by `jetstream::migrate`.
+pub(crate) fn decode_attributes(blob: Option<&[u8]>) -> HashMap<String, String> {
     blob.and_then(|b| StoredAttributes::decode(b).ok())
         .map(|a| a.attributes)
         .unwrap_or_default()
