@@ -31,7 +31,8 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
-# The NATS tests (tests/nats_client.rs, tests/jetstream_api.rs) start real nats-server processes.
+# The NATS tests (tests/nats_client.rs, tests/jetstream_api.rs, tests/jetstream_store.rs,
+# tests/migrate.rs and the suites run with SLUICE_TEST_STORE=nats) start real nats-server processes.
 # NATS_SERVER=/path/to/nats-server overrides the lookup (PATH, /usr/sbin, /usr/bin).
 deps:
 	@if [ -n "$$NATS_SERVER" ] || command -v nats-server >/dev/null 2>&1 \
@@ -45,8 +46,13 @@ deps:
 	  exit 1; \
 	fi
 
+# The black-box suites run twice: on SQLite, and on the JetStream store (each
+# test daemon then gets its own nats-server; see tests/common/mod.rs).
+NATS_SUITES = --test publish --test subscribe --test admin --test backpressure --test robustness --test telemetry
+
 test: deps lint
 	$(CARGO) test --locked
+	SLUICE_TEST_STORE=nats $(CARGO) test --locked $(NATS_SUITES)
 
 # Longer runs of what `make test` runs in bounded form.
 sim:

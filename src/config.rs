@@ -660,6 +660,40 @@ mod tests {
     }
 
     #[test]
+    fn nats_flags_parse_and_refuse_bad_values() {
+        let c = serve(&[], &[]).unwrap();
+        assert_eq!(
+            (c.nats_replicas, c.nats_prefix.as_str(), c.nats_token),
+            (3, "sluice", None)
+        );
+        let c = serve(
+            &[
+                "--nats-replicas",
+                "1",
+                "--nats-prefix",
+                "blue-2",
+                "--nats-token",
+                "t0k",
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.nats_replicas, 1);
+        assert_eq!(c.nats_prefix, "blue-2");
+        assert_eq!(c.nats_token.as_deref(), Some("t0k"));
+        for (flag, v) in [
+            ("--nats-replicas", "0"),
+            ("--nats-replicas", "6"),
+            ("--nats-prefix", "a.b"),
+            ("--nats-prefix", "a_b"),
+            ("--nats-prefix", ""),
+        ] {
+            let e = serve(&[flag, v], &[]).unwrap_err();
+            assert!(e.contains(flag), "{flag} {v:?}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_store_values_name_the_flag() {
         for v in [
             "",

@@ -141,6 +141,7 @@ fn open_store(
                 retention_max_bytes: cfg.retention_max_bytes,
             },
             wake,
+            telemetry,
         );
     }
     sqlite::open(

@@ -108,7 +108,7 @@ async fn read_everything(c: &mut Client, topic: &str, group: &str) -> Vec<proto:
             })) => out.push(d),
             Some(Ok(_)) => {}
             other => {
-                if !matches!(other, None) {
+                if other.is_some() {
                     eprintln!("reading {topic} ended: {other:?}");
                 }
                 break;
@@ -308,7 +308,7 @@ async fn sigkill_of_one_nats_node_during_publishing_loses_no_acked_message() {
     for t in tasks {
         t.await.unwrap();
     }
-    let l = ledger.lock().unwrap();
+    let l = std::mem::take(&mut *ledger.lock().unwrap());
     let after_kill = l
         .acked
         .len()
@@ -493,7 +493,7 @@ async fn gateway_sigkill_under_load_keeps_acked_messages_and_cursors() {
     sub.send(credit(1)).await;
     let next = sub.delivery(Duration::from_secs(5)).await;
     assert_eq!(Some(next.sequence), expected, "cursor {cursor}");
-    let l = ledger.lock().unwrap();
+    let l = std::mem::take(&mut *ledger.lock().unwrap());
     let (missing, dups) = account(&l.acked, &found);
     eprintln!(
         "{} acked before the kill, {} stored, {missing} missing, {dups} duplicates; cursor {cursor}",

@@ -154,7 +154,11 @@ pub fn prepare(
 
 /// Connects, creates or verifies what Sluice needs, loads the broker's
 /// start-up state and starts the writer, reader and monitor.
-pub fn open(cfg: &JetStreamStoreConfig, wake: Wake) -> Result<OpenedStore, String> {
+pub fn open(
+    cfg: &JetStreamStoreConfig,
+    wake: Wake,
+    telemetry: Arc<crate::telemetry::Telemetry>,
+) -> Result<OpenedStore, String> {
     let client = connect(&cfg.cluster, cfg.token.as_deref(), "sluice gateway")?;
     let js = JetStream::new(client.clone(), API_TIMEOUT);
     let layout = Layout::new(&cfg.prefix);
@@ -185,6 +189,7 @@ pub fn open(cfg: &JetStreamStoreConfig, wake: Wake) -> Result<OpenedStore, Strin
                 || cfg.retention_max_messages.is_some()
                 || cfg.retention_max_bytes.is_some(),
         },
+        telemetry,
     );
     let w = wake.clone();
     let writer_thread = std::thread::Builder::new()

@@ -121,6 +121,9 @@ pub struct JetStreamWriter {
     last_ts: i64,
     cfg: WriterConfig,
     last_trim_check: Instant,
+    telemetry: Arc<crate::telemetry::Telemetry>,
+    /// When the batch being applied was taken (commit latency).
+    batch_started: Instant,
 }
 
 /// The error for a failed JetStream call.
@@ -149,6 +152,7 @@ impl JetStreamWriter {
         topics: HashMap<Arc<str>, TopicCounters>,
         status: Arc<StoreStatus>,
         cfg: WriterConfig,
+        telemetry: Arc<crate::telemetry::Telemetry>,
     ) -> Self {
         JetStreamWriter {
             js,
@@ -161,6 +165,8 @@ impl JetStreamWriter {
             last_ts: 0,
             cfg,
             last_trim_check: Instant::now(),
+            telemetry,
+            batch_started: Instant::now(),
         }
     }
 
@@ -222,6 +228,7 @@ impl JetStreamWriter {
 
     /// Applies one batch; the outcomes in request order.
     pub fn apply(&mut self, batch: Vec<WriteRequest>) -> Vec<WriteOutcome> {
+        self.batch_started = Instant::now();
         let mut batch = batch;
         if !self.carry.is_empty() {
             let carried: Vec<WriteRequest> = self
@@ -476,6 +483,19 @@ impl JetStreamWriter {
             if let Some(t) = self.topics.get_mut(&topic) {
                 t.next_ordinal = t.last_ordinal;
             }
+        }
+        let stored: usize = local
+            .iter()
+            .map(|o| match o {
+                WriteOutcome::Appended { result: Ok(a), .. } => a.messages.len(),
+                _ => 0,
+            })
+            .sum();
+        if stored > 0 {
+            // One batch acknowledged by the cluster: JetStream's group commit.
+            self.telemetry
+                .metrics()
+                .committed(stored as u64, self.batch_started.elapsed());
         }
         all_out.extend(announce_in_sequence_order(local));
     }
@@ -829,22 +849,23 @@ fn superseded_cursor_writes(batch: &[WriteRequest]) -> HashSet<usize> {
     let mut later: HashSet<(&str, &str)> = HashSet::new();
     let mut out = HashSet::new();
     for (i, req) in batch.iter().enumerate().rev() {
-        match req {
-            WriteRequest::SetCursor {
-                topic,
-                group,
-                token: None,
-                ..
-            } => {
-                if !later.insert((topic, group)) {
-                    out.insert(i);
-                }
+        if let WriteRequest::SetCursor {
+            topic,
+            group,
+            token,
+            ..
+        } = req
+        {
+            // A later write for the group (any) replaces a caller-less one.
+            let replaced = !later.insert((topic, group));
+            if replaced && token.is_none() {
+                out.insert(i);
             }
-            WriteRequest::SetCursor { topic, group, .. } => {
-                later.insert((topic, group));
-            }
-            WriteRequest::DeleteTopic { .. } | WriteRequest::DeleteGroup { .. } => later.clear(),
-            _ => {}
+        } else if matches!(
+            req,
+            WriteRequest::DeleteTopic { .. } | WriteRequest::DeleteGroup { .. }
+        ) {
+            later.clear();
         }
     }
     out
