@@ -117,8 +117,9 @@ async fn drain(port: u16, topic: &str, group: &str, count: u64, window: u32, ack
 }
 
 /// Publishes at `rate`/s for `secs` while one subscriber with ample credit
-/// measures publish→delivery latency (payload carries the send time).
-async fn latency(port: u16, rate: u64, secs: u64) -> Summary {
+/// measures publish→delivery latency (payload carries the send time); with
+/// `ack`, it acks every delivery as it arrives.
+async fn latency(port: u16, rate: u64, secs: u64, ack: bool) -> Summary {
     let base = Instant::now();
     let mut sconn = connect(port).await;
     let (mut tx, mut rx) = sconn.stream("Subscribe").await;
@@ -143,6 +144,7 @@ async fn latency(port: u16, rate: u64, secs: u64) -> Summary {
             };
             let _ = rx.flow_control().release_capacity(chunk.len());
             frames.push(&chunk);
+            let mut acks = BytesMut::new();
             while let Some(m) = frames.next() {
                 if let Ok(proto::SubscribeDownstream {
                     response: Some(Down::Delivery(d)),
@@ -150,7 +152,15 @@ async fn latency(port: u16, rate: u64, secs: u64) -> Summary {
                 {
                     let sent = u64::from_le_bytes(d.payload[..8].try_into().expect("stamp"));
                     lat.push(base.elapsed().saturating_sub(Duration::from_nanos(sent)));
+                    if ack {
+                        acks.extend_from_slice(&up(Up::Ack(proto::Ack {
+                            message_id: d.message_id,
+                        })));
+                    }
                 }
+            }
+            if !acks.is_empty() {
+                let _ = tx.send_data(acks.freeze(), false);
             }
         }
         drop(tx);
@@ -216,17 +226,27 @@ fn main() {
     println!("machine: {}", machine());
     // `cargo bench --bench consume -- latency` runs only the publish→delivery
     // latency run, against a fresh daemon.
+    // SLUICE_BENCH_LATENCY_RATE (default 5000) sets the rate and
+    // SLUICE_BENCH_ACK=1 makes the subscriber ack every delivery.
     if std::env::args().skip(1).any(|a| a == "latency") {
+        let rate: u64 = std::env::var("SLUICE_BENCH_LATENCY_RATE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5_000);
+        let ack = std::env::var("SLUICE_BENCH_ACK").is_ok_and(|v| v == "1");
         rt.block_on(async {
             let d = Daemon::start("latency", &[]);
-            let s = latency(d.port, 5_000, 5).await;
+            d.reset_peak();
+            let s = latency(d.port, rate, 5, ack).await;
             println!(
-                "publish→delivery at 5,000 msg/s (fresh daemon): p50 {} ms, p99 {} ms, p999 {} ms ({} delivered, {} missing)",
+                "publish→delivery at {rate} msg/s{} (fresh daemon): p50 {} ms, p99 {} ms, p999 {} ms ({} delivered, {} missing); peak RSS {:.1} MiB",
+                if ack { ", acking consumer" } else { "" },
                 ms(s.p50),
                 ms(s.p99),
                 ms(s.p999),
                 s.count,
-                s.errors
+                s.errors,
+                d.peak_rss_kb() as f64 / 1024.0
             );
         });
         return;
@@ -244,7 +264,7 @@ fn main() {
         d.reset_peak();
         let r = drain(d.port, "backlog", "browse", BACKLOG, 1000, false).await;
         println!("| drain 1,000,000, window 1,000, no acks (BROWSE) | {r:.0} | {:.1} |", d.peak_rss_kb() as f64 / 1024.0);
-        let s = latency(d.port, 5_000, 5).await;
+        let s = latency(d.port, 5_000, 5, false).await;
         println!();
         println!(
             "publish→delivery at 5,000 msg/s: p50 {} ms, p99 {} ms, p999 {} ms ({} delivered, {} missing)",

@@ -40,6 +40,13 @@ impl Daemon {
             ])
             .arg(&dir)
             .args(extra)
+            // `SLUICE_BENCH_ARGS="--store nats://… --nats-replicas 3"` runs
+            // the same benchmark through a JetStream gateway (bench/jetstream.sh).
+            .args(
+                std::env::var("SLUICE_BENCH_ARGS")
+                    .unwrap_or_default()
+                    .split_whitespace(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -92,21 +92,38 @@ async fn publish_within(
     c.unary_req("Publish", req).await.map(|r| r.into_inner())
 }
 
-/// Every message of `topic` from the earliest, read by a fresh group.
-async fn read_everything(c: &mut Client, topic: &str, group: &str) -> Vec<proto::MessageDelivery> {
+/// Every message of `topic` from the earliest, read by a fresh group: at
+/// least `expect` of them, then until a second passes without one.
+async fn read_everything(
+    c: &mut Client,
+    topic: &str,
+    group: &str,
+    expect: usize,
+) -> Vec<proto::MessageDelivery> {
     let mut sub = c
         .subscribe(topic, group, proto::InitialPosition::Earliest)
         .await;
     sub.send(credit(1_000_000)).await;
     let mut out: Vec<proto::MessageDelivery> = Vec::new();
+    let mut last = Instant::now();
     loop {
-        // The first page may wait for a consumer on a just-elected leader.
-        let quiet = Duration::from_secs(if out.is_empty() { 15 } else { 2 });
-        match sub.next_within(quiet).await {
+        // Reads from a cluster that just lost a node can stall for seconds
+        // (nats-server 2.9.10 times out consumer creation and single reads
+        // while it recovers; the gateway retries): wait long enough.
+        let quiet = if out.len() >= expect {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(20)
+        };
+        let left = quiet.saturating_sub(last.elapsed());
+        match sub.next_within(left).await {
             Some(Ok(proto::SubscribeDownstream {
                 response: Some(Down::Delivery(d)),
-            })) => out.push(d),
-            Some(Ok(_)) => {}
+            })) => {
+                out.push(d);
+                last = Instant::now();
+            }
+            Some(Ok(_)) => {} // heartbeats do not count as progress
             other => {
                 if other.is_some() {
                     eprintln!("reading {topic} ended: {other:?}");
@@ -329,7 +346,7 @@ async fn sigkill_of_one_nats_node_during_publishing_loses_no_acked_message() {
         l.worst_failure
     );
     let mut c = g.client().await;
-    let found = read_everything(&mut c, "orders", "audit").await;
+    let found = read_everything(&mut c, "orders", "audit", l.acked.len()).await;
     let (missing, dups) = account(&l.acked, &found);
     let log = g.log_text();
     eprintln!(
@@ -416,7 +433,7 @@ async fn all_nats_nodes_down_then_back_fails_fast_and_recovers() {
         r.sequence
     );
     acked.insert(r.sequence, r.message_id);
-    let found = read_everything(&mut c, "t", "audit").await;
+    let found = read_everything(&mut c, "t", "audit", acked.len()).await;
     assert_eq!(account(&acked, &found), (0, 0));
     assert_eq!(found.len(), 201, "nothing else was stored");
 }
@@ -479,7 +496,8 @@ async fn gateway_sigkill_under_load_keeps_acked_messages_and_cursors() {
         cursor >= last_acked,
         "cursor {cursor} is behind the last ack {last_acked} that had time to be stored"
     );
-    let found = read_everything(&mut c, "jobs", "audit").await;
+    let acked_before_kill = ledger.lock().unwrap().acked.len();
+    let found = read_everything(&mut c, "jobs", "audit", acked_before_kill).await;
     // The consumer resumes right after its cursor: at the first stored
     // message past it.
     let expected = found

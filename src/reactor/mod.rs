@@ -774,6 +774,18 @@ impl Reactor {
                     break;
                 }
             };
+            log::debug!(
+                "page for sub {} (fetch {}): {} messages{}, end {:?}",
+                page.sub,
+                page.fetch,
+                page.messages.len(),
+                page.messages
+                    .first()
+                    .zip(page.messages.last())
+                    .map(|(a, b)| format!(" {}..={}", a.sequence, b.sequence))
+                    .unwrap_or_default(),
+                page.end
+            );
             match page.error {
                 None => self
                     .shared

@@ -12,8 +12,9 @@
 //!   stored;
 //! - headers `Sluice-Ts` (Unix ms), `Sluice-Ordinal` (position within the
 //!   topic) and, when there are any, `Sluice-Attrs` (the attributes as one
-//!   JSON object); `Nats-Msg-Id` is a fresh UUID per publish, so a gateway's
-//!   retry of one publish is stored once;
+//!   JSON object); `Nats-Msg-Id` is a fresh UUID per publish (the message
+//!   id itself for messages `sluice migrate` copied), so a retry of one
+//!   publish is stored once;
 //! - bucket `<prefix>_topics`: key = topic token, value `{"created_at_ms":N}`;
 //! - bucket `<prefix>_cursors`: key = `<topic token>.<group token>`, value
 //!   `{"seq":N,"acked_at_ms":N}`.

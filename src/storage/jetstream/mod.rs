@@ -44,6 +44,8 @@ pub struct JetStreamStoreConfig {
 
 /// How long a JetStream API request may take.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long start-up waits for a cluster that is still starting.
+const START_WAIT: Duration = Duration::from_secs(30);
 
 /// The comma-separated server list for the client.
 fn server_list(cfg: &JetStreamConfig) -> String {
@@ -102,10 +104,39 @@ pub fn prepare(
     cfg: &JetStreamStoreConfig,
     layout: &Layout,
 ) -> Result<(KvBucket, KvBucket), String> {
-    js.account_info()
-        .map_err(|e| format!("JetStream is not available on {}: {e}", cfg.cluster))?;
+    // A cluster that is still starting (electing its meta leader) answers
+    // 503 or not at all for a few seconds: wait for it, within reason.
+    let deadline = std::time::Instant::now() + START_WAIT;
+    let waiting = |e: &JetStreamError| {
+        let starting = e.is_transient() || matches!(e, JetStreamError::Api(a) if a.code == 503);
+        if starting && std::time::Instant::now() < deadline {
+            log::warn!("waiting for JetStream on {}: {e}", cfg.cluster);
+            std::thread::sleep(Duration::from_millis(500));
+            true
+        } else {
+            false
+        }
+    };
+    loop {
+        match js.account_info() {
+            Ok(_) => break,
+            Err(e) if waiting(&e) => {}
+            Err(e) => {
+                return Err(format!(
+                    "JetStream is not available on {}: {e}",
+                    cfg.cluster
+                ))
+            }
+        }
+    }
     let want = stream_config(cfg, layout);
-    match js.create_or_verify_stream(&want) {
+    let verified = loop {
+        match js.create_or_verify_stream(&want) {
+            Err(e) if waiting(&e) => {}
+            other => break other,
+        }
+    };
+    match verified {
         Ok(info) => log::info!(
             "JetStream stream {} ready: {} messages, last sequence {}, {} replicas",
             layout.stream(),

@@ -35,6 +35,8 @@ struct Cached {
     /// The sequence the consumer's next message is at or after.
     next: u64,
     name: String,
+    /// Messages the consumer still had to deliver after the last page.
+    pending: u64,
 }
 
 pub struct JetStreamReader {
@@ -76,6 +78,7 @@ impl JetStreamReader {
             let mut backoff = Duration::from_millis(50);
             let mut result = self.read(&req);
             while let Err(e) = &result {
+                log::debug!("page read failed: {}", e.message);
                 if !e.unavailable || self.status.is_unavailable() || started.elapsed() >= RETRY_FOR
                 {
                     break;
@@ -137,16 +140,16 @@ impl JetStreamReader {
             .iter()
             .position(|c| c.topic == req.topic && c.next == req.from)
         {
-            Some(i) => self.cached.remove(i).map(|c| c.name),
+            Some(i) => self.cached.remove(i).map(|c| (c.name, c.pending)),
             None => None,
         };
-        let consumer = match consumer {
-            Some(name) => name,
+        let (consumer, pending) = match consumer {
+            Some(cached) => cached,
             None => {
                 let mut cfg = PullConsumerConfig::from_sequence(subject.clone(), req.from);
                 cfg.inactive_threshold = Duration::from_secs(30);
                 match self.js.create_pull_consumer(self.layout.stream(), &cfg) {
-                    Ok(c) => c.name,
+                    Ok(c) => (c.name, c.num_pending),
                     // Consumers are created through the cluster's meta
                     // leader, which can be missing for many seconds after a
                     // node died (nats-server 2.9.10); single-message reads
@@ -170,6 +173,17 @@ impl JetStreamReader {
                 return self.read_one_by_one(req, &subject, limit, end_hint);
             }
         };
+        if pulled.is_empty() && pending > 0 {
+            // The consumer has messages to deliver but a no-wait fetch said
+            // "none" (a cluster that is recovering does): not the end.
+            let _ = self.js.delete_consumer(self.layout.stream(), &consumer);
+            return Err(StorageError {
+                unavailable: true,
+                ..StorageError::new(format!(
+                    "a page consumer with {pending} messages pending delivered none"
+                ))
+            });
+        }
         let mut messages = Vec::with_capacity(pulled.len());
         let mut last_pending = 0;
         for m in pulled {
@@ -194,6 +208,7 @@ impl JetStreamReader {
                 topic: req.topic.clone(),
                 next: last_seq + 1,
                 name: consumer,
+                pending: last_pending,
             });
             while self.cached.len() > MAX_CACHED {
                 if let Some(old) = self.cached.pop_front() {
@@ -233,11 +248,7 @@ impl JetStreamReader {
     ) -> Result<(Vec<Arc<StoredMessage>>, Option<u64>), StorageError> {
         let mut messages = Vec::new();
         let mut seq = req.from.max(1);
-        let started = std::time::Instant::now();
         while messages.len() < limit {
-            if messages.len() % 64 == 1 {
-                log::debug!("one by one: {} in {:?}", messages.len(), started.elapsed());
-            }
             let got = self
                 .js
                 .get_message(
