@@ -209,6 +209,17 @@ struct SubEntry {
 
 struct Connection {
     writer: TcpStream,
+    /// Operations a corked thread wrote, sent together by `uncork` (or when
+    /// `CORK_FLUSH` bytes have gathered, or before that thread waits).
+    corked: Vec<u8>,
+}
+
+/// Bytes gathered by a corked thread before they are sent anyway.
+const CORK_FLUSH: usize = 64 * 1024;
+
+thread_local! {
+    /// Whether this thread's writes are being gathered (`NatsClient::cork`).
+    static CORKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// State shared by the handle, the reader thread and subscriptions.
@@ -492,6 +503,19 @@ impl NatsClient {
         self.request_start(subject, headers, payload)?.wait(timeout)
     }
 
+    /// From now on this thread's publishes and requests are gathered and
+    /// sent together by `uncork` (one write for many operations); a wait
+    /// for a reply on this thread sends them first.
+    pub fn cork(&self) {
+        CORKED.with(|c| c.set(true));
+    }
+
+    /// Sends what this thread gathered since `cork`, and stops gathering.
+    pub fn uncork(&self) -> Result<(), Error> {
+        CORKED.with(|c| c.set(false));
+        self.shared.flush_corked()
+    }
+
     /// Sends a request without waiting: the reply is collected later with
     /// `PendingReply::wait`, so many requests can be in flight on one
     /// connection (pipelining). Counts against `max_pending_requests` until
@@ -630,7 +654,10 @@ impl Shared {
         let mut conn = lock(&self.conn);
         let mut writer = stream;
         writer.write_all(&ops).map_err(io_err)?;
-        *conn = Some(Connection { writer });
+        *conn = Some(Connection {
+            writer,
+            corked: Vec::new(),
+        });
         Ok(reader)
     }
 
@@ -654,12 +681,50 @@ impl Shared {
         let Some(c) = conn.as_mut() else {
             return Err(Error::NotConnected);
         };
-        if let Err(e) = c.writer.write_all(bytes) {
+        let result = if CORKED.with(std::cell::Cell::get) {
+            // Whole operations only, so other threads' direct writes may
+            // go between them.
+            c.corked.extend_from_slice(bytes);
+            if c.corked.len() >= CORK_FLUSH {
+                let out = std::mem::take(&mut c.corked);
+                c.writer.write_all(&out)
+            } else {
+                Ok(())
+            }
+        } else {
+            c.writer.write_all(bytes)
+        };
+        if let Err(e) = result {
             let _ = c.writer.shutdown(Shutdown::Both);
             *conn = None;
             return Err(io_err(e));
         }
         Ok(())
+    }
+
+    /// Sends what a corked thread gathered.
+    fn flush_corked(&self) -> Result<(), Error> {
+        let mut conn = lock(&self.conn);
+        let Some(c) = conn.as_mut() else {
+            return Err(Error::NotConnected);
+        };
+        if c.corked.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut c.corked);
+        if let Err(e) = c.writer.write_all(&out) {
+            let _ = c.writer.shutdown(Shutdown::Both);
+            *conn = None;
+            return Err(io_err(e));
+        }
+        Ok(())
+    }
+
+    /// Before this thread blocks on a reply: send what it gathered.
+    fn flush_before_wait(&self) {
+        if CORKED.with(std::cell::Cell::get) {
+            let _ = self.flush_corked();
+        }
     }
 
     fn publish(
@@ -669,14 +734,9 @@ impl Shared {
         headers: Option<&Headers>,
         payload: &[u8],
     ) -> Result<(), Error> {
-        let mut op = Vec::with_capacity(payload.len() + 64);
-        encode_publish(subject, reply, headers, payload, &mut op)?;
+        let mut op = Vec::with_capacity(payload.len() + 256);
+        let size = encode_publish(subject, reply, headers, payload, &mut op)?;
         let limit = self.max_payload.load(Ordering::SeqCst);
-        let header_len = match headers {
-            Some(h) => h.to_bytes().map(|b| b.len()).unwrap_or(0),
-            None => 0,
-        };
-        let size = header_len + payload.len();
         if size > limit {
             return Err(Error::PayloadTooLarge { size, limit });
         }
@@ -884,8 +944,21 @@ pub struct PendingReply {
 }
 
 impl PendingReply {
+    /// True once the reply (or the connection's loss) has arrived: `wait`
+    /// then returns at once.
+    pub fn is_ready(&self) -> bool {
+        !self.receiver.is_empty()
+    }
+
+    /// The channel the reply arrives on, to wait for several things at once
+    /// (`crossbeam_channel::Select`); take the reply with `wait`.
+    pub fn receiver(&self) -> &Receiver<Result<Message, Error>> {
+        &self.receiver
+    }
+
     /// Waits up to `timeout` for the reply. A 503 status reply is `Error::NoResponders`.
     pub fn wait(self, timeout: Duration) -> Result<Message, Error> {
+        self.shared.flush_before_wait();
         let result = match self.receiver.recv_timeout(timeout) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => Err(Error::Timeout),
@@ -917,6 +990,7 @@ impl Subscription {
     /// The next message, waiting up to `timeout`. `Error::SlowConsumer` once
     /// a dropped slow subscription is drained; `Error::Closed` when the client closed.
     pub fn next_timeout(&self, timeout: Duration) -> Result<Message, Error> {
+        self.shared.flush_before_wait();
         match self.receiver.recv_timeout(timeout) {
             Ok(m) => Ok(m),
             Err(RecvTimeoutError::Timeout) => Err(Error::Timeout),

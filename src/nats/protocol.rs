@@ -391,17 +391,18 @@ pub fn encode_publish(
     headers: Option<&Headers>,
     payload: &[u8],
     out: &mut Vec<u8>,
-) -> Result<(), EncodeError> {
+) -> Result<usize, EncodeError> {
     check_subject(subject)?;
     if let Some(r) = reply {
         check_subject(r)?;
     }
     let reply_part = reply.map(|r| format!(" {r}")).unwrap_or_default();
-    match headers {
+    let size = match headers {
         None => {
             out.extend_from_slice(
                 format!("PUB {subject}{reply_part} {}\r\n", payload.len()).as_bytes(),
             );
+            payload.len()
         }
         Some(h) => {
             let block = h.to_bytes().map_err(EncodeError::Headers)?;
@@ -414,11 +415,12 @@ pub fn encode_publish(
                 .as_bytes(),
             );
             out.extend_from_slice(&block);
+            block.len() + payload.len()
         }
-    }
+    };
     out.extend_from_slice(payload);
     out.extend_from_slice(b"\r\n");
-    Ok(())
+    Ok(size)
 }
 
 /// `SUB <subject> [queue] <sid>\r\n`.

@@ -38,6 +38,23 @@ pub struct PubAckTicket {
 }
 
 impl PubAckTicket {
+    /// True when `wait` would return at once (the ack came, or the
+    /// connection was lost, or the deadline passed).
+    pub fn is_ready(&self) -> bool {
+        self.pending.is_ready() || Instant::now() >= self.deadline
+    }
+
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// The channel the ack arrives on (for `crossbeam_channel::Select`).
+    pub fn receiver(
+        &self,
+    ) -> &crossbeam_channel::Receiver<Result<crate::nats::Message, crate::nats::Error>> {
+        self.pending.receiver()
+    }
+
     /// Waits for the ack until the ticket's deadline (send time + the
     /// JetStream timeout).
     pub fn wait(self) -> Result<PubAck, JetStreamError> {

@@ -210,8 +210,7 @@ pub fn open(
     let writer = writer::JetStreamWriter::new(
         js.clone(),
         layout.clone(),
-        topics_kv,
-        cursors_kv,
+        (topics_kv, cursors_kv),
         counters,
         status.clone(),
         writer::WriterConfig {

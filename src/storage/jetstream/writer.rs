@@ -23,7 +23,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use super::layout::{self, CursorValue, Layout, TopicValue};
 use super::status::StoreStatus;
 use crate::broker::{MessageId, StoredMessage};
-use crate::nats::jetstream::{JetStream, JetStreamError, PubAck};
+use crate::nats::jetstream::{JetStream, JetStreamError, PubAck, MSG_ID_HEADER};
 use crate::nats::kv_bucket::{KvBucket, ERR_WRONG_LAST_SEQUENCE};
 use crate::nats::publish_window::{OutgoingMessage, PubAckTicket};
 use crate::nats::stored_message::MessageSelector;
@@ -34,6 +34,9 @@ use crate::storage::{Appended, StorageError, Wake, WakeOnExit, WriteOutcome, Wri
 const RECENT_PER_TOPIC: usize = 128;
 /// Most requests taken into one batch.
 const MAX_BATCH_REQUESTS: usize = 4096;
+/// Most publishes and cursor puts in flight at once (one BatchPublish may
+/// go past it: it is sent whole).
+const WINDOW: usize = 2048;
 
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
@@ -78,7 +81,7 @@ impl TopicCounters {
 /// One message of an append, as sent.
 struct Outgoing {
     subject: String,
-    msg_id: String,
+    /// Carries `Nats-Msg-Id`.
     headers: crate::nats::Headers,
     payload: Bytes,
     ordinal: u64,
@@ -93,6 +96,7 @@ struct PendingAppend {
     tickets: Vec<Result<PubAckTicket, JetStreamError>>,
     /// Set when the append failed before anything was sent.
     failed: Option<StorageError>,
+    sent: Instant,
 }
 
 struct PendingCursor {
@@ -109,6 +113,29 @@ enum Pending {
     Cursor(PendingCursor),
 }
 
+impl Pending {
+    /// Messages (or puts) it has in flight.
+    fn size(&self) -> usize {
+        match self {
+            Pending::Append(a) => a.tickets.len(),
+            Pending::Cursor(_) => 1,
+        }
+    }
+
+    /// The first ticket whose ack has not come (None: all answered).
+    fn first_unready(&self) -> Option<&PubAckTicket> {
+        match self {
+            Pending::Append(a) if a.failed.is_none() => a
+                .tickets
+                .iter()
+                .filter_map(|t| t.as_ref().ok())
+                .find(|t| !t.is_ready()),
+            Pending::Append(_) => None,
+            Pending::Cursor(c) => c.ticket.as_ref().ok().filter(|t| !t.is_ready()),
+        }
+    }
+}
+
 pub struct JetStreamWriter {
     js: JetStream,
     layout: Layout,
@@ -122,8 +149,12 @@ pub struct JetStreamWriter {
     cfg: WriterConfig,
     last_trim_check: Instant,
     telemetry: Arc<crate::telemetry::Telemetry>,
-    /// When the batch being applied was taken (commit latency).
-    batch_started: Instant,
+    /// Sent and not yet answered, in request order.
+    inflight: VecDeque<Pending>,
+    inflight_size: usize,
+    /// `Nats-Msg-Id` = this prefix (random per process) + a counter.
+    msg_id_prefix: String,
+    next_msg_id: u64,
 }
 
 /// The error for a failed JetStream call.
@@ -147,8 +178,7 @@ impl JetStreamWriter {
     pub fn new(
         js: JetStream,
         layout: Layout,
-        topics_kv: KvBucket,
-        cursors_kv: KvBucket,
+        (topics_kv, cursors_kv): (KvBucket, KvBucket),
         topics: HashMap<Arc<str>, TopicCounters>,
         status: Arc<StoreStatus>,
         cfg: WriterConfig,
@@ -166,11 +196,17 @@ impl JetStreamWriter {
             cfg,
             last_trim_check: Instant::now(),
             telemetry,
-            batch_started: Instant::now(),
+            inflight: VecDeque::new(),
+            inflight_size: 0,
+            msg_id_prefix: format!("{}-", uuid::Uuid::new_v4().simple()),
+            next_msg_id: 0,
         }
     }
 
     /// Runs until every request sender is gone and the queue is drained.
+    /// A sliding window: new requests are sent while earlier ones wait for
+    /// their acks (at most `WINDOW` messages in flight), and outcomes leave
+    /// in request order as the acks arrive.
     pub fn run(
         mut self,
         requests: Receiver<WriteRequest>,
@@ -179,56 +215,142 @@ impl JetStreamWriter {
     ) {
         let _exit = WakeOnExit(wake.clone());
         let mut reported: Option<String> = None;
+        let mut open = true;
         loop {
+            let mut out = Vec::new();
             let now = self.status.unavailable_reason();
             if now.is_some() != reported.is_some() {
                 reported = now.clone();
-                if outcomes
-                    .send(WriteOutcome::Availability { unavailable: now })
-                    .is_err()
-                {
-                    return;
-                }
-                wake();
+                out.push(WriteOutcome::Availability { unavailable: now });
             }
-            let first = match requests.recv_timeout(Duration::from_millis(250)) {
-                Ok(r) => Some(r),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let mut batch: Vec<WriteRequest> = first.into_iter().collect();
-            while batch.len() < MAX_BATCH_REQUESTS {
-                match requests.try_recv() {
+            // Take what is queued, as far as the window allows.
+            let mut batch = Vec::new();
+            if open && self.inflight.is_empty() && out.is_empty() {
+                match requests.recv_timeout(Duration::from_millis(250)) {
                     Ok(r) => batch.push(r),
-                    Err(_) => break,
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => open = false,
                 }
             }
-            let mut out = Vec::new();
-            if !batch.is_empty() || !self.carry.is_empty() {
+            let mut room = WINDOW.saturating_sub(self.inflight_size);
+            while open && room > 0 && batch.len() < MAX_BATCH_REQUESTS {
+                match requests.try_recv() {
+                    Ok(r) => {
+                        if let WriteRequest::Append { messages, .. } = &r {
+                            room = room.saturating_sub(messages.len());
+                        }
+                        batch.push(r);
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            if !batch.is_empty() || (!self.carry.is_empty() && self.inflight.is_empty()) {
                 if crate::failpoint::hit("writer-panic") {
                     panic!("fail point writer-panic");
                 }
-                out = self.apply(batch);
+                // The batch's publishes leave in one write.
+                self.js.client().cork();
+                self.admit(batch, &mut out);
+                if let Err(e) = self.js.client().uncork() {
+                    crate::log_limited!(log::Level::Warn, "cannot send to NATS: {e}");
+                }
             }
+            self.complete(!open, &mut out);
             if self.cfg.watch_retention && self.last_trim_check.elapsed() >= TRIM_CHECK {
                 self.last_trim_check = Instant::now();
                 out.extend(self.check_trims());
             }
-            if out.is_empty() {
+            if !out.is_empty() {
+                for o in out {
+                    if outcomes.send(o).is_err() {
+                        return;
+                    }
+                }
+                wake();
                 continue;
             }
-            for o in out {
-                if outcomes.send(o).is_err() {
-                    return;
-                }
+            if !open && self.inflight.is_empty() {
+                return;
             }
-            wake();
+            self.wait_for_progress(open.then_some(&requests));
         }
     }
 
-    /// Applies one batch; the outcomes in request order.
+    /// Sleeps until the oldest request's next ack arrives, a new request
+    /// comes (when the window has room) or a quarter second passes.
+    fn wait_for_progress(&self, requests: Option<&Receiver<WriteRequest>>) {
+        let Some(head) = self.inflight.front() else {
+            return;
+        };
+        let Some(ticket) = head.first_unready() else {
+            return;
+        };
+        let mut select = crossbeam_channel::Select::new();
+        select.recv(ticket.receiver());
+        if let Some(r) = requests.filter(|_| self.inflight_size < WINDOW) {
+            select.recv(r);
+        }
+        let wait = ticket
+            .deadline()
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(250));
+        let _ = select.ready_timeout(wait);
+    }
+
+    /// Answers the oldest requests whose acks have all come (`all`: every
+    /// request in flight, waiting as needed). After a failed or retried
+    /// publish everything in flight is answered at once, so commits can be
+    /// announced in sequence order.
+    fn complete(&mut self, all: bool, out: &mut Vec<WriteOutcome>) {
+        while let Some(head) = self.inflight.front() {
+            if !all && head.first_unready().is_some() {
+                break;
+            }
+            let Some(head) = self.inflight.pop_front() else {
+                break;
+            };
+            self.inflight_size -= head.size();
+            let mut local = Vec::new();
+            if self.finish_one(head, &mut local) {
+                self.drain_into(&mut local);
+                out.extend(announce_in_sequence_order(local));
+            } else {
+                out.extend(local);
+            }
+        }
+    }
+
+    /// Answers everything in flight (waiting for it), in order.
+    fn drain(&mut self, out: &mut Vec<WriteOutcome>) {
+        let mut local = Vec::new();
+        self.drain_into(&mut local);
+        out.extend(announce_in_sequence_order(local));
+    }
+
+    fn drain_into(&mut self, local: &mut Vec<WriteOutcome>) {
+        while let Some(p) = self.inflight.pop_front() {
+            self.finish_one(p, local);
+        }
+        self.inflight_size = 0;
+        // Nothing is in flight now: ordinals handed out but never stored
+        // (failed publishes) are handed out again.
+        for t in self.topics.values_mut() {
+            t.next_ordinal = t.last_ordinal;
+        }
+    }
+
+    /// Applies one batch and answers it completely (tests and shutdown).
     pub fn apply(&mut self, batch: Vec<WriteRequest>) -> Vec<WriteOutcome> {
-        self.batch_started = Instant::now();
+        let mut out = Vec::new();
+        self.admit(batch, &mut out);
+        self.complete(true, &mut out);
+        out
+    }
+
+    /// Sends a batch of requests (publishes and cursor puts go out without
+    /// waiting; deletes first wait for everything before them).
+    fn admit(&mut self, batch: Vec<WriteRequest>, out: &mut Vec<WriteOutcome>) {
         let mut batch = batch;
         if !self.carry.is_empty() {
             let carried: Vec<WriteRequest> = self
@@ -249,8 +371,6 @@ impl JetStreamWriter {
         let superseded = superseded_cursor_writes(&batch);
         let ts = wall_ms().max(self.last_ts);
         self.last_ts = ts;
-        let mut out = Vec::new();
-        let mut pending: Vec<Pending> = Vec::new();
         for (i, req) in batch.into_iter().enumerate() {
             match req {
                 WriteRequest::Append {
@@ -258,8 +378,9 @@ impl JetStreamWriter {
                     topic,
                     messages,
                 } => {
-                    let p = self.start_append(token, topic, ts, messages);
-                    pending.push(Pending::Append(p));
+                    let p = Pending::Append(self.start_append(token, topic, ts, messages));
+                    self.inflight_size += p.size();
+                    self.inflight.push_back(p);
                 }
                 WriteRequest::CreateTopic {
                     topic,
@@ -282,6 +403,7 @@ impl JetStreamWriter {
                     if !self.topics.contains_key(&topic) {
                         // A cursor never re-creates a topic deleted meanwhile.
                         if let Some(token) = token {
+                            self.drain(out);
                             out.push(WriteOutcome::CursorSaved {
                                 token: Some(token),
                                 topic,
@@ -305,7 +427,8 @@ impl JetStreamWriter {
                             "cannot name the cursor of {topic}/{group}"
                         ))),
                     };
-                    pending.push(Pending::Cursor(PendingCursor {
+                    self.inflight_size += 1;
+                    self.inflight.push_back(Pending::Cursor(PendingCursor {
                         topic,
                         group,
                         sequence,
@@ -315,7 +438,7 @@ impl JetStreamWriter {
                     }));
                 }
                 WriteRequest::DeleteTopic { token, topic } => {
-                    self.finish(std::mem::take(&mut pending), &mut out);
+                    self.drain(out);
                     let result = self.delete_topic(&topic);
                     out.push(WriteOutcome::TopicDeleted {
                         token,
@@ -328,7 +451,7 @@ impl JetStreamWriter {
                     topic,
                     group,
                 } => {
-                    self.finish(std::mem::take(&mut pending), &mut out);
+                    self.drain(out);
                     let result = self.delete_group(&topic, &group);
                     out.push(WriteOutcome::GroupDeleted {
                         token,
@@ -339,8 +462,6 @@ impl JetStreamWriter {
                 }
             }
         }
-        self.finish(pending, &mut out);
-        out
     }
 
     /// Registers a topic in the KV bucket unless it is known; keeps the
@@ -387,6 +508,7 @@ impl JetStreamWriter {
             messages: Vec::new(),
             tickets: Vec::new(),
             failed: None,
+            sent: Instant::now(),
         };
         if let Some(why) = self.status.unavailable_reason() {
             p.failed = Some(StorageError {
@@ -410,10 +532,15 @@ impl JetStreamWriter {
         for m in messages {
             counters.next_ordinal += 1;
             let ordinal = counters.next_ordinal;
-            let headers = layout::message_headers(ts, ordinal, &m.attributes);
+            let mut headers = layout::message_headers(ts, ordinal, &m.attributes);
+            // Unique per publish: this process's random prefix and a counter.
+            self.next_msg_id += 1;
+            headers.insert(
+                MSG_ID_HEADER,
+                format!("{}{}", self.msg_id_prefix, self.next_msg_id),
+            );
             p.messages.push(Outgoing {
                 subject: subject.clone(),
-                msg_id: uuid::Uuid::new_v4().to_string(),
                 headers,
                 payload: m.payload,
                 ordinal,
@@ -426,81 +553,62 @@ impl JetStreamWriter {
         p
     }
 
-    /// Collects the acks of everything sent, retrying what may be retried,
-    /// and pushes the outcomes in order.
-    fn finish(&mut self, pending: Vec<Pending>, all_out: &mut Vec<WriteOutcome>) {
-        let started = Instant::now();
-        let mut local = Vec::with_capacity(pending.len());
-        let out = &mut local;
-        let mut appended_to: HashSet<Arc<str>> = HashSet::new();
-        for p in pending {
-            match p {
-                Pending::Append(a) => {
-                    appended_to.insert(a.topic.clone());
-                    let outcome = self.finish_append(a, started);
-                    out.push(outcome);
+    /// Collects one request's acks (retrying what may be retried) and pushes
+    /// its outcome; true when a publish failed or had to be sent again.
+    fn finish_one(&mut self, p: Pending, out: &mut Vec<WriteOutcome>) -> bool {
+        match p {
+            Pending::Append(a) => {
+                let sent = a.sent;
+                let (outcome, disturbed) = self.finish_append(a);
+                if let WriteOutcome::Appended { result: Ok(a), .. } = &outcome {
+                    // JetStream's "group commit": this call's messages on a quorum.
+                    self.telemetry
+                        .metrics()
+                        .committed(a.messages.len() as u64, sent.elapsed());
                 }
-                Pending::Cursor(c) => {
-                    let result = c.ticket.and_then(|t| t.wait());
-                    match result {
-                        Ok(_) => {
-                            let ordinal = self.ordinal_at(&c.topic, c.sequence, c.token.is_some());
-                            out.push(WriteOutcome::CursorSaved {
-                                token: c.token,
+                out.push(outcome);
+                disturbed
+            }
+            Pending::Cursor(c) => {
+                let result = c.ticket.and_then(|t| t.wait());
+                match result {
+                    Ok(_) => {
+                        let ordinal = self.ordinal_at(&c.topic, c.sequence, c.token.is_some());
+                        out.push(WriteOutcome::CursorSaved {
+                            token: c.token,
+                            topic: c.topic,
+                            group: c.group,
+                            sequence: c.sequence,
+                            ordinal,
+                        });
+                    }
+                    Err(e) => {
+                        let error = storage_error("cannot store the cursor", &e);
+                        match c.token {
+                            Some(token) => out.push(WriteOutcome::CursorFailed {
+                                token,
                                 topic: c.topic,
                                 group: c.group,
-                                sequence: c.sequence,
-                                ordinal,
-                            });
-                        }
-                        Err(e) => {
-                            let error = storage_error("cannot store the cursor", &e);
-                            match c.token {
-                                Some(token) => out.push(WriteOutcome::CursorFailed {
-                                    token,
-                                    topic: c.topic,
-                                    group: c.group,
-                                    error,
-                                }),
-                                None => {
-                                    crate::log_limited!(
-                                        log::Level::Warn,
-                                        "{}; trying again with the next batch",
-                                        error.message
-                                    );
-                                    self.carry
-                                        .insert((c.topic, c.group), (c.sequence, c.acked_at_ms));
-                                }
+                                error,
+                            }),
+                            None => {
+                                crate::log_limited!(
+                                    log::Level::Warn,
+                                    "{}; trying again soon",
+                                    error.message
+                                );
+                                self.carry
+                                    .insert((c.topic, c.group), (c.sequence, c.acked_at_ms));
                             }
                         }
                     }
                 }
+                false
             }
         }
-        // Nothing is in flight now: ordinals handed out but never stored
-        // (failed publishes) are handed out again.
-        for topic in appended_to {
-            if let Some(t) = self.topics.get_mut(&topic) {
-                t.next_ordinal = t.last_ordinal;
-            }
-        }
-        let stored: usize = local
-            .iter()
-            .map(|o| match o {
-                WriteOutcome::Appended { result: Ok(a), .. } => a.messages.len(),
-                _ => 0,
-            })
-            .sum();
-        if stored > 0 {
-            // One batch acknowledged by the cluster: JetStream's group commit.
-            self.telemetry
-                .metrics()
-                .committed(stored as u64, self.batch_started.elapsed());
-        }
-        all_out.extend(announce_in_sequence_order(local));
     }
 
-    fn finish_append(&mut self, a: PendingAppend, started: Instant) -> WriteOutcome {
+    fn finish_append(&mut self, a: PendingAppend) -> (WriteOutcome, bool) {
         let PendingAppend {
             token,
             topic,
@@ -508,18 +616,21 @@ impl JetStreamWriter {
             messages,
             tickets,
             failed,
+            sent: started,
         } = a;
         if let Some(e) = failed {
-            return WriteOutcome::Appended {
+            let outcome = WriteOutcome::Appended {
                 token,
                 topic,
                 result: Err(e),
             };
+            return (outcome, false);
         }
         let mut acks: Vec<Result<PubAck, JetStreamError>> = tickets
             .into_iter()
             .map(|t| t.and_then(|t| t.wait()))
             .collect();
+        let disturbed = acks.iter().any(Result::is_err);
         // Retry, in order and with the same msg ids, what may have failed
         // only for now.
         let mut backoff = Duration::from_millis(50);
@@ -564,11 +675,12 @@ impl JetStreamWriter {
             }
         }
         let Some(counters) = counters else {
-            return WriteOutcome::Appended {
+            let outcome = WriteOutcome::Appended {
                 token,
                 topic,
                 result: Err(StorageError::new("topic vanished")),
             };
+            return (outcome, true);
         };
         for m in &stored {
             if counters.first_seq == 0 {
@@ -590,13 +702,14 @@ impl JetStreamWriter {
                     " ({stored_n} of the call's messages were stored before it failed)"
                 ));
             }
-            return WriteOutcome::Appended {
+            let outcome = WriteOutcome::Appended {
                 token,
                 topic,
                 result: Err(err),
             };
+            return (outcome, true);
         }
-        WriteOutcome::Appended {
+        let outcome = WriteOutcome::Appended {
             token,
             topic: topic.clone(),
             result: Ok(Appended {
@@ -606,7 +719,8 @@ impl JetStreamWriter {
                 messages: stored,
                 announced: false,
             }),
-        }
+        };
+        (outcome, disturbed)
     }
 
     /// Finds topics whose oldest messages JetStream removed (retention
@@ -837,7 +951,7 @@ fn wall_ms() -> i64 {
 fn outgoing(m: &Outgoing) -> OutgoingMessage<'_> {
     OutgoingMessage {
         subject: &m.subject,
-        msg_id: Some(&m.msg_id),
+        msg_id: None,
         headers: Some(&m.headers),
         payload: &m.payload,
     }
