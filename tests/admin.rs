@@ -1260,3 +1260,47 @@ async fn retention_of_a_large_backlog_does_not_stall_publishing() {
     let s = stat(&mut c, "other").await;
     assert!(s.total_messages > 0, "{s:?}");
 }
+
+/// A ResetCursor that arrives while a DeleteConsumerGroup of the same group
+/// waits for its commit must not write the cursor back after the delete:
+/// the group stays deleted, in memory and after a restart.
+#[tokio::test]
+async fn a_reset_during_a_pending_group_delete_does_not_bring_the_group_back() {
+    let mut server = Server::start();
+    let mut c = server.client().await;
+    let m = publish_all(&mut c, "t", &["a", "b"]).await;
+    let groups = names("g", 0..20);
+    for g in &groups {
+        let mut sub = c.subscribe("t", g, proto::InitialPosition::Earliest).await;
+        sub.send(credit(2)).await;
+        let got = take(&mut sub, 2).await;
+        sub.send(ack(&got[1].message_id)).await;
+        stats_until(&mut c, "t", WAIT, "the ack is stored", |s| {
+            group(s, g).is_some_and(|x| x.cursor_sequence == m[1].sequence)
+        })
+        .await;
+    }
+    let mut resets_applied = 0;
+    for g in &groups {
+        // Both calls are in flight at once on one connection.
+        let (mut c1, mut c2) = (c.clone(), c.clone());
+        let (deleted, reset) = tokio::join!(
+            delete_group(&mut c1, "t", g),
+            reset_cursor(&mut c2, "t", g, m[0].sequence)
+        );
+        assert!(deleted.unwrap(), "{g} existed");
+        resets_applied += usize::from(reset.unwrap());
+    }
+    let s = stat(&mut c, "t").await;
+    assert!(s.consumer_groups.is_empty(), "{s:?}");
+    server.signal(15);
+    assert_eq!(server.wait_exit(Duration::from_secs(10)), Some(0));
+    server.spawn(0);
+    let mut c = server.client().await;
+    let s = stat(&mut c, "t").await;
+    assert!(
+        s.consumer_groups.is_empty(),
+        "deleted groups came back after a restart ({resets_applied} of 20 resets were applied before their delete): {:?}",
+        group_names(&s)
+    );
+}

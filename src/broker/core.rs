@@ -80,6 +80,9 @@ struct Group {
     /// is, acks move the cursor here but are not persisted, so none lands
     /// after the operation's own write.
     fences: u32,
+    /// A delete of the group waits for its commit: a cursor reset now would
+    /// write the cursor back after the delete, so it is refused.
+    deleting: bool,
 }
 
 #[derive(Debug)]
@@ -301,6 +304,7 @@ impl Group {
             active: None,
             ledger: DeliveryLedger::new(ledger_cap),
             fences: 0,
+            deleting: false,
         }
     }
 }

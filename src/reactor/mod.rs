@@ -740,7 +740,7 @@ impl Reactor {
                         }
                         Err(e) => {
                             let wall = self.shared.clock.wall_ms();
-                            self.shared.broker.unfence_group(&topic, &group, wall);
+                            self.shared.broker.group_delete_failed(&topic, &group, wall);
                             Err(rpc::storage_status(&e))
                         }
                     };

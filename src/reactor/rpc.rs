@@ -263,7 +263,7 @@ fn dispatch(
             let group = group_name(req.consumer_group);
             // The broker forgets the group when the delete is committed; until
             // then its acks are held back so none re-creates it on disk.
-            if !shared.broker.fence_group(&req.topic, &group) {
+            if !shared.broker.begin_group_delete(&req.topic, &group) {
                 return Ok(Handled::Reply(Ok(delete_group_reply(false))));
             }
             let (topic, group): (Arc<str>, Arc<str>) = (req.topic.into(), group.into());

@@ -25,9 +25,29 @@ impl Broker {
         true
     }
 
-    /// Holds back a group's cursor writes while an admin operation on it
-    /// commits (see [`Broker::unfence_group`]). False if there is no such group.
+    /// Holds back a group's cursor writes while a cursor reset commits (see
+    /// [`Broker::unfence_group`]). False if there is no such group, or if
+    /// its delete is waiting for its commit (the reset would write the
+    /// cursor back after it).
     pub fn fence_group(&mut self, topic: &str, group: &str) -> bool {
+        let _core = AbortOnUnwind;
+        match self
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.groups.get_mut(group))
+        {
+            Some(g) if !g.deleting => {
+                g.fences += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Fences a group for its delete and marks it as being deleted until
+    /// the delete commits ([`Broker::delete_group`]) or fails
+    /// ([`Broker::group_delete_failed`]). False if there is no such group.
+    pub fn begin_group_delete(&mut self, topic: &str, group: &str) -> bool {
         let _core = AbortOnUnwind;
         match self
             .topics
@@ -36,10 +56,25 @@ impl Broker {
         {
             Some(g) => {
                 g.fences += 1;
+                g.deleting = true;
                 true
             }
             None => false,
         }
+    }
+
+    /// A group's delete failed: it is no longer being deleted, and its
+    /// cursor is persisted again (see [`Broker::unfence_group`]).
+    pub fn group_delete_failed(&mut self, topic: &str, group: &str, wall_ms: i64) {
+        let _core = AbortOnUnwind;
+        if let Some(g) = self
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.groups.get_mut(group))
+        {
+            g.deleting = false;
+        }
+        self.unfence_group(topic, group, wall_ms);
     }
 
     /// An admin operation on the group failed: its cursor as it is now is

@@ -108,6 +108,7 @@ impl Broker {
                                 active: Some(sub),
                                 ledger: DeliveryLedger::new(ledger_cap),
                                 fences: 0,
+                                deleting: false,
                             },
                         );
                         self.actions.push_back(Action::PersistCursor {

@@ -631,15 +631,29 @@ fn admin_operations_hold_back_acks_until_they_commit_or_fail() {
     // The reset failed: the cursor as it is now is persisted again.
     b.unfence_group("t", "g", 6);
     assert_eq!(persists(actions(&mut b)), vec![1]);
-    // A delete in flight: acks meanwhile are not persisted, and the group
-    // goes only when the delete commits.
-    assert!(b.fence_group("t", "g"));
+    // A delete in flight: acks meanwhile are not persisted, a reset is
+    // refused (its write would land after the delete and bring the group
+    // back on disk), and the group goes only when the delete commits.
+    assert!(b.begin_group_delete("t", "g"));
     b.ack(1, &id(2), 7);
     assert!(persists(actions(&mut b)).is_empty());
+    assert!(
+        !b.fence_group("t", "g"),
+        "no reset while the delete is pending"
+    );
     assert_eq!(b.groups("t").len(), 1, "still there until the commit");
+    // A failed delete: the group is whole again, resets work, the cursor is
+    // persisted again.
+    b.group_delete_failed("t", "g", 8);
+    assert_eq!(persists(actions(&mut b)), vec![2]);
+    assert!(b.fence_group("t", "g"));
+    b.unfence_group("t", "g", 9);
+    actions(&mut b);
+    assert!(b.begin_group_delete("t", "g"));
     assert!(b.delete_group("t", "g"));
     assert!(b.groups("t").is_empty());
     assert!(!b.fence_group("t", "missing"));
+    assert!(!b.begin_group_delete("t", "missing"));
 }
 
 #[test]
