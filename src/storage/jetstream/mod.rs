@@ -44,6 +44,8 @@ pub struct JetStreamStoreConfig {
 
 /// How long a JetStream API request may take.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long JetStream remembers a publish's msg id.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(30);
 /// How long start-up waits for a cluster that is still starting.
 const START_WAIT: Duration = Duration::from_secs(30);
 
@@ -79,8 +81,11 @@ pub fn connect(
 
 /// The stream Sluice keeps messages in, as configured now.
 pub fn stream_config(cfg: &JetStreamStoreConfig, layout: &Layout) -> StreamConfig {
-    // JetStream wants the duplicate window within max_age.
-    let window = Duration::from_secs(120).min(cfg.retention_max_age.unwrap_or(Duration::MAX));
+    // Long enough for the writer's retries (10 s after a send, plus the
+    // ack timeout); JetStream keeps every msg id this long, so not longer
+    // (at 50k msg/s, the default 2 minutes would hold 6 M ids per node).
+    // JetStream wants it within max_age.
+    let window = DUPLICATE_WINDOW.min(cfg.retention_max_age.unwrap_or(Duration::MAX));
     let mut s = StreamConfig::new(layout.stream(), layout.stream_subjects())
         .replicas(cfg.replicas)
         .duplicate_window(window);
