@@ -328,3 +328,96 @@ fn each_kind_of_control_frame_flood_gets_goaway_enhance_your_calm() {
         );
     }
 }
+
+/// A reader with small HTTP/2 windows sends a WINDOW_UPDATE for every few
+/// KiB it receives: tens of thousands a second when it reads fast. That is
+/// honest use, paid for by the bytes the server sent, and must not be taken
+/// for a control-frame flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_reader_with_small_windows_is_not_cut_off() {
+    use bytes::{BufMut, Bytes, BytesMut};
+    use prost::Message;
+    use sluice::proto;
+    let server = Server::start();
+    let mut c = server.client().await;
+    const MESSAGES: usize = 40_000;
+    let payload = vec![5u8; 1024];
+    let refs: Vec<&[u8]> = (0..1000).map(|_| payload.as_slice()).collect();
+    for _ in 0..MESSAGES / 1000 {
+        c.batch_publish("fast", &refs).await.unwrap();
+    }
+    let frame = |m: &proto::SubscribeUpstream| {
+        let mut b = BytesMut::new();
+        b.put_u8(0);
+        b.put_u32(m.encoded_len() as u32);
+        m.encode(&mut b).unwrap();
+        b.freeze()
+    };
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+        .await
+        .unwrap();
+    // Like any gRPC stack: small frames go out at once.
+    tcp.set_nodelay(true).unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(4096)
+        .initial_connection_window_size(4096)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = http::Request::post(format!(
+        "http://127.0.0.1:{}/sluice.v1.Sluice/Subscribe",
+        server.port
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (resp, mut up) = send.send_request(req, false).unwrap();
+    let mut first = BytesMut::new();
+    first.extend_from_slice(&frame(&proto::SubscribeUpstream {
+        request: Some(proto::subscribe_upstream::Request::Init(
+            proto::SubscriptionInit {
+                topic: "fast".into(),
+                consumer_group: String::new(),
+                consumer_id: "fast".into(),
+                initial_position: proto::InitialPosition::Earliest as i32,
+                offset: 0,
+                mode: proto::SubscriptionMode::Browse as i32,
+            },
+        )),
+    }));
+    first.extend_from_slice(&frame(&credit(1_000_000)));
+    up.send_data(first.freeze(), false).unwrap();
+    let mut body = resp.await.unwrap().into_body();
+    let start = Instant::now();
+    let want = MESSAGES * 1024;
+    let mut got = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, body.data()).await {
+            Ok(Some(Ok(chunk))) => {
+                got += chunk.len();
+                let _ = body.flow_control().release_capacity(chunk.len());
+            }
+            other => panic!(
+                "the stream ended after {got} of {want}+ bytes in {:?}: {other:?}\nlog:\n{}",
+                start.elapsed(),
+                server.log_text()
+            ),
+        }
+    }
+    let took = start.elapsed();
+    eprintln!(
+        "read {got} bytes through 4 KiB windows in {took:?} ({:.0} KiB/s), not cut off",
+        got as f64 / 1024.0 / took.as_secs_f64()
+    );
+    assert!(
+        !server.log_text().contains("control frames"),
+        "{}",
+        server.log_text()
+    );
+    driver.abort();
+}

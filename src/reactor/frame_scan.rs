@@ -104,11 +104,20 @@ impl FrameScanner {
 
 /// Control frames per connection per second, over a fixed one-second
 /// window: past `limit` in one window the peer is flooding.
+/// Control frames allowed per byte the server wrote in the same window: a
+/// reader sends WINDOW_UPDATEs (and answers PINGs) in proportion to what it
+/// receives, so a fast honest reader with small windows is paid for by the
+/// data it was sent. One frame per KiB covers windows down to 2 KiB.
+pub const BYTES_PER_EARNED_FRAME: u64 = 1024;
+
+/// Control frames within a one-second window, against `limit` plus what
+/// the bytes written in that window earned.
 #[derive(Debug, Clone)]
 pub struct ControlFrameRate {
     limit: u64,
     window_start: Option<Instant>,
     in_window: u64,
+    written_in_window: u64,
 }
 
 impl ControlFrameRate {
@@ -119,22 +128,34 @@ impl ControlFrameRate {
             limit,
             window_start: None,
             in_window: 0,
+            written_in_window: 0,
         }
     }
 
-    /// Counts `n` control frames received at `now`; true once more than
-    /// `limit` came within one window.
-    pub fn exceeded(&mut self, n: u64, now: Instant) -> bool {
-        match self.window_start {
-            Some(start) if now.saturating_duration_since(start) < Self::WINDOW => {
-                self.in_window += n;
-            }
-            _ => {
-                self.window_start = Some(now);
-                self.in_window = n;
-            }
+    /// Starts a new window when the current one is over.
+    fn roll(&mut self, now: Instant) {
+        let current = self
+            .window_start
+            .is_some_and(|start| now.saturating_duration_since(start) < Self::WINDOW);
+        if !current {
+            self.window_start = Some(now);
+            self.in_window = 0;
+            self.written_in_window = 0;
         }
-        self.in_window > self.limit
+    }
+
+    /// The server wrote `bytes` to the peer.
+    pub fn wrote(&mut self, bytes: usize, now: Instant) {
+        self.roll(now);
+        self.written_in_window += bytes as u64;
+    }
+
+    /// `n` more control frames arrived: true when the window holds more
+    /// than the limit allows.
+    pub fn exceeded(&mut self, n: u64, now: Instant) -> bool {
+        self.roll(now);
+        self.in_window += n;
+        self.in_window > self.limit + self.written_in_window / BYTES_PER_EARNED_FRAME
     }
 }
 
@@ -196,6 +217,20 @@ mod tests {
         assert!(!r.exceeded(100, t0));
         assert!(!r.exceeded(100, t0 + Duration::from_secs(1)));
         assert!(!r.exceeded(100, t0 + Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn bytes_written_earn_control_frames_in_their_window_only() {
+        let t0 = Instant::now();
+        let mut r = ControlFrameRate::new(100);
+        // 1 MiB sent: a reader may answer it with 1,024 more frames.
+        r.wrote(1 << 20, t0);
+        assert!(!r.exceeded(1_124, t0 + Duration::from_millis(10)));
+        assert!(r.exceeded(1, t0 + Duration::from_millis(20)));
+        // The next window starts with no earnings.
+        r.wrote(10 << 10, t0 + Duration::from_millis(1500));
+        assert!(!r.exceeded(110, t0 + Duration::from_millis(1600)));
+        assert!(r.exceeded(1, t0 + Duration::from_millis(1700)));
     }
 }
 

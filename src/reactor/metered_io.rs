@@ -114,7 +114,12 @@ impl AsyncWrite for MeteredIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.rate.wrote(n, Instant::now());
+        }
+        r
     }
 
     fn poll_write_vectored(
@@ -122,7 +127,12 @@ impl AsyncWrite for MeteredIo {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.rate.wrote(n, Instant::now());
+        }
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
