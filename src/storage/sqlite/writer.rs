@@ -378,12 +378,10 @@ impl GroupCommit {
             };
             let mut out = Vec::new();
             spin_next = false;
-            // Writes a failed batch left behind go first, in their order.
-            batch.append(&mut self.carry);
             if let Some(first) = first {
                 batch.push(first);
             }
-            if !batch.is_empty() {
+            if !batch.is_empty() || !self.carry.is_empty() {
                 let mut count: usize = batch.iter().map(WriteRequest::message_count).sum();
                 let mut bytes: usize = batch.iter().map(WriteRequest::payload_bytes).sum();
                 while count < self.config.max_messages && bytes < self.config.max_bytes {
@@ -402,7 +400,7 @@ impl GroupCommit {
                     && batch
                         .iter()
                         .any(|r| matches!(r, WriteRequest::Append { .. }));
-                out = self.commit(&mut batch);
+                out = self.commit_with_carry(&mut batch);
                 self.unchecked.commits += 1;
                 self.unchecked.bytes += bytes;
             }
@@ -739,7 +737,7 @@ impl GroupCommit {
                 disk_full: true,
                 corrupt: false,
                 unavailable: false,
-too_large: false,
+                too_large: false,
                 message: format!(
                     "the --max-db-bytes cap of {cap} bytes is reached (database and WAL hold {used} bytes); \
                      delete topics or set retention to make room"
@@ -747,6 +745,28 @@ too_large: false,
             });
         }
         Ok(())
+    }
+
+    /// Commits what a failed batch left behind (in its own transaction, so
+    /// a write that keeps failing never takes new batches down with it),
+    /// then `batch`.
+    fn commit_with_carry(&mut self, batch: &mut Vec<WriteRequest>) -> Vec<WriteOutcome> {
+        let mut out = Vec::new();
+        if !self.carry.is_empty() {
+            let mut carried = std::mem::take(&mut self.carry);
+            out = self.commit(&mut carried);
+            if !self.carry.is_empty() {
+                crate::log_limited!(
+                    log::Level::Error,
+                    "writer: {} carried topic creations or cursor writes failed again",
+                    self.carry.len()
+                );
+            }
+        }
+        if !batch.is_empty() {
+            out.extend(self.commit(batch));
+        }
+        out
     }
 
     /// Keeps a caller-less write of a failed batch for the next one: the
@@ -1092,6 +1112,46 @@ mod tests {
             .unwrap();
         assert_eq!(cursor, 6);
         assert!(gc.topics.contains_key("u"));
+    }
+
+    #[test]
+    fn a_carried_write_that_keeps_failing_does_not_fail_new_batches() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut gc = writer_in(tmp.path(), None);
+        gc.commit(&mut vec![append(1, "t", 10)]);
+        // Any cursor write for group "poison" fails, every time.
+        gc.conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER poison BEFORE INSERT ON main.cursors WHEN NEW.grp = 'poison'
+                 BEGIN SELECT RAISE(ABORT, 'poisoned'); END;",
+            )
+            .unwrap();
+        let poison = WriteRequest::SetCursor {
+            topic: "t".into(),
+            group: "poison".into(),
+            sequence: 1,
+            acked_at_ms: 1,
+            token: None,
+        };
+        let out = gc.commit(&mut vec![append(2, "t", 10), poison]);
+        assert!(matches!(
+            &out[..],
+            [WriteOutcome::Appended { result: Err(_), .. }]
+        ));
+        assert_eq!(gc.carry.len(), 1);
+        // The next batches commit; the poisoned write stays carried.
+        for token in 3..6 {
+            let out = gc.commit_with_carry(&mut vec![append(token, "t", 10), acked_cursor(1, 9)]);
+            assert!(
+                out.iter()
+                    .any(|o| matches!(o, WriteOutcome::Appended { result: Ok(_), .. })),
+                "{out:?}"
+            );
+            assert!(out
+                .iter()
+                .any(|o| matches!(o, WriteOutcome::CursorSaved { sequence: 1, .. })));
+            assert_eq!(gc.carry.len(), 1);
+        }
     }
 
     #[test]
