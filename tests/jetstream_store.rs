@@ -520,3 +520,60 @@ async fn gateway_sigkill_under_load_keeps_acked_messages_and_cursors() {
     );
     assert_eq!((missing, dups), (0, 0));
 }
+
+/// A BatchPublish as large as the default limit (10,000 messages) is stored
+/// whole: every message is sent before its ack is awaited, so the client's
+/// limit on requests in flight must allow it.
+#[tokio::test]
+async fn a_batch_of_ten_thousand_is_stored_whole() {
+    let (node, _client) = SingleNode::start();
+    let g = gateway(&node.node.url(), "1", &[]);
+    let mut c = g.client().await;
+    let payload = [9u8; 64];
+    let refs: Vec<&[u8]> = (0..10_000).map(|_| &payload[..]).collect();
+    let r = c.batch_publish("big-batch", &refs).await.unwrap();
+    assert_eq!(r.results.len(), 10_000);
+    let seqs: Vec<u64> = r.results.iter().map(|m| m.sequence).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "in call order");
+}
+
+/// SIGTERM right after a consumer acked: the gateway stores the acks it
+/// had queued before it exits, so the group resumes after its last ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_stores_the_acks_it_had_queued() {
+    let (node, _client) = SingleNode::start();
+    let mut g = gateway(&node.node.url(), "1", &[]);
+    let mut c = g.client().await;
+    let payload = [1u8; 32];
+    let refs: Vec<&[u8]> = (0..2_000).map(|_| &payload[..]).collect();
+    for _ in 0..5 {
+        c.batch_publish("acks", &refs).await.unwrap();
+    }
+    let mut sub = c
+        .subscribe("acks", "g", proto::InitialPosition::Earliest)
+        .await;
+    sub.send(credit(10_000)).await;
+    let mut last = 0;
+    for _ in 0..10_000 {
+        let d = sub.delivery(Duration::from_secs(10)).await;
+        sub.send(ack(&d.message_id)).await;
+        last = d.sequence;
+    }
+    // Give the acks a moment to reach the daemon, then stop it at once.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    g.signal(15);
+    assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
+    g.spawn(0);
+    let mut c = g.client().await;
+    let s: proto::GetTopicStatsResponse = c
+        .unary(
+            "GetTopicStats",
+            proto::GetTopicStatsRequest {
+                topics: vec!["acks".into()],
+            },
+        )
+        .await
+        .unwrap();
+    let cursor = s.stats[0].consumer_groups[0].cursor_sequence;
+    assert_eq!(cursor, last, "{}", g.log_text());
+}

@@ -96,7 +96,9 @@ impl JetStreamError {
     /// pause (~100 ms): no responders (e.g. a stream leader election: ~5-8 s
     /// on nats-server 2.9.10), a timeout or a lost connection (outcome
     /// unknown: retry a publish with the same `Nats-Msg-Id`), reconnecting,
-    /// or too many requests in flight. False when the server refused it.
+    /// too many requests in flight, a failed socket write (the connection is
+    /// being replaced), or JetStream answering 503 (no quorum, temporarily
+    /// unavailable). False when the server refused it.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
@@ -106,8 +108,9 @@ impl JetStreamError {
                     | ClientError::NotConnected
                     | ClientError::Disconnected
                     | ClientError::TooManyPendingRequests
+                    | ClientError::Io(_)
             )
-        )
+        ) || matches!(self, JetStreamError::Api(e) if e.code == 503)
     }
 }
 

@@ -211,7 +211,9 @@ impl KvBucket {
                     .js
                     .fetch(&self.stream, &consumer.name, page_size, None)?;
                 let Some(last) = page.last() else {
-                    break;
+                    // Keys are pending but none came (a recovering cluster
+                    // answers so): a partial list would be taken as whole.
+                    return Err(JetStreamError::Client(super::Error::Timeout));
                 };
                 remaining = last.info.pending;
                 for m in &page {

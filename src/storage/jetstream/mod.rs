@@ -68,6 +68,10 @@ pub fn connect(
         name: Some(name.to_string()),
         token: token.map(str::to_string),
         max_reconnect_rounds: None,
+        // A whole BatchPublish (up to 65,536 messages) is sent before its
+        // acks are awaited, on top of the writer's window and the reader's
+        // and monitor's requests.
+        max_pending_requests: 65_536 + 16_384,
         ..Options::default()
     };
     if let Some((user, pass)) = &cfg.credentials {

@@ -135,6 +135,12 @@ impl JetStreamReader {
         let end_hint = self.status.last_acked();
         let limit =
             (req.limit as usize).clamp(1, self.js.client().subscription_capacity().max(2) / 2);
+        if self
+            .degraded_until
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return self.read_one_by_one(req, &subject, limit, end_hint);
+        }
         let consumer = match self
             .cached
             .iter()

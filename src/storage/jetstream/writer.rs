@@ -216,6 +216,10 @@ impl JetStreamWriter {
         let _exit = WakeOnExit(wake.clone());
         let mut reported: Option<String> = None;
         let mut open = true;
+        // The reactor stopped listening (shutdown): keep storing what it
+        // queued, without answers.
+        let mut orphaned = false;
+        let mut carry_tried_at_exit = false;
         loop {
             let mut out = Vec::new();
             let now = self.status.unavailable_reason();
@@ -236,16 +240,25 @@ impl JetStreamWriter {
             while open && room > 0 && batch.len() < MAX_BATCH_REQUESTS {
                 match requests.try_recv() {
                     Ok(r) => {
-                        if let WriteRequest::Append { messages, .. } = &r {
-                            room = room.saturating_sub(messages.len());
-                        }
+                        room = room.saturating_sub(match &r {
+                            WriteRequest::Append { messages, .. } => messages.len(),
+                            _ => 1,
+                        });
                         batch.push(r);
                     }
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => open = false,
                 }
             }
-            if !batch.is_empty() || (!self.carry.is_empty() && self.inflight.is_empty()) {
+            // Failed cursor writes go again when nothing is in flight (once
+            // more at exit).
+            let retry_carry = !self.carry.is_empty()
+                && self.inflight.is_empty()
+                && (open || !carry_tried_at_exit);
+            if !open && retry_carry {
+                carry_tried_at_exit = true;
+            }
+            if !batch.is_empty() || retry_carry {
                 if crate::failpoint::hit("writer-panic") {
                     panic!("fail point writer-panic");
                 }
@@ -262,15 +275,24 @@ impl JetStreamWriter {
                 out.extend(self.check_trims());
             }
             if !out.is_empty() {
-                for o in out {
-                    if outcomes.send(o).is_err() {
-                        return;
+                if !orphaned {
+                    for o in out {
+                        if outcomes.send(o).is_err() {
+                            orphaned = true;
+                            break;
+                        }
                     }
+                    wake();
                 }
-                wake();
                 continue;
             }
-            if !open && self.inflight.is_empty() {
+            if !open && self.inflight.is_empty() && (self.carry.is_empty() || carry_tried_at_exit) {
+                if !self.carry.is_empty() {
+                    log::error!(
+                        "writer: {} cursor writes could not be stored before exit",
+                        self.carry.len()
+                    );
+                }
                 return;
             }
             self.wait_for_progress(open.then_some(&requests));
@@ -481,7 +503,13 @@ impl JetStreamWriter {
                     Ok(Some(entry)) => serde_json::from_slice::<TopicValue>(&entry.value)
                         .map(|v| v.created_at_ms)
                         .unwrap_or(created_at_ms),
-                    Ok(None) => created_at_ms,
+                    // Deleted before (a tombstone holds the key): register anew.
+                    Ok(None) => {
+                        self.topics_kv
+                            .put(&key, &value)
+                            .map_err(|e| storage_error("cannot register the topic", &e))?;
+                        created_at_ms
+                    }
                     Err(e) => return Err(storage_error("cannot read the topic registry", &e)),
                 }
             }
@@ -559,12 +587,24 @@ impl JetStreamWriter {
         match p {
             Pending::Append(a) => {
                 let sent = a.sent;
-                let (outcome, disturbed) = self.finish_append(a);
+                let (outcome, disturbed, orphans) = self.finish_append(a);
                 if let WriteOutcome::Appended { result: Ok(a), .. } = &outcome {
                     // JetStream's "group commit": this call's messages on a quorum.
                     self.telemetry
                         .metrics()
                         .committed(a.messages.len() as u64, sent.elapsed());
+                }
+                // A failed call's stored messages are real: the broker hears
+                // of them (subscribers must not skip them).
+                if let (false, WriteOutcome::Appended { topic, .. }) =
+                    (orphans.is_empty(), &outcome)
+                {
+                    let created_at_ms = self.topics.get(topic).map_or(0, |t| t.created_at_ms);
+                    out.push(WriteOutcome::Committed {
+                        topic: topic.clone(),
+                        created_at_ms,
+                        messages: orphans,
+                    });
                 }
                 out.push(outcome);
                 disturbed
@@ -573,6 +613,8 @@ impl JetStreamWriter {
                 let result = c.ticket.and_then(|t| t.wait());
                 match result {
                     Ok(_) => {
+                        // An older failed write of the group must not go again.
+                        self.carry.remove(&(c.topic.clone(), c.group.clone()));
                         let ordinal = self.ordinal_at(&c.topic, c.sequence, c.token.is_some());
                         out.push(WriteOutcome::CursorSaved {
                             token: c.token,
@@ -592,13 +634,20 @@ impl JetStreamWriter {
                                 error,
                             }),
                             None => {
-                                crate::log_limited!(
-                                    log::Level::Warn,
-                                    "{}; trying again soon",
-                                    error.message
-                                );
-                                self.carry
-                                    .insert((c.topic, c.group), (c.sequence, c.acked_at_ms));
+                                // Only when no later write of the group is
+                                // in flight: that one is newer.
+                                let newer = self.inflight.iter().any(|p| {
+                                    matches!(p, Pending::Cursor(n) if n.topic == c.topic && n.group == c.group)
+                                });
+                                if !newer {
+                                    crate::log_limited!(
+                                        log::Level::Warn,
+                                        "{}; trying again soon",
+                                        error.message
+                                    );
+                                    self.carry
+                                        .insert((c.topic, c.group), (c.sequence, c.acked_at_ms));
+                                }
                             }
                         }
                     }
@@ -608,7 +657,9 @@ impl JetStreamWriter {
         }
     }
 
-    fn finish_append(&mut self, a: PendingAppend) -> (WriteOutcome, bool) {
+    /// The call's outcome, whether anything failed (even if a resend then
+    /// worked), and, when the call failed, the messages stored anyway.
+    fn finish_append(&mut self, a: PendingAppend) -> (WriteOutcome, bool, Vec<Arc<StoredMessage>>) {
         let PendingAppend {
             token,
             topic,
@@ -624,7 +675,7 @@ impl JetStreamWriter {
                 topic,
                 result: Err(e),
             };
-            return (outcome, false);
+            return (outcome, false, Vec::new());
         }
         let mut acks: Vec<Result<PubAck, JetStreamError>> = tickets
             .into_iter()
@@ -633,15 +684,21 @@ impl JetStreamWriter {
         let disturbed = acks.iter().any(Result::is_err);
         // Retry, in order and with the same msg ids, what may have failed
         // only for now.
-        let mut backoff = Duration::from_millis(50);
         for (i, ack) in acks.iter_mut().enumerate() {
+            let mut backoff = Duration::from_millis(50);
             while let Err(e) = ack {
-                let retry = e.is_transient()
-                    && !self.status.is_unavailable()
-                    && self.js.client().is_connected()
-                    && started.elapsed() < self.cfg.retry_for;
-                if !retry {
+                let left = self.cfg.retry_for.saturating_sub(started.elapsed());
+                if !e.is_transient() || self.status.is_unavailable() || left.is_zero() {
                     break;
+                }
+                // A lost connection is replaced by one to another server.
+                if !self.js.client().is_connected()
+                    && !self
+                        .js
+                        .client()
+                        .wait_connected(left.min(Duration::from_secs(1)))
+                {
+                    continue;
                 }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -680,18 +737,21 @@ impl JetStreamWriter {
                 topic,
                 result: Err(StorageError::new("topic vanished")),
             };
-            return (outcome, true);
+            return (outcome, true, stored);
         };
         for m in &stored {
-            if counters.first_seq == 0 {
+            if counters.first_seq == 0 || m.sequence < counters.first_seq {
                 counters.first_seq = m.sequence;
                 counters.first_ordinal = m.ordinal;
             }
             counters.last_seq = counters.last_seq.max(m.sequence);
             counters.last_ordinal = counters.last_ordinal.max(m.ordinal);
-            counters.recent.push_back((m.sequence, m.ordinal));
-            if counters.recent.len() > RECENT_PER_TOPIC {
-                counters.recent.pop_front();
+            // Kept sorted by sequence (a resent message can come later).
+            if counters.recent.back().is_none_or(|&(q, _)| q < m.sequence) {
+                counters.recent.push_back((m.sequence, m.ordinal));
+                if counters.recent.len() > RECENT_PER_TOPIC {
+                    counters.recent.pop_front();
+                }
             }
         }
         if let Some(e) = error {
@@ -707,7 +767,7 @@ impl JetStreamWriter {
                 topic,
                 result: Err(err),
             };
-            return (outcome, true);
+            return (outcome, true, stored);
         }
         let outcome = WriteOutcome::Appended {
             token,
@@ -720,7 +780,7 @@ impl JetStreamWriter {
                 announced: false,
             }),
         };
-        (outcome, disturbed)
+        (outcome, disturbed, Vec::new())
     }
 
     /// Finds topics whose oldest messages JetStream removed (retention
@@ -843,10 +903,8 @@ impl JetStreamWriter {
         else {
             return Ok(false);
         };
-        let purged = self
-            .js
-            .purge_subject(self.layout.stream(), &subject)
-            .map_err(|e| storage_error("cannot purge the topic", &e))?;
+        // The cursors and the registry entry first, the messages last: a
+        // failure part-way leaves the messages (and says so).
         let registered = self
             .topics_kv
             .get(&key)
@@ -866,6 +924,10 @@ impl JetStreamWriter {
                 .purge(&key)
                 .map_err(|e| storage_error("cannot unregister the topic", &e))?;
         }
+        let purged = self
+            .js
+            .purge_subject(self.layout.stream(), &subject)
+            .map_err(|e| storage_error("cannot purge the topic", &e))?;
         self.carry.retain(|(t, _), _| t != topic);
         let known = self.topics.remove(topic).is_some();
         Ok(known || registered || purged > 0)
@@ -900,14 +962,21 @@ fn announce_in_sequence_order(outcomes: Vec<WriteOutcome>) -> Vec<WriteOutcome> 
     let mut last: HashMap<Arc<str>, u64> = HashMap::new();
     let mut disordered: HashSet<Arc<str>> = HashSet::new();
     for o in &outcomes {
-        if let WriteOutcome::Appended { result: Ok(a), .. } = o {
-            let prev = last.entry(a.topic.clone()).or_insert(0);
-            for m in &a.messages {
-                if m.sequence <= *prev {
-                    disordered.insert(a.topic.clone());
+        match o {
+            WriteOutcome::Appended { result: Ok(a), .. } => {
+                let prev = last.entry(a.topic.clone()).or_insert(0);
+                for m in &a.messages {
+                    if m.sequence <= *prev {
+                        disordered.insert(a.topic.clone());
+                    }
+                    *prev = (*prev).max(m.sequence);
                 }
-                *prev = (*prev).max(m.sequence);
             }
+            // Stored messages of failed calls: merged with the rest.
+            WriteOutcome::Committed { topic, .. } => {
+                disordered.insert(topic.clone());
+            }
+            _ => {}
         }
     }
     if disordered.is_empty() {
@@ -915,29 +984,53 @@ fn announce_in_sequence_order(outcomes: Vec<WriteOutcome>) -> Vec<WriteOutcome> 
     }
     let mut sorted: HashMap<Arc<str>, (i64, Vec<Arc<StoredMessage>>)> = HashMap::new();
     for o in &outcomes {
-        if let WriteOutcome::Appended { result: Ok(a), .. } = o {
-            if disordered.contains(&a.topic) {
-                let e = sorted
-                    .entry(a.topic.clone())
-                    .or_insert((a.created_at_ms, Vec::new()));
-                e.1.extend(a.messages.iter().cloned());
+        let (topic, created_at_ms, messages) = match o {
+            WriteOutcome::Appended { result: Ok(a), .. } => {
+                (&a.topic, a.created_at_ms, &a.messages)
             }
+            WriteOutcome::Committed {
+                topic,
+                created_at_ms,
+                messages,
+            } => (topic, *created_at_ms, messages),
+            _ => continue,
+        };
+        if disordered.contains(topic) {
+            let e = sorted
+                .entry(topic.clone())
+                .or_insert((created_at_ms, Vec::new()));
+            e.1.extend(messages.iter().cloned());
         }
     }
     let mut out = Vec::with_capacity(outcomes.len() + sorted.len());
     for mut o in outcomes {
-        if let WriteOutcome::Appended { result: Ok(a), .. } = &mut o {
-            if let Some((created_at_ms, mut messages)) = sorted.remove(&a.topic) {
-                messages.sort_by_key(|m| m.sequence);
-                out.push(WriteOutcome::Committed {
-                    topic: a.topic.clone(),
-                    created_at_ms,
-                    messages,
-                });
+        let topic = match &o {
+            WriteOutcome::Appended { result: Ok(a), .. } => a.topic.clone(),
+            WriteOutcome::Committed { topic, .. } => topic.clone(),
+            _ => {
+                out.push(o);
+                continue;
             }
-            a.announced = disordered.contains(&a.topic);
+        };
+        if !disordered.contains(&topic) {
+            out.push(o);
+            continue;
         }
-        out.push(o);
+        // The topic's one sorted announcement goes where its first
+        // message was.
+        if let Some((created_at_ms, mut messages)) = sorted.remove(&topic) {
+            messages.sort_by_key(|m| m.sequence);
+            messages.dedup_by_key(|m| m.sequence);
+            out.push(WriteOutcome::Committed {
+                topic: topic.clone(),
+                created_at_ms,
+                messages,
+            });
+        }
+        if let WriteOutcome::Appended { result: Ok(a), .. } = &mut o {
+            a.announced = true;
+            out.push(o);
+        }
     }
     out
 }
@@ -1064,6 +1157,40 @@ mod tests {
             .collect();
         // The calls are answered in their order; only topic t's were announced.
         assert_eq!(announced, vec![(1, true), (2, false), (3, true)]);
+
+        // A failed call stored 21 before failing: announced with the rest.
+        let Some(WriteOutcome::Appended {
+            result: Ok(orphans),
+            ..
+        }) = [appended(0, "t", &[21])].into_iter().next()
+        else {
+            unreachable!()
+        };
+        let out = announce_in_sequence_order(vec![
+            appended(1, "t", &[20]),
+            WriteOutcome::Committed {
+                topic: "t".into(),
+                created_at_ms: 1,
+                messages: orphans.messages,
+            },
+            WriteOutcome::Appended {
+                token: 2,
+                topic: "t".into(),
+                result: Err(StorageError::new("failed after one")),
+            },
+            appended(3, "t", &[22]),
+        ]);
+        let committed: Vec<Vec<u64>> = out
+            .iter()
+            .filter_map(|o| match o {
+                WriteOutcome::Committed { messages, .. } => {
+                    Some(messages.iter().map(|m| m.sequence).collect())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(committed, vec![vec![20, 21, 22]]);
+        assert_eq!(out.len(), 4, "{out:?}");
     }
 
     #[test]
