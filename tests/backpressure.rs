@@ -96,46 +96,23 @@ async fn saturating_publisher_and_consumer_share_one_connection() {
 /// stops reading its socket: the broker must not buffer the backlog for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_that_stops_reading_costs_bounded_memory() {
-    use bytes::{BufMut, Bytes, BytesMut};
-    use prost::Message;
+    use bytes::BytesMut;
     let server = Server::start();
     let mut c = server.client().await;
     c.publish("stall", b"warm-up").await.unwrap();
 
-    let frame = |m: &proto::SubscribeUpstream| {
-        let mut b = BytesMut::new();
-        b.put_u8(0);
-        b.put_u32(m.encoded_len() as u32);
-        m.encode(&mut b).unwrap();
-        b.freeze()
-    };
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
-        .await
-        .unwrap();
-    let (send, mut conn) = h2::client::Builder::new()
-        .initial_window_size(i32::MAX as u32)
-        .initial_connection_window_size(i32::MAX as u32)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
+    let (send, mut conn) = raw_h2(server.port, i32::MAX as u32).await;
     let setup = async {
         let mut send = send.ready().await.unwrap();
-        let req = http::Request::post(format!(
-            "http://127.0.0.1:{}/sluice.v1.Sluice/Subscribe",
-            server.port
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
+        let req = grpc_request(server.port, "Subscribe");
         let (resp, mut stream) = send.send_request(req, false).unwrap();
         let mut first = BytesMut::new();
-        first.extend_from_slice(&frame(&init(
+        first.extend_from_slice(&grpc_frame(&init(
             "stall",
             "g",
             proto::InitialPosition::Earliest,
         )));
-        first.extend_from_slice(&frame(&credit(1_000_000)));
+        first.extend_from_slice(&grpc_frame(&credit(1_000_000)));
         stream.send_data(first.freeze(), false).unwrap();
         let resp = resp.await.unwrap();
         (stream, resp)

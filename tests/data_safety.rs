@@ -137,27 +137,12 @@ async fn batch_publish_over_the_cap_is_refused_before_anything_is_stored() {
     );
 }
 
-async fn health_watch(c: &Client) -> tonic::Streaming<health::HealthCheckResponse> {
-    let mut grpc = c.grpc.clone();
-    grpc.ready().await.unwrap();
-    grpc.server_streaming(
-        Request::new(health::HealthCheckRequest {
-            service: String::new(),
-        }),
-        PathAndQuery::from_static("/grpc.health.v1.Health/Watch"),
-        ProstCodec::<health::HealthCheckRequest, health::HealthCheckResponse>::default(),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-}
-
 #[tokio::test]
 async fn a_dead_writer_fails_calls_unavailable_reports_not_serving_and_exits_non_zero() {
     // The writer thread panics on its third batch.
     let mut server = Server::start_with_env(&[], &[("SLUICE_FAILPOINT", "writer-panic:3")]);
     let mut c = server.client().await;
-    let mut watch = health_watch(&c).await;
+    let mut watch = c.health_watch().await;
     assert_eq!(watch.message().await.unwrap().unwrap().status, 1); // SERVING
     c.publish("t", b"1").await.unwrap();
     c.publish("t", b"2").await.unwrap();

@@ -335,8 +335,7 @@ fn each_kind_of_control_frame_flood_gets_goaway_enhance_your_calm() {
 /// for a control-frame flood.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_reader_with_small_windows_is_not_cut_off() {
-    use bytes::{BufMut, Bytes, BytesMut};
-    use prost::Message;
+    use bytes::BytesMut;
     use sluice::proto;
     let server = Server::start();
     let mut c = server.client().await;
@@ -346,37 +345,13 @@ async fn a_fast_reader_with_small_windows_is_not_cut_off() {
     for _ in 0..MESSAGES / 1000 {
         c.batch_publish("fast", &refs).await.unwrap();
     }
-    let frame = |m: &proto::SubscribeUpstream| {
-        let mut b = BytesMut::new();
-        b.put_u8(0);
-        b.put_u32(m.encoded_len() as u32);
-        m.encode(&mut b).unwrap();
-        b.freeze()
-    };
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.port))
-        .await
-        .unwrap();
-    // Like any gRPC stack: small frames go out at once.
-    tcp.set_nodelay(true).unwrap();
-    let (send, conn) = h2::client::Builder::new()
-        .initial_window_size(4096)
-        .initial_connection_window_size(4096)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
+    let (send, conn) = raw_h2(server.port, 4096).await;
     let driver = tokio::spawn(conn);
     let mut send = send.ready().await.unwrap();
-    let req = http::Request::post(format!(
-        "http://127.0.0.1:{}/sluice.v1.Sluice/Subscribe",
-        server.port
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap();
+    let req = grpc_request(server.port, "Subscribe");
     let (resp, mut up) = send.send_request(req, false).unwrap();
     let mut first = BytesMut::new();
-    first.extend_from_slice(&frame(&proto::SubscribeUpstream {
+    first.extend_from_slice(&grpc_frame(&proto::SubscribeUpstream {
         request: Some(proto::subscribe_upstream::Request::Init(
             proto::SubscriptionInit {
                 topic: "fast".into(),
@@ -388,7 +363,7 @@ async fn a_fast_reader_with_small_windows_is_not_cut_off() {
             },
         )),
     }));
-    first.extend_from_slice(&frame(&credit(1_000_000)));
+    first.extend_from_slice(&grpc_frame(&credit(1_000_000)));
     up.send_data(first.freeze(), false).unwrap();
     let mut body = resp.await.unwrap().into_body();
     let start = Instant::now();

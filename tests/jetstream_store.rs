@@ -48,21 +48,6 @@ async fn health_check(c: &Client) -> Result<i32, tonic::Status> {
     .map(|r| r.into_inner().status)
 }
 
-async fn health_watch(c: &Client) -> tonic::Streaming<health::HealthCheckResponse> {
-    let mut grpc = c.grpc.clone();
-    grpc.ready().await.unwrap();
-    grpc.server_streaming(
-        Request::new(health::HealthCheckRequest {
-            service: String::new(),
-        }),
-        PathAndQuery::from_static("/grpc.health.v1.Health/Watch"),
-        ProstCodec::<health::HealthCheckRequest, health::HealthCheckResponse>::default(),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-}
-
 async fn wait_health(c: &Client, want: i32, limit: Duration) -> Duration {
     let start = Instant::now();
     loop {
@@ -385,7 +370,7 @@ async fn all_nats_nodes_down_then_back_fails_fast_and_recovers() {
             .unwrap();
         acked.insert(r.sequence, r.message_id);
     }
-    let mut watch = health_watch(&c).await;
+    let mut watch = c.health_watch().await;
     assert_eq!(watch.message().await.unwrap().unwrap().status, SERVING);
 
     for n in cluster.nodes.iter_mut() {
@@ -477,16 +462,8 @@ async fn gateway_sigkill_under_load_keeps_acked_messages_and_cursors() {
     }
     g.spawn(0);
     let mut c = g.client().await;
-    let s: proto::GetTopicStatsResponse = c
-        .unary(
-            "GetTopicStats",
-            proto::GetTopicStatsRequest {
-                topics: vec!["jobs".into()],
-            },
-        )
-        .await
-        .unwrap();
-    let cursor = s.stats[0]
+    let stats = c.topic_stats(&["jobs"]).await.unwrap();
+    let cursor = stats[0]
         .consumer_groups
         .iter()
         .find(|g| g.group_name == "workers")
@@ -565,15 +542,7 @@ async fn a_clean_stop_stores_the_acks_it_had_queued() {
     assert_eq!(g.wait_exit(Duration::from_secs(15)), Some(0));
     g.spawn(0);
     let mut c = g.client().await;
-    let s: proto::GetTopicStatsResponse = c
-        .unary(
-            "GetTopicStats",
-            proto::GetTopicStatsRequest {
-                topics: vec!["acks".into()],
-            },
-        )
-        .await
-        .unwrap();
-    let cursor = s.stats[0].consumer_groups[0].cursor_sequence;
+    let stats = c.topic_stats(&["acks"]).await.unwrap();
+    let cursor = stats[0].consumer_groups[0].cursor_sequence;
     assert_eq!(cursor, last, "{}", g.log_text());
 }

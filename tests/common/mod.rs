@@ -23,6 +23,45 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 #[path = "../nats_harness/mod.rs"]
 pub mod nats_harness;
 
+/// A message in gRPC's length-prefixed framing (uncompressed).
+pub fn grpc_frame<M: prost::Message>(m: &M) -> Bytes {
+    let mut b = bytes::BytesMut::new();
+    b.put_u8(0);
+    b.put_u32(m.encoded_len() as u32);
+    m.encode(&mut b).expect("encode");
+    b.freeze()
+}
+
+/// A raw HTTP/2 client connection (no gRPC layers) with these initial
+/// stream and connection windows, TCP_NODELAY on like any gRPC stack.
+pub async fn raw_h2(
+    port: u16,
+    window: u32,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    h2::client::Connection<tokio::net::TcpStream, Bytes>,
+) {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    h2::client::Builder::new()
+        .initial_window_size(window)
+        .initial_connection_window_size(window)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .expect("h2 handshake")
+}
+
+/// The request head of a gRPC call to `method` of sluice.v1.Sluice.
+pub fn grpc_request(port: u16, method: &str) -> http::Request<()> {
+    http::Request::post(format!("http://127.0.0.1:{port}/sluice.v1.Sluice/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request")
+}
+
 /// `SLUICE_TEST_STORE=nats` runs the black-box suites against the JetStream
 /// store: every `Server` then gets its own single-node `nats-server` (kept
 /// across restarts of the daemon) instead of SQLite in its data dir.
@@ -511,6 +550,34 @@ impl Client {
             },
         )
         .await
+    }
+
+    /// grpc.health.v1.Health/Watch for the whole server.
+    pub async fn health_watch(&self) -> Streaming<proto::health::HealthCheckResponse> {
+        let mut grpc = self.grpc.clone();
+        grpc.ready().await.expect("ready");
+        grpc.server_streaming(
+            Request::new(proto::health::HealthCheckRequest {
+                service: String::new(),
+            }),
+            PathAndQuery::from_static("/grpc.health.v1.Health/Watch"),
+            ProstCodec::<proto::health::HealthCheckRequest, proto::health::HealthCheckResponse>::default(),
+        )
+        .await
+        .expect("Health/Watch")
+        .into_inner()
+    }
+
+    /// GetTopicStats of these topics.
+    pub async fn topic_stats(&mut self, topics: &[&str]) -> Result<Vec<proto::TopicStats>, Status> {
+        self.unary::<_, proto::GetTopicStatsResponse>(
+            "GetTopicStats",
+            proto::GetTopicStatsRequest {
+                topics: topics.iter().map(|t| t.to_string()).collect(),
+            },
+        )
+        .await
+        .map(|r| r.stats)
     }
 
     pub async fn list_topics(&mut self) -> Result<proto::ListTopicsResponse, Status> {

@@ -1118,6 +1118,18 @@ mod tests {
         }
     }
 
+    /// The sequences of each `Committed` outcome.
+    fn committed_seqs(out: &[WriteOutcome]) -> Vec<Vec<u64>> {
+        out.iter()
+            .filter_map(|o| match o {
+                WriteOutcome::Committed { messages, .. } => {
+                    Some(messages.iter().map(|m| m.sequence).collect())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn calls_stored_out_of_order_are_announced_sorted_first() {
         // In order: passed through untouched.
@@ -1133,15 +1145,7 @@ mod tests {
             appended(2, "u", &[11]),
             appended(3, "t", &[12]),
         ]);
-        let seqs: Vec<Vec<u64>> = out
-            .iter()
-            .filter_map(|o| match o {
-                WriteOutcome::Committed { messages, .. } => {
-                    Some(messages.iter().map(|m| m.sequence).collect())
-                }
-                _ => None,
-            })
-            .collect();
+        let seqs = committed_seqs(&out);
         assert_eq!(seqs, vec![vec![10, 12, 13]]);
         assert!(matches!(&out[0], WriteOutcome::Committed { topic, .. } if &**topic == "t"));
         let announced: Vec<(u64, bool)> = out
@@ -1180,15 +1184,7 @@ mod tests {
             },
             appended(3, "t", &[22]),
         ]);
-        let committed: Vec<Vec<u64>> = out
-            .iter()
-            .filter_map(|o| match o {
-                WriteOutcome::Committed { messages, .. } => {
-                    Some(messages.iter().map(|m| m.sequence).collect())
-                }
-                _ => None,
-            })
-            .collect();
+        let committed = committed_seqs(&out);
         assert_eq!(committed, vec![vec![20, 21, 22]]);
         assert_eq!(out.len(), 4, "{out:?}");
     }
