@@ -50,14 +50,7 @@ fn browse(topic: &str, pos: proto::InitialPosition) -> proto::SubscribeUpstream 
 }
 
 async fn stats(c: &mut Client, topics: &[&str]) -> Result<Vec<proto::TopicStats>, Status> {
-    c.unary::<_, proto::GetTopicStatsResponse>(
-        "GetTopicStats",
-        proto::GetTopicStatsRequest {
-            topics: topics.iter().map(|t| t.to_string()).collect(),
-        },
-    )
-    .await
-    .map(|r| r.stats)
+    c.topic_stats(topics).await
 }
 
 /// Stats of one topic (which must exist).
