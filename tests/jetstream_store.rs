@@ -546,3 +546,42 @@ async fn a_clean_stop_stores_the_acks_it_had_queued() {
     let cursor = stats[0].consumer_groups[0].cursor_sequence;
     assert_eq!(cursor, last, "{}", g.log_text());
 }
+
+/// A BatchPublish whose middle message the servers refuse (over their
+/// max_payload) stores the others and says so; the topic's counts stay
+/// exact afterwards (no number is left to the refused message).
+#[tokio::test]
+async fn counts_stay_exact_after_a_partly_stored_batch() {
+    let (node, _client) = SingleNode::start();
+    let g = gateway(&node.node.url(), "1", &["--max-message-bytes", "16777216"]);
+    let mut c = g.client().await;
+    let big = vec![0u8; 9 << 20];
+    let err = c
+        .batch_publish("partly", &[b"a", &big, b"c"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("2 of the call's messages were stored"),
+        "{err:?}"
+    );
+    c.publish("partly", b"d").await.unwrap();
+    // A group from the earliest sees the three stored messages.
+    let found = read_everything(&mut c, "partly", "count", 3).await;
+    let payloads: Vec<&[u8]> = found.iter().map(|d| d.payload.as_ref()).collect();
+    assert_eq!(payloads, [&b"a"[..], b"c", b"d"]);
+    let stats = c.topic_stats(&["partly"]).await.unwrap();
+    assert_eq!(stats[0].total_messages, 3, "{stats:?}");
+    let fresh = c
+        .subscribe("partly", "fresh", proto::InitialPosition::Earliest)
+        .await;
+    drop(fresh);
+    let stats = c.topic_stats(&["partly"]).await.unwrap();
+    let pending: Vec<(String, u64)> = stats[0]
+        .consumer_groups
+        .iter()
+        .map(|g| (g.group_name.clone(), g.pending_count))
+        .collect();
+    assert!(pending.contains(&("fresh".to_string(), 3)), "{pending:?}");
+}

@@ -152,6 +152,9 @@ pub struct JetStreamWriter {
     /// Sent and not yet answered, in request order.
     inflight: VecDeque<Pending>,
     inflight_size: usize,
+    /// Topics whose numbering is read back from the stream once nothing is
+    /// in flight (a publish of theirs failed or was resent).
+    resync: HashSet<Arc<str>>,
     /// `Nats-Msg-Id` = this prefix (random per process) + a counter.
     msg_id_prefix: String,
     next_msg_id: u64,
@@ -198,6 +201,7 @@ impl JetStreamWriter {
             telemetry,
             inflight: VecDeque::new(),
             inflight_size: 0,
+            resync: HashSet::new(),
             msg_id_prefix: format!("{}-", uuid::Uuid::new_v4().simple()),
             next_msg_id: 0,
         }
@@ -355,8 +359,23 @@ impl JetStreamWriter {
             self.finish_one(p, local);
         }
         self.inflight_size = 0;
-        // Nothing is in flight now: ordinals handed out but never stored
-        // (failed publishes) are handed out again.
+        // Nothing is in flight now. Where a publish failed or was resent,
+        // what the stream holds decides the topic's numbering (a failed
+        // publish may have been stored; a failed one leaves no message), so
+        // pending counts stay exact from here on.
+        for topic in std::mem::take(&mut self.resync) {
+            let Some(subject) = self.layout.subject(&topic) else {
+                continue;
+            };
+            let held = self
+                .js
+                .subject_message_count(self.layout.stream(), &subject);
+            if let (Some(t), Ok(n)) = (self.topics.get_mut(&topic), held) {
+                if t.first_seq != 0 && n > 0 {
+                    t.last_ordinal = t.first_ordinal + n - 1;
+                }
+            }
+        }
         for t in self.topics.values_mut() {
             t.next_ordinal = t.last_ordinal;
         }
@@ -587,7 +606,11 @@ impl JetStreamWriter {
         match p {
             Pending::Append(a) => {
                 let sent = a.sent;
+                let topic = a.topic.clone();
                 let (outcome, disturbed, orphans) = self.finish_append(a);
+                if disturbed {
+                    self.resync.insert(topic);
+                }
                 if let WriteOutcome::Appended { result: Ok(a), .. } = &outcome {
                     // JetStream's "group commit": this call's messages on a quorum.
                     self.telemetry
