@@ -565,6 +565,7 @@ impl NatsClient {
         let (tx, rx) = bounded(1);
         lock(&shared.pending).insert(id, tx);
         let sent = shared.publish(&reply, None, None, b"");
+        shared.flush_before_wait();
         let result = sent.and_then(|()| match rx.recv_timeout(timeout) {
             Ok(r) => r.map(|_| ()),
             Err(RecvTimeoutError::Timeout) => Err(Error::Timeout),

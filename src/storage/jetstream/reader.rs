@@ -224,6 +224,22 @@ impl JetStreamReader {
             Ok((messages, None))
         } else {
             let _ = self.js.delete_consumer(self.layout.stream(), &consumer);
+            // A consumer may live on a replica that has not applied every
+            // acknowledged message yet (nats-server 2.9 places R1 consumers
+            // on any of the stream's peers): before claiming "nothing more
+            // up to `end_hint`", ask the stream's leader.
+            let seen = last_seq.max(req.from.saturating_sub(1));
+            if end_hint > seen && messages.len() < limit {
+                let rest = PageRequest {
+                    from: seen + 1,
+                    limit: (limit - messages.len()) as u32,
+                    ..req.clone()
+                };
+                let (more, end) =
+                    self.read_one_by_one(&rest, &subject, rest.limit as usize, end_hint)?;
+                messages.extend(more);
+                return Ok((messages, end));
+            }
             Ok((messages, Some(end_hint.max(last_seq))))
         }
     }

@@ -122,6 +122,12 @@ pub fn load(
         );
     }
 
+    let by_name: HashMap<Arc<str>, usize> = state
+        .topics
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
     for key in cursors_kv
         .keys("", MAX_KEYS)
         .map_err(err("cannot list the cursors"))?
@@ -137,7 +143,10 @@ pub fn load(
             log::warn!("ignoring cursor {key:?}: its value is not a cursor");
             continue;
         };
-        let Some(view) = state.topics.iter().find(|t| *t.name == *topic) else {
+        let Some(view) = by_name
+            .get(topic.as_str())
+            .and_then(|&i| state.topics.get(i))
+        else {
             continue;
         };
         let cursor_ordinal = if view.first_seq == 0 {
