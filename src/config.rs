@@ -218,8 +218,8 @@ OPTIONS (each also read from the environment variable shown):
     --max-connections N          connections served at once; when full, the connection idle longest
                                  (no open stream) is closed to admit a new one, else the new one is
                                  refused [SLUICE_MAX_CONNECTIONS] (default 1024)
-    --max-connections-per-ip N   connections served at once from one peer IP address; more are refused
-                                 [SLUICE_MAX_CONNECTIONS_PER_IP] (default 256)
+    --max-connections-per-ip N   connections served at once from one peer IP address (IPv6: one /64);
+                                 more are refused [SLUICE_MAX_CONNECTIONS_PER_IP] (default 256)
     --max-connection-idle DUR    send GOAWAY to a connection that has had no open stream this long
                                  [SLUICE_MAX_CONNECTION_IDLE] (default 5m)
     --max-concurrent-streams N   HTTP/2 streams per connection [SLUICE_MAX_CONCURRENT_STREAMS] (default 256)

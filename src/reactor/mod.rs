@@ -560,7 +560,7 @@ impl Reactor {
 
     /// Serves a just-accepted connection, or refuses it (by dropping it).
     fn admit(&mut self, mut stream: mio::net::TcpStream, peer: std::net::SocketAddr) {
-        let ip = peer.ip();
+        let ip = peer_key(peer.ip());
         let from_ip = self.per_ip.get(&ip).copied().unwrap_or(0);
         if from_ip >= self.config.max_connections_per_ip {
             crate::log_limited!(
@@ -1052,10 +1052,10 @@ impl Reactor {
                 "conn {token}: panic while tearing it down"
             );
         }
-        if let Some(n) = self.per_ip.get_mut(&conn.peer_ip()) {
+        if let Some(n) = self.per_ip.get_mut(&peer_key(conn.peer_ip())) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                self.per_ip.remove(&conn.peer_ip());
+                self.per_ip.remove(&peer_key(conn.peer_ip()));
             }
         }
         log::debug!(
@@ -1111,5 +1111,45 @@ impl Reactor {
                 conn.schedule_slot(slot);
             }
         }
+    }
+}
+
+/// What `--max-connections-per-ip` counts by: an IPv4 address, or an IPv6
+/// address's /64 (one host or site is usually given a whole /64, so counting
+/// single addresses would let it open connections without limit).
+pub fn peer_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+            }
+        },
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_key;
+    use std::net::IpAddr;
+
+    #[test]
+    fn connections_are_counted_per_ipv4_address_and_per_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(peer_key(ip("10.0.0.7")), ip("10.0.0.7"));
+        assert_ne!(peer_key(ip("10.0.0.7")), peer_key(ip("10.0.0.8")));
+        assert_eq!(
+            peer_key(ip("2001:db8:1:2:aaaa::1")),
+            peer_key(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"))
+        );
+        assert_eq!(peer_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_ne!(
+            peer_key(ip("2001:db8:1:2::1")),
+            peer_key(ip("2001:db8:1:3::1"))
+        );
+        // An IPv4 client reaching an IPv6 socket counts as its IPv4 address.
+        assert_eq!(peer_key(ip("::ffff:10.0.0.7")), ip("10.0.0.7"));
     }
 }
