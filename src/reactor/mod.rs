@@ -879,7 +879,10 @@ impl Reactor {
                 conn.schedule_slot(slot);
             }
         }
-        self.begin_shutdown(&[]);
+        // Already stopping (a signal came first): only hurry it along.
+        if self.shutdown_deadline.is_none() {
+            self.begin_shutdown(&[]);
+        }
         let soon = Instant::now() + Duration::from_secs(1);
         self.shutdown_deadline = self.shutdown_deadline.map(|d| d.min(soon));
     }
