@@ -214,6 +214,15 @@ pub fn open(
     );
     let status = Arc::new(StoreStatus::new(state.last_seq));
 
+    let retention = cfg.retention_max_age.is_some()
+        || cfg.retention_max_messages.is_some()
+        || cfg.retention_max_bytes.is_some();
+    let (counts_feed, counts_rx) = if retention {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        (Some((layout.all_topics(), tx)), Some(rx))
+    } else {
+        (None, None)
+    };
     let (request_tx, request_rx) = crossbeam_channel::bounded(cfg.writer_queue);
     let (outcome_tx, outcome_rx) = crossbeam_channel::bounded(cfg.writer_queue * 2);
     let writer = writer::JetStreamWriter::new(
@@ -224,9 +233,7 @@ pub fn open(
         status.clone(),
         writer::WriterConfig {
             retry_for: Duration::from_secs(10),
-            watch_retention: cfg.retention_max_age.is_some()
-                || cfg.retention_max_messages.is_some()
-                || cfg.retention_max_bytes.is_some(),
+            retention_counts: counts_rx,
         },
         telemetry,
     );
@@ -244,7 +251,7 @@ pub fn open(
         .spawn(move || reader.run(page_req_rx, page_tx, wake))
         .map_err(|e| format!("cannot start reader: {e}"))?;
 
-    let mut monitor = monitor::Monitor::spawn(js, layout.stream().to_string(), status)
+    let mut monitor = monitor::Monitor::spawn(js, layout.stream().to_string(), status, counts_feed)
         .map_err(|e| format!("cannot start the NATS monitor: {e}"))?;
 
     let threads = StoreThreads::new(

@@ -42,13 +42,11 @@ const WINDOW: usize = 2048;
 pub struct WriterConfig {
     /// How long a publish is retried (same msg id) before its call fails.
     pub retry_for: Duration,
-    /// Retention limits are set on the stream: look for messages JetStream
-    /// removed once a second and report them as `Trimmed`.
-    pub watch_retention: bool,
+    /// Retention limits are set on the stream: `monitor` sends the stream's
+    /// per-subject counts once a second, and messages JetStream removed are
+    /// reported as `Trimmed`.
+    pub retention_counts: Option<Receiver<super::monitor::SubjectCounts>>,
 }
-
-/// How often the writer looks for messages retention removed.
-const TRIM_CHECK: Duration = Duration::from_secs(1);
 
 /// What the writer knows of a topic.
 #[derive(Debug, Clone, Default)]
@@ -147,7 +145,6 @@ pub struct JetStreamWriter {
     status: Arc<StoreStatus>,
     last_ts: i64,
     cfg: WriterConfig,
-    last_trim_check: Instant,
     telemetry: Arc<crate::telemetry::Telemetry>,
     /// Sent and not yet answered, in request order.
     inflight: VecDeque<Pending>,
@@ -197,7 +194,6 @@ impl JetStreamWriter {
             status,
             last_ts: 0,
             cfg,
-            last_trim_check: Instant::now(),
             telemetry,
             inflight: VecDeque::new(),
             inflight_size: 0,
@@ -274,9 +270,13 @@ impl JetStreamWriter {
                 }
             }
             self.complete(!open, &mut out);
-            if self.cfg.watch_retention && self.last_trim_check.elapsed() >= TRIM_CHECK {
-                self.last_trim_check = Instant::now();
-                out.extend(self.check_trims());
+            let counts = self
+                .cfg
+                .retention_counts
+                .as_ref()
+                .and_then(|r| r.try_recv().ok());
+            if let Some(counts) = counts {
+                out.extend(self.check_trims(&counts));
             }
             if !out.is_empty() {
                 if !orphaned {
@@ -809,24 +809,32 @@ impl JetStreamWriter {
     /// Finds topics whose oldest messages JetStream removed (retention
     /// limits) and reports their new first message. One request for the
     /// stream's per-subject counts, then one per topic that shrank.
-    fn check_trims(&mut self) -> Vec<WriteOutcome> {
-        let counts = match self.js.subject_counts(
-            self.layout.stream(),
-            &self.layout.all_topics(),
-            usize::MAX,
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                crate::log_limited!(log::Level::Warn, "cannot check retention: {e}");
-                return Vec::new();
-            }
-        };
+    fn check_trims(&mut self, counts: &super::monitor::SubjectCounts) -> Vec<WriteOutcome> {
         let mut out = Vec::new();
         for (topic, t) in self.topics.iter_mut() {
             if t.first_seq == 0 {
                 continue;
             }
-            let held = t.last_ordinal + 1 - t.first_ordinal;
+            // What the topic held when the counts were taken: messages
+            // stored since then are not in them.
+            let last_then = if t.last_seq <= counts.last_seq {
+                Some(t.last_ordinal)
+            } else {
+                let i = t.recent.partition_point(|(q, _)| *q <= counts.last_seq);
+                match (i, t.recent.front()) {
+                    // Every message this process stored is still in `recent`
+                    // (none dropped yet): the one before its first.
+                    (0, Some(&(_, o))) if t.recent.len() < RECENT_PER_TOPIC => {
+                        Some(o.saturating_sub(1))
+                    }
+                    (0, _) => None,
+                    (i, _) => t.recent.get(i - 1).map(|&(_, o)| o),
+                }
+            };
+            let Some(last_then) = last_then else {
+                continue; // unknown for now: next time
+            };
+            let held = (last_then + 1).saturating_sub(t.first_ordinal);
             let Some(subject) = self.layout.subject(topic) else {
                 continue;
             };
