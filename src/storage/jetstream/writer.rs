@@ -381,14 +381,6 @@ impl JetStreamWriter {
         }
     }
 
-    /// Applies one batch and answers it completely (tests and shutdown).
-    pub fn apply(&mut self, batch: Vec<WriteRequest>) -> Vec<WriteOutcome> {
-        let mut out = Vec::new();
-        self.admit(batch, &mut out);
-        self.complete(true, &mut out);
-        out
-    }
-
     /// Sends a batch of requests (publishes and cursor puts go out without
     /// waiting; deletes first wait for everything before them).
     fn admit(&mut self, batch: Vec<WriteRequest>, out: &mut Vec<WriteOutcome>) {
