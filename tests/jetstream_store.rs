@@ -173,6 +173,45 @@ fn publishers(
         .collect()
 }
 
+/// A consumer group that acks everything it gets, subscribing again
+/// whenever its stream ends (as a client should), until `stop`; records the
+/// sequences delivered.
+fn live_consumer(
+    url: String,
+    topic: &'static str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    seen: Arc<Mutex<HashSet<u64>>>,
+) -> tokio::task::JoinHandle<()> {
+    use std::sync::atomic::Ordering;
+    tokio::spawn(async move {
+        while !stop.load(Ordering::Relaxed) {
+            let mut c = Client::connect(&url).await;
+            let Ok(mut sub) = c
+                .subscribe_with(init(topic, "live", proto::InitialPosition::Earliest))
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            sub.send(credit(1000)).await;
+            while !stop.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_millis(200), sub.down.message()).await {
+                    Err(_) => {}
+                    Ok(Ok(Some(proto::SubscribeDownstream {
+                        response: Some(Down::Delivery(d)),
+                    }))) => {
+                        seen.lock().unwrap().insert(d.sequence);
+                        sub.send(ack(&d.message_id)).await;
+                        sub.send(credit(1)).await;
+                    }
+                    Ok(Ok(Some(_))) => {}
+                    Ok(_) => break, // ended: subscribe again
+                }
+            }
+        }
+    })
+}
+
 /// Checks every acknowledged message is stored, once, with its id.
 fn account(acked: &BTreeMap<u64, String>, found: &[proto::MessageDelivery]) -> (usize, usize) {
     let mut seen = HashSet::new();
@@ -286,13 +325,13 @@ async fn sigkill_of_one_nats_node_during_publishing_loses_no_acked_message() {
     let g = gateway(
         &url,
         "3",
-        &[
-            "--log-level",
-            "info,sluice::storage::jetstream=debug,sluice::broker=debug",
-        ],
+        &["--log-level", "info,sluice::storage::jetstream=debug"],
     );
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let stop = Instant::now() + Duration::from_secs(14);
+    let live_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let live_seen = Arc::new(Mutex::new(HashSet::new()));
+    let live = live_consumer(g.url(), "orders", live_stop.clone(), live_seen.clone());
     let tasks = publishers(g.url(), "orders", 4, stop, ledger.clone());
 
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -332,6 +371,33 @@ async fn sigkill_of_one_nats_node_during_publishing_loses_no_acked_message() {
     );
     let mut c = g.client().await;
     let found = read_everything(&mut c, "orders", "audit", l.acked.len()).await;
+    // The live consumer gets every stored message, including any stored
+    // by a call that failed (at least once: none skipped).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let skipped: Vec<u64> = loop {
+        let seen = live_seen.lock().unwrap().clone();
+        let skipped: Vec<u64> = found
+            .iter()
+            .map(|d| d.sequence)
+            .filter(|q| !seen.contains(q))
+            .collect();
+        if skipped.is_empty() || Instant::now() > deadline {
+            break skipped;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    live_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    live.await.unwrap();
+    eprintln!(
+        "live consumer: {} of {} stored messages never delivered",
+        skipped.len(),
+        found.len()
+    );
+    assert!(
+        skipped.is_empty(),
+        "the live group never got {:?}…",
+        &skipped[..skipped.len().min(10)]
+    );
     let (missing, dups) = account(&l.acked, &found);
     let log = g.log_text();
     eprintln!(
