@@ -678,42 +678,43 @@ impl Shared {
         if self.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let mut conn = lock(&self.conn);
-        let Some(c) = conn.as_mut() else {
-            return Err(Error::NotConnected);
-        };
-        let result = if CORKED.with(std::cell::Cell::get) {
-            // Whole operations only, so other threads' direct writes may
-            // go between them.
-            c.corked.extend_from_slice(bytes);
-            if c.corked.len() >= CORK_FLUSH {
-                let out = std::mem::take(&mut c.corked);
-                c.writer.write_all(&out)
-            } else {
-                Ok(())
+        self.on_connection(|c| {
+            if !CORKED.with(std::cell::Cell::get) {
+                return c.writer.write_all(bytes);
             }
-        } else {
-            c.writer.write_all(bytes)
-        };
-        if let Err(e) = result {
-            let _ = c.writer.shutdown(Shutdown::Both);
-            *conn = None;
-            return Err(io_err(e));
-        }
-        Ok(())
+            // Whole operations only, so other threads' direct writes may go
+            // between them.
+            c.corked.extend_from_slice(bytes);
+            if c.corked.len() < CORK_FLUSH {
+                return Ok(());
+            }
+            let out = std::mem::take(&mut c.corked);
+            c.writer.write_all(&out)
+        })
     }
 
     /// Sends what a corked thread gathered.
     fn flush_corked(&self) -> Result<(), Error> {
+        self.on_connection(|c| {
+            let out = std::mem::take(&mut c.corked);
+            if out.is_empty() {
+                return Ok(());
+            }
+            c.writer.write_all(&out)
+        })
+    }
+
+    /// Runs a write on the current connection; one that fails drops the
+    /// connection (the reader thread then reconnects).
+    fn on_connection(
+        &self,
+        write: impl FnOnce(&mut Connection) -> std::io::Result<()>,
+    ) -> Result<(), Error> {
         let mut conn = lock(&self.conn);
         let Some(c) = conn.as_mut() else {
             return Err(Error::NotConnected);
         };
-        if c.corked.is_empty() {
-            return Ok(());
-        }
-        let out = std::mem::take(&mut c.corked);
-        if let Err(e) = c.writer.write_all(&out) {
+        if let Err(e) = write(c) {
             let _ = c.writer.shutdown(Shutdown::Both);
             *conn = None;
             return Err(io_err(e));

@@ -5,9 +5,10 @@
 //! each followed by a wake-up; at start-up a store hands the broker its
 //! `LoadedState`. Each implementation has one entry point, `open`, which
 //! returns an `OpenedStore` (links, start-up state, threads to join).
-//! Today there is one: `sqlite` (WAL, `synchronous=FULL`, group commit).
-//! The reactor and the broker use only the re-exported neutral types and
-//! never learn which store is behind them.
+//! There are two: `sqlite` (WAL, `synchronous=FULL`, group commit; the
+//! default) and `jetstream` (a NATS JetStream cluster; the daemon becomes a
+//! gateway). The reactor and the broker use only the re-exported neutral
+//! types and never learn which store is behind them.
 
 pub mod interface;
 pub mod jetstream;
@@ -17,3 +18,10 @@ pub use interface::{
     Appended, LoadedState, NewMessage, OpenedStore, Page, PageRequest, StorageError, StoreLinks,
     StoreThreads, Wake, WakeOnExit, WriteOutcome, WriteRequest,
 };
+
+/// Unix milliseconds now: the timestamp a store's writer gives a batch.
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -25,7 +25,7 @@ use crate::config::JetStreamConfig;
 use crate::nats::jetstream::{JetStream, JetStreamError, StreamConfig};
 use crate::nats::kv_bucket::KvBucket;
 use crate::nats::{NatsClient, Options};
-use crate::storage::{OpenedStore, StoreLinks, StoreThreads, Wake};
+use crate::storage::{OpenedStore, StorageError, StoreLinks, StoreThreads, Wake};
 use layout::Layout;
 use status::StoreStatus;
 
@@ -40,6 +40,23 @@ pub struct JetStreamStoreConfig {
     pub retention_max_age: Option<Duration>,
     pub retention_max_messages: Option<u64>,
     pub retention_max_bytes: Option<u64>,
+}
+
+/// The error for a failed JetStream call.
+pub fn storage_error(what: &str, e: &JetStreamError) -> StorageError {
+    let too_large = matches!(
+        e,
+        JetStreamError::Client(crate::nats::Error::PayloadTooLarge { .. })
+    );
+    StorageError {
+        unavailable: e.is_transient(),
+        too_large,
+        ..StorageError::new(if too_large {
+            format!("{what}: {e} (the NATS servers' max_payload limits message size)")
+        } else {
+            format!("{what}: {e}")
+        })
+    }
 }
 
 /// How long a JetStream API request may take.

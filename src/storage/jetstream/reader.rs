@@ -16,10 +16,10 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::layout::{self, Layout};
 use super::status::StoreStatus;
-use super::writer::storage_error;
+use super::storage_error;
 use crate::broker::{MessageId, StoredMessage};
 use crate::nats::jetstream::{JetStream, JetStreamError};
-use crate::nats::pull_consumer::{PullConsumerConfig, PulledMessage};
+use crate::nats::pull_consumer::PullConsumerConfig;
 use crate::nats::stored_message::MessageSelector;
 use crate::storage::{Page, PageRequest, StorageError, Wake, WakeOnExit};
 
@@ -195,7 +195,14 @@ impl JetStreamReader {
         for m in pulled {
             last_pending = m.info.pending;
             messages.push(Arc::new(
-                decode(&req.topic, m).map_err(|e| StorageError::new(e.to_string()))?,
+                broker_message(
+                    &req.topic,
+                    m.info.stream_seq,
+                    &m.subject,
+                    m.headers.as_ref(),
+                    m.payload,
+                )
+                .map_err(StorageError::new)?,
             ));
         }
         let last_seq = messages.last().map_or(0, |m| m.sequence);
@@ -285,39 +292,32 @@ impl JetStreamReader {
                 return Ok((messages, Some(end_hint.max(last))));
             };
             seq = m.seq + 1;
-            let meta = layout::message_meta(m.headers.as_ref()).map_err(|e| {
-                StorageError::new(format!(
-                    "message {} on {} was not written by Sluice: {e}",
-                    m.seq, m.subject
-                ))
-            })?;
-            messages.push(Arc::new(StoredMessage {
-                sequence: m.seq,
-                ordinal: meta.ordinal,
-                id: MessageId::new(meta.timestamp_ms, m.seq, &req.topic),
-                timestamp_ms: meta.timestamp_ms,
-                payload: Bytes::from(m.payload),
-                attributes: meta.attributes,
-            }));
+            let message =
+                broker_message(&req.topic, m.seq, &m.subject, m.headers.as_ref(), m.payload)
+                    .map_err(StorageError::new)?;
+            messages.push(Arc::new(message));
         }
         Ok((messages, None))
     }
 }
 
-/// A pulled message as the broker stores it.
-pub fn decode(topic: &str, m: PulledMessage) -> Result<StoredMessage, JetStreamError> {
-    let meta = layout::message_meta(m.headers.as_ref()).map_err(|e| {
-        JetStreamError::Decode(format!(
-            "message {} on {} was not written by Sluice: {e}",
-            m.info.stream_seq, m.subject
-        ))
-    })?;
+/// A stored message as the broker sees it (its id derived as on SQLite);
+/// `Err` names a message Sluice did not write.
+fn broker_message(
+    topic: &str,
+    seq: u64,
+    subject: &str,
+    headers: Option<&crate::nats::Headers>,
+    payload: Vec<u8>,
+) -> Result<StoredMessage, String> {
+    let meta = layout::message_meta(headers)
+        .map_err(|e| format!("message {seq} on {subject} was not written by Sluice: {e}"))?;
     Ok(StoredMessage {
-        sequence: m.info.stream_seq,
+        sequence: seq,
         ordinal: meta.ordinal,
-        id: MessageId::new(meta.timestamp_ms, m.info.stream_seq, topic),
+        id: MessageId::new(meta.timestamp_ms, seq, topic),
         timestamp_ms: meta.timestamp_ms,
-        payload: Bytes::from(m.payload),
+        payload: Bytes::from(payload),
         attributes: meta.attributes,
     })
 }

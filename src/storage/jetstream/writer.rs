@@ -22,6 +22,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::layout::{self, CursorValue, Layout, TopicValue};
 use super::status::StoreStatus;
+use super::storage_error;
 use crate::broker::{MessageId, StoredMessage};
 use crate::nats::jetstream::{JetStream, JetStreamError, PubAck, MSG_ID_HEADER};
 use crate::nats::kv_bucket::{KvBucket, ERR_WRONG_LAST_SEQUENCE};
@@ -155,23 +156,6 @@ pub struct JetStreamWriter {
     /// `Nats-Msg-Id` = this prefix (random per process) + a counter.
     msg_id_prefix: String,
     next_msg_id: u64,
-}
-
-/// The error for a failed JetStream call.
-pub fn storage_error(what: &str, e: &JetStreamError) -> StorageError {
-    let too_large = matches!(
-        e,
-        JetStreamError::Client(crate::nats::Error::PayloadTooLarge { .. })
-    );
-    StorageError {
-        unavailable: e.is_transient(),
-        too_large,
-        ..StorageError::new(if too_large {
-            format!("{what}: {e} (the NATS servers' max_payload limits message size)")
-        } else {
-            format!("{what}: {e}")
-        })
-    }
 }
 
 impl JetStreamWriter {
@@ -402,7 +386,7 @@ impl JetStreamWriter {
             batch.splice(0..0, carried);
         }
         let superseded = superseded_cursor_writes(&batch);
-        let ts = wall_ms().max(self.last_ts);
+        let ts = crate::storage::wall_ms().max(self.last_ts);
         self.last_ts = ts;
         for (i, req) in batch.into_iter().enumerate() {
             match req {
@@ -1056,12 +1040,6 @@ fn announce_in_sequence_order(outcomes: Vec<WriteOutcome>) -> Vec<WriteOutcome> 
         }
     }
     out
-}
-
-fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn outgoing(m: &Outgoing) -> OutgoingMessage<'_> {

@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -205,12 +205,6 @@ impl WalDebt {
 pub struct Writer {
     pub requests: Sender<WriteRequest>,
     pub thread: JoinHandle<()>,
-}
-
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Starts the writer on `conn`. Requests queue in a channel of `config.queue`;
@@ -537,8 +531,14 @@ impl GroupCommit {
         next_retention: &mut Instant,
         out: &mut Vec<WriteOutcome>,
     ) -> rusqlite::Result<()> {
-        let (trimmed, more) =
-            retention::apply(tx, policy, topics, wall_ms(), RETENTION_CHUNK, last_seq)?;
+        let (trimmed, more) = retention::apply(
+            tx,
+            policy,
+            topics,
+            crate::storage::wall_ms(),
+            RETENTION_CHUNK,
+            last_seq,
+        )?;
         for (topic, first, removed) in trimmed {
             out.push(WriteOutcome::Trimmed {
                 topic,
@@ -579,7 +579,7 @@ impl GroupCommit {
             panic!("failpoint writer-panic");
         }
         let started = Instant::now();
-        let ts = wall_ms().max(self.last_ts);
+        let ts = crate::storage::wall_ms().max(self.last_ts);
         let mut outcomes = Vec::with_capacity(batch.len());
         let messages: u64 = batch
             .iter()
