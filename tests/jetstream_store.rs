@@ -639,9 +639,12 @@ async fn counts_stay_exact_after_a_partly_stored_batch() {
     assert_eq!(payloads, [&b"a"[..], b"c", b"d"]);
     let stats = c.topic_stats(&["partly"]).await.unwrap();
     assert_eq!(stats[0].total_messages, 3, "{stats:?}");
-    let fresh = c
+    let mut fresh = c
         .subscribe("partly", "fresh", proto::InitialPosition::Earliest)
         .await;
+    // Subscribed once it delivers (the gateway claims the group first).
+    fresh.send(credit(1)).await;
+    fresh.delivery(Duration::from_secs(5)).await;
     drop(fresh);
     let stats = c.topic_stats(&["partly"]).await.unwrap();
     let pending: Vec<(String, u64)> = stats[0]

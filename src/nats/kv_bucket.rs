@@ -65,6 +65,16 @@ fn is_tombstone(headers: Option<&Headers>) -> bool {
 impl JetStream {
     /// Creates (or verifies) the bucket's stream with `replicas` copies.
     pub fn kv_bucket(&self, bucket: &str, replicas: usize) -> Result<KvBucket, JetStreamError> {
+        self.kv_bucket_with_ttl(bucket, replicas, None)
+    }
+
+    /// As `kv_bucket`; with `ttl`, a key not written for that long is gone.
+    pub fn kv_bucket_with_ttl(
+        &self,
+        bucket: &str,
+        replicas: usize,
+        ttl: Option<Duration>,
+    ) -> Result<KvBucket, JetStreamError> {
         if !bucket
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
@@ -73,11 +83,15 @@ impl JetStream {
             return Err(JetStreamError::Invalid(format!("bucket name {bucket:?}")));
         }
         let stream = format!("KV_{bucket}");
-        let config = StreamConfig::new(stream.clone(), vec![format!("$KV.{bucket}.>")])
+        let mut config = StreamConfig::new(stream.clone(), vec![format!("$KV.{bucket}.>")])
             .replicas(replicas)
             .max_msgs_per_subject(1)
             .allow_rollup_hdrs(true)
             .duplicate_window(Duration::from_secs(120));
+        if let Some(ttl) = ttl {
+            // The duplicate window may not exceed the max age.
+            config = config.max_age(ttl).duplicate_window(ttl);
+        }
         self.create_or_verify_stream(&config)?;
         Ok(KvBucket {
             js: self.clone(),
@@ -90,6 +104,11 @@ impl JetStream {
 impl KvBucket {
     pub fn stream_name(&self) -> &str {
         &self.stream
+    }
+
+    /// The bucket's name (its keys live on `$KV.<name>.<key>`).
+    pub fn name(&self) -> &str {
+        &self.bucket
     }
 
     fn subject(&self, key: &str) -> Result<String, JetStreamError> {

@@ -295,6 +295,156 @@ impl JetStream {
     }
 }
 
+/// A pull consumer read without end: one inbox, one request outstanding at
+/// a time, the next sent as soon as the last one is used up, so messages
+/// flow as they are stored (the way an ordered push consumer would, with
+/// flow control by batch). The caller waits on `receiver()` and hands each
+/// message to `take`; `stale` says when the consumer seems gone (no reply
+/// to a request past its expiry, a gap in consumer sequences, a 409) and
+/// the caller should make a new one from its own position.
+pub struct ContinuousPull {
+    stream: String,
+    consumer: String,
+    inbox: String,
+    sub: super::client::Subscription,
+    batch: usize,
+    expires: Duration,
+    /// Messages still due on the outstanding request (0: none outstanding).
+    outstanding: usize,
+    deadline: Instant,
+    last_consumer_seq: u64,
+    lost: bool,
+}
+
+/// What `ContinuousPull::take` made of one incoming message.
+#[derive(Debug)]
+pub enum Pulled {
+    Message(PulledMessage),
+    /// Not a message (heartbeat, request ended).
+    Nothing,
+}
+
+impl ContinuousPull {
+    /// Creates an ephemeral consumer per `config` and starts pulling.
+    pub fn start(
+        js: &JetStream,
+        stream: &str,
+        config: &PullConsumerConfig,
+        batch: usize,
+        expires: Duration,
+    ) -> Result<ContinuousPull, JetStreamError> {
+        let info = js.create_pull_consumer(stream, config)?;
+        let client = js.client();
+        let inbox = client.new_inbox();
+        let sub = client.subscribe(&inbox)?;
+        let mut pull = ContinuousPull {
+            stream: stream.to_string(),
+            consumer: info.name,
+            inbox,
+            sub,
+            batch: batch.clamp(1, client.subscription_capacity().max(2) / 2),
+            expires,
+            outstanding: 0,
+            deadline: Instant::now(),
+            last_consumer_seq: 0,
+            lost: false,
+        };
+        pull.request(js)?;
+        Ok(pull)
+    }
+
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    pub fn receiver(&self) -> &crossbeam_channel::Receiver<super::Message> {
+        self.sub.receiver()
+    }
+
+    fn request(&mut self, js: &JetStream) -> Result<(), JetStreamError> {
+        let body = serde_json::to_vec(&NextRequest {
+            batch: self.batch,
+            no_wait: false,
+            expires: Some(self.expires.as_nanos().min(u128::from(u64::MAX)) as u64),
+        })
+        .map_err(|e| JetStreamError::Decode(e.to_string()))?;
+        js.client().publish_with_reply(
+            &format!(
+                "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+                self.stream, self.consumer
+            ),
+            &self.inbox,
+            None,
+            &body,
+        )?;
+        self.outstanding = self.batch;
+        self.deadline = Instant::now() + self.expires + js.timeout();
+        Ok(())
+    }
+
+    /// Classifies one message from `receiver()`.
+    pub fn take(&mut self, msg: super::Message) -> Pulled {
+        if let Some(code) = msg.headers.as_ref().and_then(Headers::status) {
+            match code {
+                STATUS_CONTROL => {}
+                STATUS_NO_MESSAGES | STATUS_REQUEST_TIMEOUT => self.outstanding = 0,
+                _ => {
+                    // 409: consumer deleted, leadership change, …
+                    log::debug!(
+                        "pull on {} ended with status {code} {}",
+                        self.consumer,
+                        msg.headers.as_ref().map_or("", |h| h.description())
+                    );
+                    self.lost = true;
+                }
+            }
+            return Pulled::Nothing;
+        }
+        let Some(info) = msg.reply.as_deref().and_then(parse_ack_subject) else {
+            return Pulled::Nothing;
+        };
+        if self.last_consumer_seq != 0 && info.consumer_seq != self.last_consumer_seq + 1 {
+            // Something was lost on the way (a reconnect): start again.
+            self.lost = true;
+            return Pulled::Nothing;
+        }
+        self.last_consumer_seq = info.consumer_seq;
+        self.outstanding = self.outstanding.saturating_sub(1);
+        Pulled::Message(PulledMessage {
+            subject: msg.subject,
+            headers: msg.headers,
+            payload: msg.payload,
+            info,
+        })
+    }
+
+    /// Sends the next request when the last one is used up or expired;
+    /// false when the consumer should be replaced.
+    pub fn keep_going(&mut self, js: &JetStream) -> bool {
+        if self.lost {
+            return false;
+        }
+        if self.outstanding > 0 && Instant::now() < self.deadline {
+            return true;
+        }
+        if self.outstanding > 0 {
+            // No end of the request came: the consumer (or its server) is gone.
+            return false;
+        }
+        self.request(js).is_ok()
+    }
+
+    /// When `keep_going` should be called again at the latest.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Deletes the consumer (best effort).
+    pub fn stop(self, js: &JetStream) {
+        let _ = js.delete_consumer(&self.stream, &self.consumer);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,7 +41,7 @@ use self::timers::TimerSet;
 use crate::broker::{Action, Broker};
 use crate::grpc::Status;
 use crate::socket_io::SocketIo;
-use crate::storage::{Page, PageRequest, StoreLinks, WriteOutcome, WriteRequest};
+use crate::storage::{Page, PageRequest, RemoteChange, StoreLinks, WriteOutcome, WriteRequest};
 use crate::telemetry::{GaugeSnapshot, SubscriptionGauge, Telemetry};
 
 pub const LISTENER: Token = Token(0);
@@ -102,6 +102,14 @@ pub struct Shared {
     uid: u64,
     /// Cursor writes coalesced per group until the writer has room.
     pub cursors: HashMap<(Arc<str>, Arc<str>), (u64, i64)>,
+    /// The store is shared by several gateways: group consumers are claimed
+    /// before they start and released when they end.
+    pub claims_groups: bool,
+    /// Groups to release once their cursor writes are handed to the writer.
+    pub releases: Vec<(Arc<str>, Arc<str>)>,
+    /// Claims sent and not yet answered, per group (such a group is not
+    /// released: its claim would be undone).
+    pub claiming: HashMap<(Arc<str>, Arc<str>), usize>,
     /// Deadlines, connection checks and the like, earliest first.
     timers: TimerSet,
     /// The reactor's loop turn: each connection's read budget is refilled
@@ -161,6 +169,39 @@ impl Shared {
                     sequence,
                     acked_at_ms,
                 });
+            }
+        }
+        for (topic, group) in self.releasable() {
+            self.submit(WriteRequest::ReleaseGroup { topic, group });
+        }
+    }
+
+    /// The groups to release now: those whose consumer has not come back.
+    fn releasable(&mut self) -> Vec<(Arc<str>, Arc<str>)> {
+        let mut out = std::mem::take(&mut self.releases);
+        out.retain(|(t, g)| {
+            !self.broker.group_active(t, g) && !self.claiming.contains_key(&(t.clone(), g.clone()))
+        });
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// A claim of the group was sent.
+    pub fn claim_started(&mut self, topic: &Arc<str>, group: &Arc<str>) {
+        *self
+            .claiming
+            .entry((topic.clone(), group.clone()))
+            .or_insert(0) += 1;
+    }
+
+    /// A claim of the group was answered.
+    pub fn claim_done(&mut self, topic: &Arc<str>, group: &Arc<str>) {
+        let key = (topic.clone(), group.clone());
+        if let Some(n) = self.claiming.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.claiming.remove(&key);
             }
         }
     }
@@ -234,6 +275,10 @@ impl Shared {
                 sequence,
                 acked_at_ms,
             });
+        }
+        for (topic, group) in self.releasable() {
+            self.parked
+                .push_back(WriteRequest::ReleaseGroup { topic, group });
         }
         while let Some(req) = self.parked.pop_front() {
             if self.writer.send(req).is_err() {
@@ -339,6 +384,9 @@ impl Reactor {
                 storage_failed: None,
                 uid: 0,
                 cursors: HashMap::new(),
+                claims_groups: links.claims_groups,
+                releases: Vec::new(),
+                claiming: HashMap::new(),
                 timers: {
                     let mut timers = TimerSet::default();
                     if telemetry.is_enabled() {
@@ -644,6 +692,47 @@ impl Reactor {
         self.close(token);
     }
 
+    /// Applies a change another gateway made to the shared store: its
+    /// streams end or move here as they would have there.
+    fn apply_remote(&mut self, change: RemoteChange) {
+        let broker = &mut self.shared.broker;
+        match change {
+            RemoteChange::TopicCreated {
+                topic,
+                created_at_ms,
+            } => broker.on_committed(&topic, created_at_ms, &[]),
+            RemoteChange::CursorMoved {
+                topic,
+                group,
+                sequence,
+                acked_at_ms,
+            } => {
+                if broker.topic(&topic).is_some() {
+                    broker.adopt_cursor(&topic, &group, sequence, acked_at_ms, 0);
+                }
+            }
+            RemoteChange::TopicDeleted { topic } => {
+                broker.delete_topic(&topic);
+                self.shared.cursors.retain(|(t, _), _| *t != topic);
+            }
+            RemoteChange::GroupDeleted { topic, group } => {
+                broker.delete_group(&topic, &group);
+                self.shared.cursors.remove(&(topic, group));
+            }
+            RemoteChange::CursorReset {
+                topic,
+                group,
+                sequence,
+            } => {
+                // Our coalesced cursor write is older than the reset.
+                self.shared.cursors.remove(&(topic.clone(), group.clone()));
+                if broker.fence_group(&topic, &group) {
+                    broker.reset_cursor(&topic, &group, sequence);
+                }
+            }
+        }
+    }
+
     fn drain_storage(&mut self) {
         loop {
             let outcome = match self.outcomes.try_recv() {
@@ -747,6 +836,30 @@ impl Reactor {
                     self.complete_call(token, reply);
                 }
                 WriteOutcome::Availability { unavailable } => self.store_availability(unavailable),
+                WriteOutcome::Remote(change) => self.apply_remote(change),
+                WriteOutcome::GroupClaimed {
+                    token,
+                    topic,
+                    group,
+                    result,
+                } => {
+                    self.shared.claim_done(&topic, &group);
+                    let mut claimed = Some(result);
+                    self.with_subscription(token, |call, shared| {
+                        if let Some(result) = claimed.take() {
+                            call.claimed(token, result, shared);
+                        }
+                    });
+                    if claimed.is_some() {
+                        // The stream is gone: nobody here serves the group.
+                        self.shared.releases.push((topic, group));
+                    }
+                }
+                WriteOutcome::GroupLost { topic, group } => {
+                    log::info!("group {group} of {topic} is now served by another gateway");
+                    self.shared.broker.end_group_consumer(&topic, &group);
+                    self.shared.releases.push((topic, group));
+                }
                 WriteOutcome::Committed {
                     topic,
                     created_at_ms,
@@ -967,6 +1080,11 @@ impl Reactor {
                 Action::Heartbeat { sub, latest_seq } => {
                     let wall = self.shared.clock.wall_ms();
                     self.with_subscription(sub, |call, _| call.heartbeat(wall, latest_seq));
+                }
+                Action::GroupIdle { topic, group } => {
+                    if self.shared.claims_groups {
+                        self.shared.releases.push((topic, group));
+                    }
                 }
             }
         }

@@ -1,6 +1,8 @@
 //! `SubscribeCall`: one Subscribe stream. Upstream messages (Init, credit,
 //! acks, nacks) are read and applied to the broker as they arrive — reading
-//! never stops, so credits and acks can't be starved. Downstream, a delivery
+//! never stops once the stream is subscribed, so credits and acks can't be
+//! starved. (On a store several gateways share, a group's Init first waits
+//! for the store to claim the group; reading resumes once it has.) Downstream, a delivery
 //! is pulled from the broker only while the stream has HTTP/2 send capacity;
 //! at most one encoded message waits for capacity, nothing more.
 
@@ -19,6 +21,7 @@ use crate::grpc::framing::frame_status;
 use crate::grpc::headers::CallInfo;
 use crate::grpc::{encode_message, encode_message_with, Code, MessageDecoder, Status};
 use crate::proto::{self, subscribe_downstream, subscribe_upstream};
+use crate::storage::{ClaimError, WriteRequest};
 
 pub struct SubscribeCall {
     /// Closed once the client half-closed (it may still receive).
@@ -31,6 +34,8 @@ pub struct SubscribeCall {
     half_closed: bool,
     /// (topic, group) for metrics, once initialised.
     labels: Option<(Arc<str>, Arc<str>)>,
+    /// The Init waiting for its group to be claimed (request, group, consumer id).
+    claim: Option<(SubscribeRequest, Arc<str>, String)>,
 }
 
 fn encode_delivery(d: Delivery, gzip: bool) -> Bytes {
@@ -116,6 +121,7 @@ impl SubscribeCall {
             gzip: info.respond_gzip,
             half_closed: false,
             labels: None,
+            claim: None,
         }
     }
 
@@ -222,6 +228,64 @@ impl SubscribeCall {
         done
     }
 
+    /// Subscribes the stream in the broker.
+    fn start(
+        &mut self,
+        uid: u64,
+        request: SubscribeRequest,
+        label: Arc<str>,
+        consumer: &str,
+        shared: &mut Shared,
+    ) -> Result<(), Status> {
+        let topic: Arc<str> = request.topic.as_str().into();
+        let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
+        shared
+            .broker
+            .subscribe(uid, request, now, wall)
+            .map_err(|e| match e {
+                SubscribeError::Invalid(m) => Status::invalid_argument(m),
+                SubscribeError::LimitReached(m) => Status::new(Code::ResourceExhausted, m),
+            })?;
+        self.initialised = true;
+        log::debug!("sub {uid}: subscribed to {topic} (consumer {consumer:?})");
+        self.labels = Some((topic, label));
+        Ok(())
+    }
+
+    /// The store answered the claim of this stream's group: subscribe
+    /// (from the cursor the previous gateway left, if it says so) or end.
+    pub fn claimed(
+        &mut self,
+        uid: u64,
+        result: Result<Option<(u64, i64)>, ClaimError>,
+        shared: &mut Shared,
+    ) {
+        let Some((request, group, consumer)) = self.claim.take() else {
+            return;
+        };
+        let topic: Arc<str> = request.topic.as_str().into();
+        let started = match result {
+            Ok(adopt) => {
+                if let Some((cursor, acked_at_ms)) = adopt {
+                    let wall = shared.clock.wall_ms();
+                    shared
+                        .broker
+                        .adopt_cursor(&topic, &group, cursor, acked_at_ms, wall);
+                }
+                self.start(uid, request, group.clone(), &consumer, shared)
+            }
+            Err(ClaimError::TakenOver) => Err(Status::new(
+                Code::Aborted,
+                "another consumer subscribed with the same topic and group",
+            )),
+            Err(ClaimError::Store(e)) => Err(super::rpc::storage_status(&e)),
+        };
+        if let Err(status) = started {
+            self.finish(status);
+            shared.releases.push((topic, group));
+        }
+    }
+
     /// Tells the broker this stream is gone (idempotent).
     pub fn forget(&mut self, uid: u64, shared: &mut Shared) {
         if self.initialised {
@@ -231,7 +295,9 @@ impl SubscribeCall {
     }
 
     fn read(&mut self, uid: u64, shared: &mut Shared, cx: &mut Context<'_>) {
-        while self.reader.is_open() {
+        // While a claim is pending, what follows Init waits in the stream's
+        // flow-control window.
+        while self.reader.is_open() && self.claim.is_none() {
             match self.reader.poll_next(uid, &mut shared.inflight, cx) {
                 Inbound::Message(body) => {
                     if let Err(status) = self.on_message(body, uid, shared) {
@@ -301,19 +367,18 @@ impl SubscribeCall {
                     )));
                 }
             }
-            let topic: Arc<str> = request.topic.as_str().into();
-            let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
-            shared
-                .broker
-                .subscribe(uid, request, now, wall)
-                .map_err(|e| match e {
-                    SubscribeError::Invalid(m) => Status::invalid_argument(m),
-                    SubscribeError::LimitReached(m) => Status::new(Code::ResourceExhausted, m),
-                })?;
-            self.initialised = true;
-            log::debug!("sub {uid}: subscribed to {topic} (consumer {consumer:?})");
-            self.labels = Some((topic, label));
-            return Ok(());
+            if shared.claims_groups && request.group.is_some() {
+                let topic: Arc<str> = request.topic.as_str().into();
+                shared.claim_started(&topic, &label);
+                shared.submit(WriteRequest::ClaimGroup {
+                    token: uid,
+                    topic,
+                    group: label.clone(),
+                });
+                self.claim = Some((request, label, consumer));
+                return Ok(());
+            }
+            return self.start(uid, request, label, &consumer, shared);
         }
         let (now, wall) = (shared.clock.now_ms(), shared.clock.wall_ms());
         match request {

@@ -100,6 +100,17 @@ pub enum WriteRequest {
         topic: Arc<str>,
         group: Arc<str>,
     },
+    /// Make this gateway the one serving a group's consumer (stores shared
+    /// by several gateways, see `StoreLinks::claims_groups`): answered by
+    /// `GroupClaimed` once any other gateway serving it has let go.
+    ClaimGroup {
+        token: u64,
+        topic: Arc<str>,
+        group: Arc<str>,
+    },
+    /// This gateway no longer serves the group's consumer; its cursor
+    /// writes queued before this are stored first.
+    ReleaseGroup { topic: Arc<str>, group: Arc<str> },
 }
 
 /// A committed append.
@@ -161,12 +172,62 @@ pub enum WriteOutcome {
     /// (`None`); health follows it. Sent by stores that can lose their
     /// connection (JetStream), never by SQLite.
     Availability { unavailable: Option<String> },
+    /// The answer to `ClaimGroup`: `Some(cursor, acked_at_ms)` when another
+    /// gateway served the group last (start from its cursor, not ours).
+    GroupClaimed {
+        token: u64,
+        topic: Arc<str>,
+        group: Arc<str>,
+        result: Result<Option<(u64, i64)>, ClaimError>,
+    },
+    /// Another gateway claimed a group this one serves: end its consumer
+    /// (`ABORTED`, as a takeover) and send `ReleaseGroup`.
+    GroupLost { topic: Arc<str>, group: Arc<str> },
+    /// A change made through another gateway sharing the store (JetStream
+    /// with several gateways): apply it to the broker; its write is done.
+    Remote(RemoteChange),
     /// Retention removed a topic's oldest messages; `first` is the oldest
     /// left (sequence, ordinal, timestamp).
     Trimmed {
         topic: Arc<str>,
         first: Option<(u64, u64, i64)>,
         removed: u64,
+    },
+}
+
+/// Why a `ClaimGroup` failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimError {
+    /// A consumer on another gateway claimed the group meanwhile.
+    TakenOver,
+    Store(StorageError),
+}
+
+/// What another gateway changed (see `WriteOutcome::Remote`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteChange {
+    TopicCreated {
+        topic: Arc<str>,
+        created_at_ms: i64,
+    },
+    TopicDeleted {
+        topic: Arc<str>,
+    },
+    GroupDeleted {
+        topic: Arc<str>,
+        group: Arc<str>,
+    },
+    /// A group's cursor as the gateway serving it stored it.
+    CursorMoved {
+        topic: Arc<str>,
+        group: Arc<str>,
+        sequence: u64,
+        acked_at_ms: i64,
+    },
+    CursorReset {
+        topic: Arc<str>,
+        group: Arc<str>,
+        sequence: u64,
     },
 }
 
@@ -210,6 +271,10 @@ pub struct StoreLinks {
     pub pages_in: Sender<PageRequest>,
     /// Their answers.
     pub pages_out: Receiver<Page>,
+    /// Several gateways may serve this store: a group's consumer is claimed
+    /// (`WriteRequest::ClaimGroup`) before it starts and released when it
+    /// ends. False for a store only this process uses.
+    pub claims_groups: bool,
 }
 
 /// A store's threads and whatever it holds for its whole life (such as a

@@ -15,8 +15,8 @@ pub mod jetstream;
 pub mod sqlite;
 
 pub use interface::{
-    Appended, LoadedState, NewMessage, OpenedStore, Page, PageRequest, StorageError, StoreLinks,
-    StoreThreads, Wake, WakeOnExit, WriteOutcome, WriteRequest,
+    Appended, ClaimError, LoadedState, NewMessage, OpenedStore, Page, PageRequest, RemoteChange,
+    StorageError, StoreLinks, StoreThreads, Wake, WakeOnExit, WriteOutcome, WriteRequest,
 };
 
 /// Unix milliseconds now: the timestamp a store's writer gives a batch.

@@ -181,4 +181,89 @@ impl Broker {
         }
         true
     }
+
+    /// Whether a consumer of the group is active here.
+    pub fn group_active(&self, topic: &str, group: &str) -> bool {
+        self.topics
+            .get(topic)
+            .and_then(|t| t.groups.get(group))
+            .is_some_and(|g| g.active.is_some())
+    }
+
+    /// Another gateway claimed the group: its consumer here ends as a
+    /// takeover would end it. False if none was active.
+    pub fn end_group_consumer(&mut self, topic: &str, group: &str) -> bool {
+        let _core = AbortOnUnwind;
+        let Some(t) = self.topics.get_mut(topic) else {
+            return false;
+        };
+        let Some((name, g)) = t.groups.iter_mut().find(|(n, _)| n.as_ref() == group) else {
+            return false;
+        };
+        let Some(sub) = g.active.take() else {
+            return false;
+        };
+        let name = name.clone();
+        t.subs.retain(|s| *s != sub);
+        if let Some(gone) = self.subs.remove(&sub) {
+            drop_subscription_timers(&mut self.timers, sub, gone);
+        }
+        self.actions.push_back(Action::End {
+            sub,
+            reason: EndReason::TakenOver,
+        });
+        self.actions.push_back(Action::GroupIdle {
+            topic: t.view.name.clone(),
+            group: name,
+        });
+        true
+    }
+
+    /// A group's cursor as stored by the gateway that served it last: taken
+    /// unless a consumer of the group is active here (this gateway then
+    /// serves it and its own cursor is newer). Creates the group (and the
+    /// topic, at `created_at_ms`) if this gateway did not know it.
+    pub fn adopt_cursor(
+        &mut self,
+        topic: &str,
+        group: &str,
+        sequence: u64,
+        acked_at_ms: i64,
+        created_at_ms: i64,
+    ) {
+        let _core = AbortOnUnwind;
+        let name = self.ensure_topic(topic, created_at_ms);
+        let ledger_cap = self.config.ledger_cap;
+        let Some(t) = self.topics.get_mut(&name) else {
+            return;
+        };
+        let cursor_ordinal = match sequence {
+            0 => 0,
+            s if s >= t.view.last_seq => t.view.last_ordinal,
+            _ => t.view.first_ordinal.saturating_sub(1),
+        };
+        match t.groups.get_mut(group) {
+            Some(g) if g.active.is_some() => {}
+            Some(g) => {
+                g.cursor = sequence;
+                g.cursor_ordinal = cursor_ordinal;
+                g.last_ack_ms = acked_at_ms;
+                g.ledger.reset();
+            }
+            None => {
+                t.groups.insert(
+                    group.into(),
+                    super::Group {
+                        cursor: sequence,
+                        cursor_ordinal,
+                        last_ack_ms: acked_at_ms,
+                        active: None,
+                        ledger: super::DeliveryLedger::new(ledger_cap),
+                        fences: 0,
+                        deleting: false,
+                    },
+                );
+            }
+        }
+    }
 }

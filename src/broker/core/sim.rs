@@ -1164,6 +1164,8 @@ impl Sim {
                         });
                 }
                 Action::End { sub, reason } => ends.push((sub, reason)),
+                // Only gateways sharing a store act on it.
+                Action::GroupIdle { .. } => {}
                 Action::Heartbeat { sub, latest_seq } => {
                     let interval = self.config.heartbeat_interval_ms;
                     let now = self.now;

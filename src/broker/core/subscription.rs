@@ -162,9 +162,15 @@ impl Broker {
         drop_subscription_timers(&mut self.timers, sub, s);
         if let Some(t) = self.topics.get_mut(&topic) {
             t.subs.retain(|x| *x != sub);
-            if let Some(g) = group.as_ref().and_then(|g| t.groups.get_mut(g)) {
-                if g.active == Some(sub) {
-                    g.active = None;
+            if let Some(name) = group {
+                if let Some(g) = t.groups.get_mut(&name) {
+                    if g.active == Some(sub) {
+                        g.active = None;
+                        self.actions.push_back(Action::GroupIdle {
+                            topic: t.view.name.clone(),
+                            group: name,
+                        });
+                    }
                 }
             }
         }

@@ -117,6 +117,9 @@ pub enum Action {
     End { sub: SubId, reason: EndReason },
     /// Send a heartbeat on this idle stream.
     Heartbeat { sub: SubId, latest_seq: u64 },
+    /// The group's consumer ended and no other took its place (a store
+    /// shared by several gateways lets another gateway serve it now).
+    GroupIdle { topic: Arc<str>, group: Arc<str> },
 }
 
 /// One message to send, with the count of times it has been sent.

@@ -6,7 +6,9 @@
 //!
 //! - stream `<PREFIX>` (upper case), subjects `<prefix>.t.<topic token>`
 //!   (one token per topic, see `subject_token`) and `<prefix>.gap` (filler
-//!   messages `sluice migrate` uses to keep sequences, purged at its end);
+//!   messages `sluice migrate` uses to keep sequences, purged at its end)
+//!   and `<prefix>.admin` (`AdminEvent`s: deletes and cursor resets made
+//!   through one gateway, which every other gateway's follower applies);
 //! - the stream sequence is the message's `sequence`; its `message_id` is
 //!   derived from (timestamp, sequence, topic) as on SQLite, so it is never
 //!   stored;
@@ -17,7 +19,9 @@
 //!   publish is stored once;
 //! - bucket `<prefix>_topics`: key = topic token, value `{"created_at_ms":N}`;
 //! - bucket `<prefix>_cursors`: key = `<topic token>.<group token>`, value
-//!   `{"seq":N,"acked_at_ms":N}`.
+//!   `{"seq":N,"acked_at_ms":N,"gateway":ID}`;
+//! - bucket `<prefix>_leases`: the same keys, value
+//!   `{"gateway":ID,"inbox":SUBJECT,"free":BOOL}` (see `leases`).
 
 use std::collections::HashMap;
 
@@ -51,7 +55,17 @@ impl Layout {
 
     /// The stream's subjects.
     pub fn stream_subjects(&self) -> Vec<String> {
+        vec![self.all_topics(), self.gap_subject(), self.admin_subject()]
+    }
+
+    /// The subjects of streams made before admin events existed: such a
+    /// stream is updated to `stream_subjects`.
+    pub fn legacy_stream_subjects(&self) -> Vec<String> {
         vec![self.all_topics(), self.gap_subject()]
+    }
+
+    pub fn admin_subject(&self) -> String {
+        format!("{}.admin", self.prefix)
     }
 
     /// Every topic's subject (a wildcard).
@@ -69,6 +83,11 @@ impl Layout {
 
     pub fn cursors_bucket(&self) -> String {
         format!("{}_cursors", self.prefix)
+    }
+
+    /// Which gateway serves each group's consumer (see `leases`).
+    pub fn leases_bucket(&self) -> String {
+        format!("{}_leases", self.prefix)
     }
 
     /// The subject of a topic; `None` for a name no valid topic has.
@@ -110,10 +129,42 @@ pub struct TopicValue {
     pub created_at_ms: i64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CursorValue {
     pub seq: u64,
     pub acked_at_ms: i64,
+    /// The gateway that stored it (empty: `sluice migrate`); a gateway
+    /// skips its own puts when it watches the bucket.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gateway: String,
+}
+
+/// A change made through one gateway that the others apply to their own
+/// broker (its store change is already done). Stored on the admin subject
+/// as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminEvent {
+    /// The gateway that made it (it applied the change itself).
+    pub origin: String,
+    #[serde(flatten)]
+    pub change: AdminChange,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AdminChange {
+    TopicDeleted {
+        topic: String,
+    },
+    GroupDeleted {
+        topic: String,
+        group: String,
+    },
+    CursorReset {
+        topic: String,
+        group: String,
+        sequence: u64,
+    },
 }
 
 /// The headers of a message stored at `timestamp_ms` as the topic's
@@ -183,6 +234,21 @@ mod tests {
         );
         assert_eq!(l.topic_of("other.t.x"), None);
         assert_eq!(l.topic_of("sluice.gap"), None);
+        assert_eq!(l.topic_of("sluice.admin"), None);
+        let e = AdminEvent {
+            origin: "g1".into(),
+            change: AdminChange::CursorReset {
+                topic: "a".into(),
+                group: "b".into(),
+                sequence: 7,
+            },
+        };
+        let json = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            json,
+            r#"{"origin":"g1","kind":"cursor_reset","topic":"a","group":"b","sequence":7}"#
+        );
+        assert_eq!(serde_json::from_str::<AdminEvent>(&json).unwrap(), e);
         assert_eq!(l.subject("a b"), None);
         assert_eq!(l.topics_bucket(), "sluice_topics");
         let key = cursor_key("a.b", "g_1").unwrap();

@@ -469,6 +469,7 @@ fn write_cursors(kv: &KvBucket, source: &Source) -> Result<usize, String> {
         let value = serde_json::to_vec(&CursorValue {
             seq: g.cursor,
             acked_at_ms: g.last_ack_ms,
+            gateway: String::new(),
         })
         .map_err(|e| e.to_string())?;
         let what = format!("store the cursor of group {:?} on {topic:?}", g.name);

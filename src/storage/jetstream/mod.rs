@@ -10,7 +10,9 @@
 //! threads share; `migrate` copies an embedded store into a cluster.
 //! Calls `nats` (our own client, no async runtime) and nothing of gRPC.
 
+pub mod follower;
 pub mod layout;
+pub mod leases;
 pub mod migrate;
 pub mod monitor;
 pub mod reader;
@@ -156,6 +158,28 @@ pub fn prepare(
         }
     }
     let want = stream_config(cfg, layout);
+    // A stream made before admin events existed gains their subject.
+    if let Ok(info) = js.stream_info(layout.stream()) {
+        let mut have = info.config.subjects.clone();
+        have.sort();
+        let mut legacy = layout.legacy_stream_subjects();
+        legacy.sort();
+        if have == legacy {
+            let mut update = info.config.clone();
+            update.subjects = layout.stream_subjects();
+            js.update_stream(&update).map_err(|e| {
+                format!(
+                    "cannot add the admin subject to stream {}: {e}",
+                    layout.stream()
+                )
+            })?;
+            log::info!(
+                "stream {}: added subject {}",
+                layout.stream(),
+                layout.admin_subject()
+            );
+        }
+    }
     let verified = loop {
         match js.create_or_verify_stream(&want) {
             Err(e) if waiting(&e) => {}
@@ -241,7 +265,48 @@ pub fn open(
         (None, None)
     };
     let (request_tx, request_rx) = crossbeam_channel::bounded(cfg.writer_queue);
+    let (written_tx, written_rx) = crossbeam_channel::bounded(cfg.writer_queue);
     let (outcome_tx, outcome_rx) = crossbeam_channel::bounded(cfg.writer_queue * 2);
+    // Names this gateway in admin events.
+    let gateway = uuid::Uuid::new_v4().simple().to_string();
+    let created = state
+        .topics
+        .iter()
+        .map(|t| (t.name.clone(), t.created_at_ms))
+        .collect();
+    let leases_kv = js
+        .kv_bucket_with_ttl(
+            &layout.leases_bucket(),
+            cfg.replicas,
+            Some(leases::LEASE_TTL),
+        )
+        .map_err(|e| format!("bucket {} cannot be used: {e}", layout.leases_bucket()))?;
+    let (lease_tx, lease_rx) = crossbeam_channel::bounded(cfg.writer_queue);
+    let leases = leases::GroupLeases::new(
+        js.clone(),
+        leases_kv.clone(),
+        cursors_kv.clone(),
+        gateway.clone(),
+        outcome_tx.clone(),
+        wake.clone(),
+    );
+    let leases_bucket = leases_kv.name().to_string();
+    let leases_thread = std::thread::Builder::new()
+        .name("sluice-js-leases".into())
+        .spawn(move || leases.run(lease_rx, leases_bucket))
+        .map_err(|e| format!("cannot start the group leases: {e}"))?;
+    let follower = follower::Follower::new(
+        js.clone(),
+        layout.clone(),
+        (topics_kv.clone(), cursors_kv.name().to_string()),
+        status.clone(),
+        follower::FollowerStart {
+            gateway: gateway.clone(),
+            last_seq: state.last_seq,
+            created,
+            held_cap: cfg.writer_queue * 2,
+        },
+    );
     let writer = writer::JetStreamWriter::new(
         js.clone(),
         layout.clone(),
@@ -250,6 +315,8 @@ pub fn open(
         status.clone(),
         writer::WriterConfig {
             retry_for: Duration::from_secs(10),
+            gateway,
+            leases: lease_tx,
             retention_counts: counts_rx,
         },
         telemetry,
@@ -257,8 +324,13 @@ pub fn open(
     let w = wake.clone();
     let writer_thread = std::thread::Builder::new()
         .name("sluice-js-writer".into())
-        .spawn(move || writer.run(request_rx, outcome_tx, w))
+        .spawn(move || writer.run(request_rx, written_tx, w))
         .map_err(|e| format!("cannot start writer: {e}"))?;
+    let w = wake.clone();
+    let follower_thread = std::thread::Builder::new()
+        .name("sluice-js-follower".into())
+        .spawn(move || follower.run(written_rx, outcome_tx, w))
+        .map_err(|e| format!("cannot start the stream follower: {e}"))?;
 
     let (page_req_tx, page_req_rx) = crossbeam_channel::bounded(1024);
     let (page_tx, page_rx) = crossbeam_channel::bounded(1024);
@@ -274,11 +346,19 @@ pub fn open(
     let threads = StoreThreads::new(
         move || {
             let writer = writer_thread.join();
+            let leases = leases_thread.join();
+            let follower = follower_thread.join();
             let reader = reader_thread.join();
             monitor.stop();
             client.close();
             if writer.is_err() {
                 return Err("writer thread panicked".into());
+            }
+            if leases.is_err() {
+                return Err("group leases thread panicked".into());
+            }
+            if follower.is_err() {
+                return Err("stream follower thread panicked".into());
             }
             if reader.is_err() {
                 return Err("reader thread panicked".into());
@@ -293,6 +373,7 @@ pub fn open(
             outcomes: outcome_rx,
             pages_in: page_req_tx,
             pages_out: page_rx,
+            claims_groups: true,
         },
         state,
         threads,

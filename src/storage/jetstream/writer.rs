@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::layout::{self, CursorValue, Layout, TopicValue};
+use super::layout::{self, AdminChange, AdminEvent, CursorValue, Layout, TopicValue};
 use super::status::StoreStatus;
 use super::storage_error;
 use crate::broker::{MessageId, StoredMessage};
@@ -47,6 +47,10 @@ pub struct WriterConfig {
     /// per-subject counts once a second, and messages JetStream removed are
     /// reported as `Trimmed`.
     pub retention_counts: Option<Receiver<super::monitor::SubjectCounts>>,
+    /// This gateway's id in the admin events it publishes.
+    pub gateway: String,
+    /// Where group claims and releases go (after the cursor writes before them).
+    pub leases: Sender<super::leases::LeaseRequest>,
 }
 
 /// What the writer knows of a topic.
@@ -417,7 +421,7 @@ impl JetStreamWriter {
                     if superseded.contains(&i) {
                         continue;
                     }
-                    if !self.topics.contains_key(&topic) {
+                    if !self.knows_topic(&topic) {
                         // A cursor never re-creates a topic deleted meanwhile.
                         if let Some(token) = token {
                             self.drain(out);
@@ -436,6 +440,7 @@ impl JetStreamWriter {
                             let value = serde_json::to_vec(&CursorValue {
                                 seq: sequence,
                                 acked_at_ms,
+                                gateway: self.cfg.gateway.clone(),
                             })
                             .unwrap_or_default();
                             self.cursors_kv.put_start(&key, &value)
@@ -454,9 +459,33 @@ impl JetStreamWriter {
                         ticket,
                     }));
                 }
+                WriteRequest::ClaimGroup {
+                    token,
+                    topic,
+                    group,
+                } => {
+                    let _ = self.cfg.leases.send(super::leases::LeaseRequest::Claim {
+                        token,
+                        topic,
+                        group,
+                    });
+                }
+                WriteRequest::ReleaseGroup { topic, group } => {
+                    // The group's cursor writes before it are stored first.
+                    self.drain(out);
+                    let _ = self
+                        .cfg
+                        .leases
+                        .send(super::leases::LeaseRequest::Release { topic, group });
+                }
                 WriteRequest::DeleteTopic { token, topic } => {
                     self.drain(out);
                     let result = self.delete_topic(&topic);
+                    if result.is_ok() {
+                        self.publish_admin(AdminChange::TopicDeleted {
+                            topic: topic.to_string(),
+                        });
+                    }
                     out.push(WriteOutcome::TopicDeleted {
                         token,
                         topic,
@@ -470,6 +499,12 @@ impl JetStreamWriter {
                 } => {
                     self.drain(out);
                     let result = self.delete_group(&topic, &group);
+                    if result.is_ok() {
+                        self.publish_admin(AdminChange::GroupDeleted {
+                            topic: topic.to_string(),
+                            group: group.to_string(),
+                        });
+                    }
                     out.push(WriteOutcome::GroupDeleted {
                         token,
                         topic,
@@ -477,6 +512,36 @@ impl JetStreamWriter {
                         result,
                     });
                 }
+            }
+        }
+    }
+
+    /// Whether the topic exists: known here, or registered (through
+    /// another gateway) in the KV bucket.
+    fn knows_topic(&mut self, topic: &Arc<str>) -> bool {
+        if self.topics.contains_key(topic) {
+            return true;
+        }
+        let Some(key) = layout::topic_key(topic) else {
+            return false;
+        };
+        match self.topics_kv.get(&key) {
+            Ok(Some(entry)) => {
+                let created_at_ms = serde_json::from_slice::<TopicValue>(&entry.value)
+                    .map(|v| v.created_at_ms)
+                    .unwrap_or(0);
+                self.topics.insert(
+                    topic.clone(),
+                    TopicCounters::new(created_at_ms, (0, 0), (0, 0)),
+                );
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                crate::log_limited!(log::Level::Warn, "cannot read the topic registry: {e}");
+                // Unknown for now: keep the write (a topic deleted meanwhile
+                // gets a cursor it will never use).
+                true
             }
         }
     }
@@ -615,6 +680,14 @@ impl JetStreamWriter {
                         // An older failed write of the group must not go again.
                         self.carry.remove(&(c.topic.clone(), c.group.clone()));
                         let ordinal = self.ordinal_at(&c.topic, c.sequence, c.token.is_some());
+                        if c.token.is_some() {
+                            // A ResetCursor: the group's consumer may be on another gateway.
+                            self.publish_admin(AdminChange::CursorReset {
+                                topic: c.topic.to_string(),
+                                group: c.group.to_string(),
+                                sequence: c.sequence,
+                            });
+                        }
                         out.push(WriteOutcome::CursorSaved {
                             token: c.token,
                             topic: c.topic,
@@ -902,6 +975,24 @@ impl JetStreamWriter {
                 );
                 0
             }
+        }
+    }
+
+    /// Tells the other gateways (through the stream, in order with the
+    /// messages) about a change made here.
+    fn publish_admin(&self, change: AdminChange) {
+        let event = AdminEvent {
+            origin: self.cfg.gateway.clone(),
+            change,
+        };
+        let Ok(body) = serde_json::to_vec(&event) else {
+            return;
+        };
+        if let Err(e) = self.js.publish(&self.layout.admin_subject(), None, &body) {
+            log::warn!(
+                "cannot tell the other gateways about {:?}: {e}; their streams learn of it when they reconnect",
+                event.change
+            );
         }
     }
 

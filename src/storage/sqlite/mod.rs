@@ -109,6 +109,7 @@ pub fn open(
         outcomes: outcome_rx,
         pages_in: readers.requests,
         pages_out: page_rx,
+        claims_groups: false,
     };
     let (writer_thread, reader_threads) = (writer.thread, readers.threads);
     // Once the reactor dropped its senders, the writer commits what it has

@@ -891,6 +891,19 @@ impl GroupCommit {
                 } => {
                     topic_row(&tx, &mut self.topics, topic, *created_at_ms)?;
                 }
+                // Only this process uses the database: a claim is granted
+                // as it stands (the reactor does not ask: claims_groups).
+                WriteRequest::ClaimGroup {
+                    token,
+                    topic,
+                    group,
+                } => out.push(WriteOutcome::GroupClaimed {
+                    token: *token,
+                    topic: topic.clone(),
+                    group: group.clone(),
+                    result: Ok(None),
+                }),
+                WriteRequest::ReleaseGroup { .. } => {}
                 WriteRequest::SetCursor {
                     topic,
                     group,
