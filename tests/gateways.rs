@@ -120,7 +120,8 @@ async fn two_gateways_publishing_to_one_topic_read_back_in_sequence_order() {
     live.send(credit(1_000_000)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let acked: Arc<Mutex<BTreeMap<u64, (String, Vec<u8>)>>> = Arc::default();
+    type Acked = BTreeMap<u64, (String, Vec<u8>)>;
+    let acked: Arc<Mutex<Acked>> = Arc::default();
     let mut tasks = Vec::new();
     for (g, url) in [("a", a.url()), ("b", b.url())] {
         for p in 0..3 {
@@ -454,13 +455,11 @@ async fn sigkill_of_a_gateway_moves_its_consumer_to_another_without_loss() {
     a.kill9();
     let killed = Instant::now();
     // Its stream breaks; the client moves to gateway B.
-    loop {
-        match sub.next_within(Duration::from_secs(5)).await {
-            Some(Ok(proto::SubscribeDownstream {
-                response: Some(Down::Delivery(d)),
-            })) => before.push(d.sequence), // sent before the kill, not acked
-            _ => break,
-        }
+    while let Some(Ok(proto::SubscribeDownstream {
+        response: Some(Down::Delivery(d)),
+    })) = sub.next_within(Duration::from_secs(5)).await
+    {
+        before.push(d.sequence); // sent before the kill, not acked
     }
     let mut cb = b.client().await;
     let mut sub = cb
