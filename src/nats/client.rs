@@ -450,11 +450,30 @@ impl NatsClient {
         self.subscribe_queue(subject, None)
     }
 
+    /// As `subscribe`, holding at most `capacity` messages (less than
+    /// `Options::subscription_capacity` for a quiet subject saves memory).
+    pub fn subscribe_with_capacity(
+        &self,
+        subject: &str,
+        capacity: usize,
+    ) -> Result<Subscription, Error> {
+        self.subscribe_inner(subject, None, capacity)
+    }
+
     /// Subscribes as a member of queue group `queue`.
     pub fn subscribe_queue(
         &self,
         subject: &str,
         queue: Option<&str>,
+    ) -> Result<Subscription, Error> {
+        self.subscribe_inner(subject, queue, self.shared.options.subscription_capacity)
+    }
+
+    fn subscribe_inner(
+        &self,
+        subject: &str,
+        queue: Option<&str>,
+        capacity: usize,
     ) -> Result<Subscription, Error> {
         let shared = &self.shared;
         if shared.closed.load(Ordering::SeqCst) {
@@ -463,7 +482,7 @@ impl NatsClient {
         let sid = shared.next_sid.fetch_add(1, Ordering::SeqCst);
         let mut op = Vec::new();
         encode_sub(subject, queue, sid, &mut op)?;
-        let (tx, rx) = bounded(shared.options.subscription_capacity.max(1));
+        let (tx, rx) = bounded(capacity.max(1));
         let slow = Arc::new(AtomicBool::new(false));
         lock(&shared.subs).insert(
             sid,

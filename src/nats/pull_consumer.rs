@@ -336,13 +336,15 @@ impl ContinuousPull {
         let info = js.create_pull_consumer(stream, config)?;
         let client = js.client();
         let inbox = client.new_inbox();
-        let sub = client.subscribe(&inbox)?;
+        let batch = batch.clamp(1, client.subscription_capacity().max(2) / 2);
+        // Room for one request's messages and its status lines.
+        let sub = client.subscribe_with_capacity(&inbox, batch * 2 + 16)?;
         let mut pull = ContinuousPull {
             stream: stream.to_string(),
             consumer: info.name,
             inbox,
             sub,
-            batch: batch.clamp(1, client.subscription_capacity().max(2) / 2),
+            batch,
             expires,
             outstanding: 0,
             deadline: Instant::now(),

@@ -20,6 +20,20 @@ use crate::broker::{GroupView, StoredMessage, TopicView};
 /// Wakes the thread that consumes a storage thread's replies.
 pub type Wake = Arc<dyn Fn() + Send + Sync>;
 
+/// Sends to the reactor's channel; when it is full, wakes the reactor
+/// before waiting for room (so it drains what is there instead of sleeping
+/// while we wait). False when the reactor is gone.
+pub fn send_waking<T>(tx: &Sender<T>, wake: &Wake, value: T) -> bool {
+    match tx.try_send(value) {
+        Ok(()) => true,
+        Err(crossbeam_channel::TrySendError::Full(value)) => {
+            wake();
+            tx.send(value).is_ok()
+        }
+        Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
+    }
+}
+
 /// Held by a storage thread for its whole life: when the thread ends, by
 /// returning or by a panic, its consumer is woken to notice the closed
 /// channel instead of sleeping on it.

@@ -20,6 +20,8 @@
 //! - bucket `<prefix>_topics`: key = topic token, value `{"created_at_ms":N}`;
 //! - bucket `<prefix>_cursors`: key = `<topic token>.<group token>`, value
 //!   `{"seq":N,"acked_at_ms":N,"gateway":ID}`;
+//! - bucket `<prefix>_gateways`: one key per running gateway (its id),
+//!   kept while it renews it;
 //! - bucket `<prefix>_leases`: the same keys, value
 //!   `{"gateway":ID,"inbox":SUBJECT,"free":BOOL}` (see `leases`).
 
@@ -83,6 +85,12 @@ impl Layout {
 
     pub fn cursors_bucket(&self) -> String {
         format!("{}_cursors", self.prefix)
+    }
+
+    /// The gateways running now: key = gateway id, renewed every few
+    /// seconds (see `follower`).
+    pub fn gateways_bucket(&self) -> String {
+        format!("{}_gateways", self.prefix)
     }
 
     /// Which gateway serves each group's consumer (see `leases`).

@@ -31,7 +31,7 @@ use super::layout::{self, CursorValue};
 use super::storage_error;
 use crate::nats::jetstream::{JetStream, JetStreamError};
 use crate::nats::kv_bucket::{KvBucket, ERR_WRONG_LAST_SEQUENCE, KV_OPERATION_HEADER};
-use crate::storage::{ClaimError, StorageError, Wake, WakeOnExit, WriteOutcome};
+use crate::storage::{send_waking, ClaimError, StorageError, Wake, WakeOnExit, WriteOutcome};
 
 /// A lease not renewed for this long is gone (the bucket's max age).
 pub const LEASE_TTL: Duration = Duration::from_secs(10);
@@ -124,8 +124,8 @@ impl GroupLeases {
         let _exit = WakeOnExit(self.wake.clone());
         let client = self.js.client().clone();
         let (watch, releases) = match (
-            client.subscribe(&format!("$KV.{bucket}.>")),
-            client.subscribe(&self.inbox),
+            client.subscribe_with_capacity(&format!("$KV.{bucket}.>"), 1024),
+            client.subscribe_with_capacity(&self.inbox, 256),
         ) {
             (Ok(w), Ok(r)) => (w, r),
             (Err(e), _) | (_, Err(e)) => {
@@ -234,16 +234,13 @@ impl GroupLeases {
         group: Arc<str>,
         result: Result<Option<(u64, i64)>, ClaimError>,
     ) {
-        if self
-            .out
-            .send(WriteOutcome::GroupClaimed {
-                token,
-                topic,
-                group,
-                result,
-            })
-            .is_ok()
-        {
+        let claimed = WriteOutcome::GroupClaimed {
+            token,
+            topic,
+            group,
+            result,
+        };
+        if send_waking(&self.out, &self.wake, claimed) {
             (self.wake)();
         }
     }
@@ -373,11 +370,8 @@ impl GroupLeases {
     fn lost(&mut self, key: &str, topic: Arc<str>, group: Arc<str>, claimer: String) {
         log::info!("leases: {topic}/{group} was claimed by another gateway");
         self.releasing.insert(key.to_string(), claimer);
-        if self
-            .out
-            .send(WriteOutcome::GroupLost { topic, group })
-            .is_ok()
-        {
+        let lost = WriteOutcome::GroupLost { topic, group };
+        if send_waking(&self.out, &self.wake, lost) {
             (self.wake)();
         }
     }

@@ -10,6 +10,7 @@
 //! threads share; `migrate` copies an embedded store into a cluster.
 //! Calls `nats` (our own client, no async runtime) and nothing of gRPC.
 
+pub mod announcer;
 pub mod follower;
 pub mod layout;
 pub mod leases;
@@ -265,7 +266,6 @@ pub fn open(
         (None, None)
     };
     let (request_tx, request_rx) = crossbeam_channel::bounded(cfg.writer_queue);
-    let (written_tx, written_rx) = crossbeam_channel::bounded(cfg.writer_queue);
     let (outcome_tx, outcome_rx) = crossbeam_channel::bounded(cfg.writer_queue * 2);
     // Names this gateway in admin events.
     let gateway = uuid::Uuid::new_v4().simple().to_string();
@@ -295,17 +295,37 @@ pub fn open(
         .name("sluice-js-leases".into())
         .spawn(move || leases.run(lease_rx, leases_bucket))
         .map_err(|e| format!("cannot start the group leases: {e}"))?;
-    let follower = follower::Follower::new(
-        js.clone(),
+    let announcer = announcer::Announcer::new(
         layout.clone(),
-        (topics_kv.clone(), cursors_kv.name().to_string()),
+        topics_kv.clone(),
         status.clone(),
-        follower::FollowerStart {
+        announcer::AnnouncerStart {
             gateway: gateway.clone(),
             last_seq: state.last_seq,
             created,
             held_cap: cfg.writer_queue * 2,
         },
+        outcome_tx,
+        wake.clone(),
+    );
+    let presence = js
+        .kv_bucket_with_ttl(
+            &layout.gateways_bucket(),
+            cfg.replicas,
+            Some(follower::PRESENCE_TTL),
+        )
+        .map_err(|e| format!("bucket {} cannot be used: {e}", layout.gateways_bucket()))?;
+    let follower = follower::Follower::new(
+        js.clone(),
+        layout.clone(),
+        status.clone(),
+        announcer.clone(),
+        follower::Buckets {
+            topics: topics_kv.clone(),
+            cursors: cursors_kv.clone(),
+            presence,
+        },
+        gateway.clone(),
     );
     let writer = writer::JetStreamWriter::new(
         js.clone(),
@@ -324,12 +344,12 @@ pub fn open(
     let w = wake.clone();
     let writer_thread = std::thread::Builder::new()
         .name("sluice-js-writer".into())
-        .spawn(move || writer.run(request_rx, written_tx, w))
+        .spawn(move || writer.run(request_rx, announcer, w))
         .map_err(|e| format!("cannot start writer: {e}"))?;
     let w = wake.clone();
     let follower_thread = std::thread::Builder::new()
         .name("sluice-js-follower".into())
-        .spawn(move || follower.run(written_rx, outcome_tx, w))
+        .spawn(move || follower.run(w))
         .map_err(|e| format!("cannot start the stream follower: {e}"))?;
 
     let (page_req_tx, page_req_rx) = crossbeam_channel::bounded(1024);

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use super::announcer::Announcer;
 use super::layout::{self, AdminChange, AdminEvent, CursorValue, Layout, TopicValue};
 use super::status::StoreStatus;
 use super::storage_error;
@@ -195,13 +196,14 @@ impl JetStreamWriter {
     /// A sliding window: new requests are sent while earlier ones wait for
     /// their acks (at most `WINDOW` messages in flight), and outcomes leave
     /// in request order as the acks arrive.
-    pub fn run(
-        mut self,
-        requests: Receiver<WriteRequest>,
-        outcomes: Sender<WriteOutcome>,
-        wake: Wake,
-    ) {
-        let _exit = WakeOnExit(wake.clone());
+    pub fn run(mut self, requests: Receiver<WriteRequest>, announcer: Announcer, wake: Wake) {
+        let _exit = WakeOnExit(wake);
+        self.run_loop(&requests, &announcer);
+        // Everything answered goes out now, held or not.
+        let _ = announcer.writer_done();
+    }
+
+    fn run_loop(&mut self, requests: &Receiver<WriteRequest>, announcer: &Announcer) {
         let mut reported: Option<String> = None;
         let mut open = true;
         // The reactor stopped listening (shutdown): keep storing what it
@@ -267,14 +269,8 @@ impl JetStreamWriter {
                 out.extend(self.check_trims(&counts));
             }
             if !out.is_empty() {
-                if !orphaned {
-                    for o in out {
-                        if outcomes.send(o).is_err() {
-                            orphaned = true;
-                            break;
-                        }
-                    }
-                    wake();
+                if !orphaned && announcer.from_writer(out).is_err() {
+                    orphaned = true;
                 }
                 continue;
             }
@@ -287,7 +283,7 @@ impl JetStreamWriter {
                 }
                 return;
             }
-            self.wait_for_progress(open.then_some(&requests));
+            self.wait_for_progress(open.then_some(requests));
         }
     }
 

@@ -139,13 +139,7 @@ const CARRY_RETRY: Duration = Duration::from_secs(1);
 /// channel. False once the reactor has gone (its receiver dropped).
 fn send_outcomes(outcomes: &Sender<WriteOutcome>, out: Vec<WriteOutcome>, wake: &Wake) -> bool {
     for outcome in out {
-        let outcome = match outcomes.try_send(outcome) {
-            Ok(()) => continue,
-            Err(crossbeam_channel::TrySendError::Full(o)) => o,
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => return false,
-        };
-        wake();
-        if outcomes.send(outcome).is_err() {
+        if !crate::storage::send_waking(outcomes, wake, outcome) {
             return false;
         }
     }

@@ -1,0 +1,522 @@
+//! The JetStream store's announcer: the one place where this gateway's
+//! broker hears of stored messages, in stream order, whoever stored them
+//! (this gateway's writer, another gateway, a publish of ours whose ack
+//! never came), and where the writer's outcomes are released to the
+//! reactor in their order, each `Appended` only once its messages are
+//! announced (a caller that got its ack sees its messages in
+//! `GetTopicStats`; live subscribers never skip one).
+//!
+//! Two threads feed it and either may hand the result to the reactor: the
+//! writer with what it acked (an acked message whose predecessors are all
+//! announced goes at once, so a gateway alone costs no extra hop), and the
+//! follower with what it read of the stream (filling the holes: other
+//! gateways' messages, admin events, publishes whose ack never came).
+//! `Sequencer` is the state behind one mutex; emitting while holding it
+//! keeps the order.
+//!
+//! Calls `layout` and, for a topic created through another gateway, the
+//! topic registry (KV); sends to the reactor's outcome channel plus `Wake`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::Sender;
+
+use super::layout::{self, AdminChange, AdminEvent, CursorValue, Layout, TopicValue};
+use super::status::StoreStatus;
+use crate::broker::{MessageId, StoredMessage};
+use crate::nats::kv_bucket::KvBucket;
+use crate::nats::pull_consumer::PulledMessage;
+use crate::storage::{send_waking, RemoteChange, Wake, WriteOutcome};
+
+/// Longest an answer is held for a hole the read does not fill: then what
+/// the writer acked is announced anyway.
+const HOLD_LIMIT: Duration = Duration::from_secs(3);
+
+/// The reactor stopped listening.
+#[derive(Debug)]
+pub struct Closed;
+
+/// What the sequencer starts from.
+pub struct AnnouncerStart {
+    /// This gateway's id (its own admin events and cursor puts are skipped).
+    pub gateway: String,
+    /// The stream's last sequence when the broker's state was loaded.
+    pub last_seq: u64,
+    /// The topics loaded, with their creation times.
+    pub created: HashMap<Arc<str>, i64>,
+    /// Most writer outcomes held back before the writer waits.
+    pub held_cap: usize,
+}
+
+struct Sequencer {
+    layout: Layout,
+    topics_kv: KvBucket,
+    status: Arc<StoreStatus>,
+    gateway: String,
+    /// Every sequence up to here is announced (or is not a message to
+    /// announce).
+    watermark: u64,
+    /// The stream is read contiguously up to here.
+    followed: u64,
+    /// Acked by our writer, above the watermark: announced once it reaches them.
+    acked: BTreeMap<u64, (Arc<str>, Arc<StoredMessage>)>,
+    /// Creation times of the topics this gateway knows.
+    created: HashMap<Arc<str>, i64>,
+    /// The writer's outcomes not yet released, oldest first.
+    held: VecDeque<(Instant, WriteOutcome)>,
+    held_cap: usize,
+    writer_done: bool,
+    /// Ready for the reactor.
+    out: Vec<WriteOutcome>,
+}
+
+struct Inner {
+    state: Mutex<Sequencer>,
+    room: Condvar,
+    to_reactor: Sender<WriteOutcome>,
+    wake: Wake,
+}
+
+/// A handle on the announcer; cheap to clone.
+#[derive(Clone)]
+pub struct Announcer {
+    inner: Arc<Inner>,
+}
+
+impl Announcer {
+    pub fn new(
+        layout: Layout,
+        topics_kv: KvBucket,
+        status: Arc<StoreStatus>,
+        start: AnnouncerStart,
+        to_reactor: Sender<WriteOutcome>,
+        wake: Wake,
+    ) -> Announcer {
+        let state = Sequencer {
+            layout,
+            topics_kv,
+            status,
+            gateway: start.gateway,
+            watermark: start.last_seq,
+            followed: start.last_seq,
+            acked: BTreeMap::new(),
+            created: start.created,
+            held: VecDeque::new(),
+            held_cap: start.held_cap.max(16),
+            writer_done: false,
+            out: Vec::new(),
+        };
+        Announcer {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                room: Condvar::new(),
+                to_reactor,
+                wake,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Sequencer> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sends what is ready (in order, under the lock) and wakes the reactor.
+    fn emit(&self, s: &mut Sequencer) -> Result<(), Closed> {
+        if s.out.is_empty() {
+            return Ok(());
+        }
+        for o in s.out.drain(..) {
+            if !send_waking(&self.inner.to_reactor, &self.inner.wake, o) {
+                return Err(Closed);
+            }
+        }
+        (self.inner.wake)();
+        self.inner.room.notify_all();
+        Ok(())
+    }
+
+    /// The writer's outcomes, in its order. Waits while too many answers
+    /// are held for the stream read.
+    pub fn from_writer(&self, outcomes: Vec<WriteOutcome>) -> Result<(), Closed> {
+        let mut s = self.lock();
+        while s.held.len() >= s.held_cap {
+            let (guard, _) = self
+                .inner
+                .room
+                .wait_timeout(s, Duration::from_millis(100))
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            s = guard;
+            s.release(false);
+            self.emit(&mut s)?;
+        }
+        for o in outcomes {
+            s.absorb(o);
+        }
+        s.release(false);
+        self.emit(&mut s)
+    }
+
+    /// Messages the stream read delivered, in stream order.
+    pub fn from_stream(&self, messages: Vec<PulledMessage>) -> Result<(), Closed> {
+        let mut s = self.lock();
+        for m in messages {
+            s.followed_one(m);
+        }
+        s.release(false);
+        self.emit(&mut s)
+    }
+
+    /// A put on the topic registry or the cursors bucket.
+    pub fn from_watch(
+        &self,
+        topic_key: Option<&str>,
+        cursor_key: Option<&str>,
+        payload: &[u8],
+    ) -> Result<(), Closed> {
+        let mut s = self.lock();
+        if let Some(k) = topic_key {
+            s.topic_put(k, payload);
+        }
+        if let Some(k) = cursor_key {
+            s.cursor_put(k, payload);
+        }
+        self.emit(&mut s)
+    }
+
+    /// Releases answers held past `HOLD_LIMIT`.
+    pub fn tick(&self) -> Result<(), Closed> {
+        let mut s = self.lock();
+        let all = s.writer_done;
+        s.release(all);
+        self.emit(&mut s)
+    }
+
+    /// The writer has stopped: everything it sent goes out now.
+    pub fn writer_done(&self) -> Result<(), Closed> {
+        let mut s = self.lock();
+        s.writer_done = true;
+        s.release(true);
+        self.emit(&mut s)
+    }
+
+    pub fn is_writer_done(&self) -> bool {
+        self.lock().writer_done
+    }
+
+    /// Whether the stream must be read for this gateway's own sake: an
+    /// acked message or an answer waits for a sequence before it.
+    pub fn has_holes(&self) -> bool {
+        let s = self.lock();
+        !s.acked.is_empty() || s.waiting_for_read()
+    }
+
+    /// Where a new stream read starts (everything before is announced or read).
+    pub fn read_from(&self) -> u64 {
+        let mut s = self.lock();
+        s.followed = s.followed.max(s.watermark);
+        s.followed + 1
+    }
+}
+
+impl Sequencer {
+    fn waiting_for_read(&self) -> bool {
+        matches!(
+            self.held.front(),
+            Some((_, WriteOutcome::Appended { result: Ok(a), .. }))
+                if a.messages.iter().any(|m| m.sequence > self.watermark)
+        )
+    }
+
+    /// Takes one outcome of the writer: what it acked is known from now on.
+    fn absorb(&mut self, o: WriteOutcome) {
+        match o {
+            // Messages stored out of call order (or by failed calls): known.
+            WriteOutcome::Committed {
+                topic,
+                created_at_ms,
+                messages,
+            } => {
+                self.created.entry(topic.clone()).or_insert(created_at_ms);
+                for m in messages {
+                    self.learn(&topic, m);
+                }
+                self.advance();
+            }
+            WriteOutcome::Appended {
+                token,
+                topic,
+                result,
+            } => {
+                if let Ok(a) = &result {
+                    self.created.entry(topic.clone()).or_insert(a.created_at_ms);
+                    for m in &a.messages {
+                        self.learn(&topic, m.clone());
+                    }
+                    self.advance();
+                }
+                self.held.push_back((
+                    Instant::now(),
+                    WriteOutcome::Appended {
+                        token,
+                        topic,
+                        result,
+                    },
+                ));
+            }
+            WriteOutcome::TopicDeleted {
+                token,
+                topic,
+                result,
+            } => {
+                if result.is_ok() {
+                    self.created.remove(&topic);
+                    self.acked.retain(|_, (t, _)| *t != topic);
+                }
+                self.held.push_back((
+                    Instant::now(),
+                    WriteOutcome::TopicDeleted {
+                        token,
+                        topic,
+                        result,
+                    },
+                ));
+            }
+            other => self.held.push_back((Instant::now(), other)),
+        }
+    }
+
+    fn learn(&mut self, topic: &Arc<str>, m: Arc<StoredMessage>) {
+        if m.sequence > self.watermark {
+            self.acked.insert(m.sequence, (topic.clone(), m));
+        }
+    }
+
+    /// Announces acked messages that directly follow the watermark.
+    fn advance(&mut self) {
+        while let Some(entry) = self.acked.first_entry() {
+            if *entry.key() != self.watermark + 1 {
+                break;
+            }
+            let (topic, m) = entry.remove();
+            self.watermark = m.sequence;
+            self.announce(topic, m);
+        }
+    }
+
+    fn announce(&mut self, topic: Arc<str>, m: Arc<StoredMessage>) {
+        self.status.acked(m.sequence);
+        // Runs of one topic go as one outcome.
+        if let Some(WriteOutcome::Committed {
+            topic: last,
+            messages,
+            ..
+        }) = self.out.last_mut()
+        {
+            if *last == topic {
+                messages.push(m);
+                return;
+            }
+        }
+        let created_at_ms = self.created_at(&topic, m.timestamp_ms);
+        self.out.push(WriteOutcome::Committed {
+            topic,
+            created_at_ms,
+            messages: vec![m],
+        });
+    }
+
+    /// The creation time of a topic (looked up once for one created
+    /// through another gateway).
+    fn created_at(&mut self, topic: &Arc<str>, fallback: i64) -> i64 {
+        if let Some(&c) = self.created.get(topic) {
+            return c;
+        }
+        let stored = layout::topic_key(topic)
+            .and_then(|key| self.topics_kv.get(&key).ok().flatten())
+            .and_then(|e| serde_json::from_slice::<TopicValue>(&e.value).ok())
+            .map(|v| v.created_at_ms);
+        let c = stored.unwrap_or(fallback);
+        self.created.insert(topic.clone(), c);
+        c
+    }
+
+    fn followed_one(&mut self, m: PulledMessage) {
+        let seq = m.info.stream_seq;
+        if seq <= self.followed {
+            return;
+        }
+        self.followed = seq;
+        if seq <= self.watermark {
+            return; // announced from the writer's ack
+        }
+        // Acked messages the read passed without seeing were deleted since:
+        // they were stored, so they are announced in their place.
+        while let Some(entry) = self.acked.first_entry() {
+            if *entry.key() >= seq {
+                break;
+            }
+            let (topic, msg) = entry.remove();
+            self.watermark = msg.sequence;
+            self.announce(topic, msg);
+        }
+        self.watermark = seq;
+        if let Some((topic, msg)) = self.acked.remove(&seq) {
+            self.announce(topic, msg);
+        } else if let Some(topic) = self.layout.topic_of(&m.subject) {
+            let topic: Arc<str> = Arc::from(topic.as_str());
+            match layout::message_meta(m.headers.as_ref()) {
+                Ok(meta) => {
+                    let msg = StoredMessage {
+                        sequence: seq,
+                        ordinal: meta.ordinal,
+                        id: MessageId::new(meta.timestamp_ms, seq, &topic),
+                        timestamp_ms: meta.timestamp_ms,
+                        payload: Bytes::from(m.payload),
+                        attributes: meta.attributes,
+                    };
+                    self.announce(topic, Arc::new(msg));
+                }
+                Err(e) => crate::log_limited!(
+                    log::Level::Warn,
+                    "follower: skipping message {seq} on {}: {e}",
+                    m.subject
+                ),
+            }
+        } else if m.subject == self.layout.admin_subject() {
+            self.status.acked(seq);
+            self.admin_event(seq, &m.payload);
+        } else {
+            self.status.acked(seq);
+        }
+        self.advance();
+    }
+
+    /// A put on the topic registry: a topic created through another gateway.
+    fn topic_put(&mut self, key: &str, payload: &[u8]) {
+        let Ok(topic) = crate::nats::subject_token::decode_topic(key) else {
+            return;
+        };
+        let topic: Arc<str> = topic.into();
+        if self.created.contains_key(&topic) {
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<TopicValue>(payload) else {
+            return;
+        };
+        self.created.insert(topic.clone(), v.created_at_ms);
+        self.out
+            .push(WriteOutcome::Remote(RemoteChange::TopicCreated {
+                topic,
+                created_at_ms: v.created_at_ms,
+            }));
+    }
+
+    /// A put on the cursors bucket: where a group's consumer (maybe on
+    /// another gateway) has got to.
+    fn cursor_put(&mut self, key: &str, payload: &[u8]) {
+        let Some((topic, group)) = layout::parse_cursor_key(key) else {
+            return;
+        };
+        let Ok(v) = serde_json::from_slice::<CursorValue>(payload) else {
+            return;
+        };
+        if v.gateway == self.gateway {
+            return; // our own write
+        }
+        self.out
+            .push(WriteOutcome::Remote(RemoteChange::CursorMoved {
+                topic: topic.into(),
+                group: group.into(),
+                sequence: v.seq,
+                acked_at_ms: v.acked_at_ms,
+            }));
+    }
+
+    fn admin_event(&mut self, seq: u64, payload: &[u8]) {
+        let event: AdminEvent = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(e) => {
+                log::warn!("follower: skipping admin event {seq}: {e}");
+                return;
+            }
+        };
+        if event.origin == self.gateway {
+            return;
+        }
+        let change = match event.change {
+            AdminChange::TopicDeleted { topic } => {
+                let topic: Arc<str> = topic.into();
+                self.created.remove(&topic);
+                RemoteChange::TopicDeleted { topic }
+            }
+            AdminChange::GroupDeleted { topic, group } => RemoteChange::GroupDeleted {
+                topic: topic.into(),
+                group: group.into(),
+            },
+            AdminChange::CursorReset {
+                topic,
+                group,
+                sequence,
+            } => RemoteChange::CursorReset {
+                topic: topic.into(),
+                group: group.into(),
+                sequence,
+            },
+        };
+        log::info!(
+            "applying a change made through gateway {}: {change:?}",
+            event.origin
+        );
+        self.out.push(WriteOutcome::Remote(change));
+    }
+
+    /// Releases the writer's outcomes in order: an `Appended` once all its
+    /// messages are announced (it then only answers its call). `all`: the
+    /// writer is gone, release everything.
+    fn release(&mut self, all: bool) {
+        while let Some((since, head)) = self.held.front() {
+            let waiting_for = match head {
+                WriteOutcome::Appended { result: Ok(a), .. } => a
+                    .messages
+                    .iter()
+                    .map(|m| m.sequence)
+                    .max()
+                    .filter(|&s| s > self.watermark),
+                _ => None,
+            };
+            if let Some(upto) = waiting_for {
+                if !all && since.elapsed() < HOLD_LIMIT {
+                    break;
+                }
+                // The read did not fill the hole in time: announce what we
+                // know up to it and read the stream again from there.
+                log::warn!(
+                    "follower: sequences up to {upto} not read back after {:?}; announcing what this gateway stored",
+                    since.elapsed()
+                );
+                while let Some(entry) = self.acked.first_entry() {
+                    if *entry.key() > upto {
+                        break;
+                    }
+                    let (topic, m) = entry.remove();
+                    self.announce(topic, m);
+                }
+                self.watermark = self.watermark.max(upto);
+                self.advance();
+            }
+            let Some((_, mut head)) = self.held.pop_front() else {
+                break;
+            };
+            if let WriteOutcome::Appended { result: Ok(a), .. } = &mut head {
+                a.announced = true;
+            }
+            self.out.push(head);
+        }
+    }
+}
