@@ -116,12 +116,13 @@ async fn drain(port: u16, topic: &str, group: &str, count: u64, window: u32, ack
     got as f64 / start.elapsed().as_secs_f64()
 }
 
-/// Publishes at `rate`/s for `secs` while one subscriber with ample credit
-/// measures publish→delivery latency (payload carries the send time); with
-/// `ack`, it acks every delivery as it arrives.
-async fn latency(port: u16, rate: u64, secs: u64, ack: bool) -> Summary {
+/// Publishes at `rate`/s for `secs` (to `pub_port`) while one subscriber
+/// with ample credit (on `sub_port`: another gateway of one JetStream
+/// cluster, or the same daemon) measures publish→delivery latency (payload
+/// carries the send time); with `ack`, it acks every delivery as it arrives.
+async fn latency(pub_port: u16, sub_port: u16, rate: u64, secs: u64, ack: bool) -> Summary {
     let base = Instant::now();
-    let mut sconn = connect(port).await;
+    let mut sconn = connect(sub_port).await;
     let (mut tx, mut rx) = sconn.stream("Subscribe").await;
     let mut first = BytesMut::new();
     first.extend_from_slice(&init(
@@ -166,7 +167,7 @@ async fn latency(port: u16, rate: u64, secs: u64, ack: bool) -> Summary {
         drop(tx);
         lat
     });
-    let pconn = connect(port).await;
+    let pconn = connect(pub_port).await;
     let start = now();
     let mut ticks = pace(rate, total);
     while let Some(due) = ticks.recv().await {
@@ -228,6 +229,36 @@ fn main() {
     // latency run, against a fresh daemon.
     // SLUICE_BENCH_LATENCY_RATE (default 5000) sets the rate and
     // SLUICE_BENCH_ACK=1 makes the subscriber ack every delivery.
+    // `-- latency-across`: publishing through one gateway, subscribed on a
+    // second one (both need SLUICE_BENCH_ARGS naming one JetStream cluster).
+    if std::env::args().skip(1).any(|a| a == "latency-across") {
+        let rate: u64 = std::env::var("SLUICE_BENCH_LATENCY_RATE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2_000);
+        let ack = std::env::var("SLUICE_BENCH_ACK").is_ok_and(|v| v == "1");
+        rt.block_on(async {
+            let a = Daemon::start("latency-a", &[]);
+            let b = Daemon::start("latency-b", &[]);
+            // Each gateway learns of the other (presence) before the run.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            a.reset_peak();
+            b.reset_peak();
+            let s = latency(a.port, b.port, rate, 10, ack).await;
+            println!(
+                "publish (gateway A)→delivery (gateway B) at {rate} msg/s{}: p50 {} ms, p99 {} ms, p999 {} ms ({} delivered, {} missing); peak RSS A {:.1} / B {:.1} MiB",
+                if ack { ", acking consumer" } else { "" },
+                ms(s.p50),
+                ms(s.p99),
+                ms(s.p999),
+                s.count,
+                s.errors,
+                a.peak_rss_kb() as f64 / 1024.0,
+                b.peak_rss_kb() as f64 / 1024.0
+            );
+        });
+        return;
+    }
     if std::env::args().skip(1).any(|a| a == "latency") {
         let rate: u64 = std::env::var("SLUICE_BENCH_LATENCY_RATE")
             .ok()
@@ -237,7 +268,7 @@ fn main() {
         rt.block_on(async {
             let d = Daemon::start("latency", &[]);
             d.reset_peak();
-            let s = latency(d.port, rate, 5, ack).await;
+            let s = latency(d.port, d.port, rate, 5, ack).await;
             println!(
                 "publish→delivery at {rate} msg/s{} (fresh daemon): p50 {} ms, p99 {} ms, p999 {} ms ({} delivered, {} missing); peak RSS {:.1} MiB",
                 if ack { ", acking consumer" } else { "" },
@@ -264,7 +295,7 @@ fn main() {
         d.reset_peak();
         let r = drain(d.port, "backlog", "browse", BACKLOG, 1000, false).await;
         println!("| drain 1,000,000, window 1,000, no acks (BROWSE) | {r:.0} | {:.1} |", d.peak_rss_kb() as f64 / 1024.0);
-        let s = latency(d.port, 5_000, 5, false).await;
+        let s = latency(d.port, d.port, 5_000, 5, false).await;
         println!();
         println!(
             "publish→delivery at 5,000 msg/s: p50 {} ms, p99 {} ms, p999 {} ms ({} delivered, {} missing)",

@@ -120,6 +120,19 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        // A clean stop (SIGTERM) as an operator would do it: a JetStream
+        // gateway then withdraws its presence at once, and the next run's
+        // gateway does not follow the stream for a dead one.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -5,6 +5,7 @@
 #   2. unary Publish through one sluice gateway, 64 in flight (bench/publish.rs);
 #   3. BatchPublish of 100 through the gateway, 8 in flight;
 #   4. publish→delivery latency at 2,000 msg/s with an acking consumer (bench/consume.rs);
+#   5. the same across two gateways: published through A, consumed on B (issue 12);
 #   plus the gateway's idle and peak RSS next to the embedded daemon's idle RSS.
 # nats-py is installed into target/bench-venv (pip, pinned). Ports 4222-4224 and 6222-6224.
 set -eu
@@ -36,3 +37,4 @@ echo "gateway (--store nats://..., R3):"
 cargo bench --quiet --bench publish -- "64 in flight" 2>/dev/null | grep -v "^machine"
 cargo bench --quiet --bench publish -- "BatchPublish 100 × 256 B, 8 in flight" 2>/dev/null | grep "^| Batch"
 SLUICE_BENCH_LATENCY_RATE=2000 SLUICE_BENCH_ACK=1 cargo bench --quiet --bench consume -- latency 2>/dev/null | grep -v "^machine"
+SLUICE_BENCH_LATENCY_RATE=2000 SLUICE_BENCH_ACK=1 cargo bench --quiet --bench consume -- latency-across 2>/dev/null | grep -v "^machine"
