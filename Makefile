@@ -1,6 +1,7 @@
 # Sluice — build, run, test, benchmark, package.
 #   make run      build (release) and start the daemon with defaults
-#   make deps     test prerequisites: installs nats-server (Debian, as root) when missing
+#   make deps     test prerequisites: installs nats-server (Debian, as root) when missing,
+#                 and makes target/pyenv (grpcio) for the Python acceptance check
 #   make test     deps, format check, clippy (warnings are errors), all tests
 #   make bench    benchmarks; results go to the terminal (record them in bench/RESULTS.md)
 #   make sim SEEDS=N / make fuzz CASES=N / make crash-loop ROUNDS=N   longer proof runs
@@ -34,6 +35,10 @@ lint:
 # The NATS tests (tests/nats_client.rs, tests/jetstream_api.rs, tests/jetstream_store.rs,
 # tests/migrate.rs and the suites run with SLUICE_TEST_STORE=nats) start real nats-server processes.
 # NATS_SERVER=/path/to/nats-server overrides the lookup (PATH, /usr/sbin, /usr/bin).
+# The Python client the acceptance check (tests/acceptance_gateways.rs) runs, in a local venv.
+PYENV = target/pyenv
+GRPCIO_VERSION = 1.68.1
+
 deps:
 	@if [ -n "$$NATS_SERVER" ] || command -v nats-server >/dev/null 2>&1 \
 	    || [ -x /usr/sbin/nats-server ] || [ -x /usr/bin/nats-server ]; then :; \
@@ -44,6 +49,23 @@ deps:
 	  echo "deps: missing nats-server (needed by tests/nats_client.rs and tests/jetstream_api.rs)."; \
 	  echo "      Install it (Debian: sudo apt-get install nats-server) or set NATS_SERVER=/path/to/nats-server."; \
 	  exit 1; \
+	fi
+	@if [ -x $(PYENV)/bin/python ] && $(PYENV)/bin/python -c 'import grpc, grpc_tools' 2>/dev/null; then :; \
+	else \
+	  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "deps: installing python3-venv (apt-get)"; \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null; \
+	    else \
+	      echo "deps: missing python3 with venv (needed by tests/acceptance_gateways.rs)."; \
+	      echo "      Install it (Debian: sudo apt-get install python3-venv)."; \
+	      exit 1; \
+	    fi; \
+	  fi; \
+	  echo "deps: making $(PYENV) (grpcio $(GRPCIO_VERSION) from PyPI)"; \
+	  rm -rf $(PYENV) && python3 -m venv $(PYENV) \
+	    && $(PYENV)/bin/pip install -q grpcio==$(GRPCIO_VERSION) grpcio-tools==$(GRPCIO_VERSION) \
+	    || { echo "deps: cannot install grpcio into $(PYENV) (network?)"; exit 1; }; \
 	fi
 
 # The black-box suites run twice: on SQLite, and on the JetStream store (each

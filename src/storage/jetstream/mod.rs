@@ -224,14 +224,34 @@ pub fn prepare(
         }
         Err(e) => return Err(format!("cannot create stream {}: {e}", layout.stream())),
     }
+    wait_for_leader(js, layout.stream());
     let bucket = |name: String| {
-        js.kv_bucket(&name, cfg.replicas)
-            .map_err(|e| format!("bucket {name} cannot be used: {e}"))
+        let b = js
+            .kv_bucket(&name, cfg.replicas)
+            .map_err(|e| format!("bucket {name} cannot be used: {e}"))?;
+        wait_for_leader(js, b.stream_name());
+        Ok::<_, String>(b)
     };
     Ok((
         bucket(layout.topics_bucket())?,
         bucket(layout.cursors_bucket())?,
     ))
+}
+
+/// Waits (up to `START_WAIT`) until a stream just created has a leader:
+/// until then writes to it time out, and the first publishes would.
+pub fn wait_for_leader(js: &JetStream, stream: &str) {
+    let deadline = std::time::Instant::now() + START_WAIT;
+    loop {
+        match js.stream_info(stream) {
+            Ok(info) if info.cluster.as_ref().is_none_or(|c| c.leader.is_some()) => return,
+            _ if std::time::Instant::now() >= deadline => {
+                log::warn!("stream {stream} has no leader after {START_WAIT:?}; going on");
+                return;
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 /// Connects, creates or verifies what Sluice needs, loads the broker's
@@ -281,6 +301,7 @@ pub fn open(
             Some(leases::LEASE_TTL),
         )
         .map_err(|e| format!("bucket {} cannot be used: {e}", layout.leases_bucket()))?;
+    wait_for_leader(&js, leases_kv.stream_name());
     let (lease_tx, lease_rx) = crossbeam_channel::bounded(cfg.writer_queue);
     let leases = leases::GroupLeases::new(
         js.clone(),
@@ -315,6 +336,7 @@ pub fn open(
             Some(follower::PRESENCE_TTL),
         )
         .map_err(|e| format!("bucket {} cannot be used: {e}", layout.gateways_bucket()))?;
+    wait_for_leader(&js, presence.stream_name());
     let follower = follower::Follower::new(
         js.clone(),
         layout.clone(),
