@@ -128,6 +128,9 @@ pub struct ServeConfig {
     pub nats_token: Option<String>,
     /// `--nats-replicas`: replica count of every stream and bucket Sluice creates.
     pub nats_replicas: usize,
+    /// `--nats-lease`: how long a gateway that stopped renewing keeps the
+    /// consumer groups it served.
+    pub nats_lease: Duration,
     /// `--nats-prefix`: namespaces the stream, subjects and buckets.
     pub nats_prefix: String,
 }
@@ -165,6 +168,7 @@ impl Default for ServeConfig {
             retention_max_bytes: None,
             nats_token: None,
             nats_replicas: 3,
+            nats_lease: Duration::from_secs(10),
             nats_prefix: "sluice".into(),
         }
     }
@@ -192,6 +196,8 @@ OPTIONS (each also read from the environment variable shown):
                                  (1 for a single NATS server, at most 5) [SLUICE_NATS_REPLICAS] (default 3)
     --nats-prefix NAME           names Sluice's stream, subjects and buckets, so deployments can share
                                  one NATS account ([A-Za-z0-9-]) [SLUICE_NATS_PREFIX] (default sluice)
+    --nats-lease DUR             a gateway that dies keeps serving its consumer groups' leases this
+                                 long (2s to 10m; the same on every gateway) [SLUICE_NATS_LEASE] (default 10s)
     --host HOST                  address to listen on [SLUICE_HOST] (default 127.0.0.1)
     --port PORT                  TCP port, 0 picks a free one [SLUICE_PORT] (default 50051)
     --data-dir DIR               where the database lives [SLUICE_DATA_DIR] (default ./sluice-data)
@@ -434,6 +440,14 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
             }
             cfg.nats_replicas = n;
         }
+        "nats-lease" => {
+            let d =
+                parse_duration(v).map_err(|e| format!("invalid value {v:?} for {flag}: {e}"))?;
+            if d < Duration::from_secs(2) || d > Duration::from_secs(600) {
+                return Err(format!("invalid value {v:?} for {flag}: 2s to 10m"));
+            }
+            cfg.nats_lease = d;
+        }
         "nats-prefix" => {
             let ok = !v.is_empty()
                 && v.len() <= 32
@@ -486,6 +500,7 @@ const SETTINGS: &[&str] = &[
     "nats-token",
     "nats-replicas",
     "nats-prefix",
+    "nats-lease",
 ];
 
 fn env_name(setting: &str) -> String {
@@ -681,12 +696,18 @@ mod tests {
         assert_eq!(c.nats_replicas, 1);
         assert_eq!(c.nats_prefix, "blue-2");
         assert_eq!(c.nats_token.as_deref(), Some("t0k"));
+        assert_eq!(c.nats_lease, Duration::from_secs(10));
+        let c = serve(&["--nats-lease", "30s"], &[]).unwrap();
+        assert_eq!(c.nats_lease, Duration::from_secs(30));
         for (flag, v) in [
             ("--nats-replicas", "0"),
             ("--nats-replicas", "6"),
             ("--nats-prefix", "a.b"),
             ("--nats-prefix", "a_b"),
             ("--nats-prefix", ""),
+            ("--nats-lease", "1s"),
+            ("--nats-lease", "11m"),
+            ("--nats-lease", "soon"),
         ] {
             let e = serve(&[flag, v], &[]).unwrap_err();
             assert!(e.contains(flag), "{flag} {v:?}: {e}");

@@ -135,6 +135,7 @@ fn open_store(
                 token: cfg.nats_token.clone(),
                 replicas: cfg.nats_replicas,
                 prefix: cfg.nats_prefix.clone(),
+                lease: cfg.nats_lease,
                 writer_queue: cfg.writer_queue,
                 retention_max_age: cfg.retention_max_age,
                 retention_max_messages: cfg.retention_max_messages,

@@ -175,6 +175,7 @@ fn parse_migrate(args: Vec<OsString>) -> Result<MigrateConfig, String> {
             token: serve.nats_token.clone(),
             replicas: serve.nats_replicas,
             prefix: serve.nats_prefix.clone(),
+            lease: serve.nats_lease,
             writer_queue: serve.writer_queue,
             retention_max_age: None,
             retention_max_messages: None,

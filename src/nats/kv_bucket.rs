@@ -92,7 +92,20 @@ impl JetStream {
             // The duplicate window may not exceed the max age.
             config = config.max_age(ttl).duplicate_window(ttl);
         }
-        self.create_or_verify_stream(&config)?;
+        match self.create_or_verify_stream(&config) {
+            Ok(_) => {}
+            // Another time-to-live: the newest setting wins (logged).
+            Err(JetStreamError::StreamMismatch { differences, .. })
+                if ttl.is_some()
+                    && differences
+                        .iter()
+                        .all(|d| d.starts_with("max_age") || d.starts_with("duplicate_window")) =>
+            {
+                log::warn!("bucket {bucket}: changing {}", differences.join(", "));
+                self.update_stream(&config)?;
+            }
+            Err(e) => return Err(e),
+        }
         Ok(KvBucket {
             js: self.clone(),
             bucket: bucket.to_string(),

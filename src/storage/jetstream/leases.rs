@@ -1,7 +1,7 @@
 //! Which gateway serves each consumer group's consumer, so that a group has
 //! one active consumer across every gateway sharing the store, as it has
 //! on one node. The leases thread owns the `<prefix>_leases` KV bucket (one
-//! key per group, kept for `LEASE_TTL` unless renewed):
+//! key per group, kept for the lease time unless renewed):
 //!
 //! - a claim puts this gateway's lease over whatever is there
 //!   (compare-and-set on the key's revision, so concurrent claims are
@@ -13,9 +13,10 @@
 //!   reports `GroupLost`; once the reactor has ended the consumer and
 //!   queued its cursor, `Release` tells the claimer (a message to the inbox
 //!   its lease names);
-//! - a gateway that dies stops renewing: its leases expire after
-//!   `LEASE_TTL`, and until then a claim from elsewhere waits only
-//!   `RELEASE_WAIT` for an answer that does not come.
+//! - a gateway that dies stops renewing: its leases expire after the lease
+//!   time (`--nats-lease`, default 10 s; renewed every third of it), and
+//!   until then a claim from elsewhere waits only `RELEASE_WAIT` for an
+//!   answer that does not come.
 //!
 //! Calls `nats` (KV, publish, subscriptions) and `layout`; answers over the
 //! reactor's outcome channel plus `Wake`.
@@ -33,10 +34,6 @@ use crate::nats::jetstream::{JetStream, JetStreamError};
 use crate::nats::kv_bucket::{KvBucket, ERR_WRONG_LAST_SEQUENCE, KV_OPERATION_HEADER};
 use crate::storage::{send_waking, ClaimError, StorageError, Wake, WakeOnExit, WriteOutcome};
 
-/// A lease not renewed for this long is gone (the bucket's max age).
-pub const LEASE_TTL: Duration = Duration::from_secs(10);
-/// How often held leases are renewed.
-const RENEW_EVERY: Duration = Duration::from_secs(3);
 /// Longest a claim waits for the previous gateway to let go.
 const RELEASE_WAIT: Duration = Duration::from_secs(2);
 /// Compare-and-set attempts per claim before it fails.
@@ -79,6 +76,9 @@ struct WaitingClaim {
 }
 
 pub struct GroupLeases {
+    /// How often held leases are renewed (a third of the lease time, the
+    /// bucket's max age).
+    renew_every: Duration,
     js: JetStream,
     kv: KvBucket,
     cursors_kv: KvBucket,
@@ -97,6 +97,7 @@ pub struct GroupLeases {
 
 impl GroupLeases {
     pub fn new(
+        lease: Duration,
         js: JetStream,
         kv: KvBucket,
         cursors_kv: KvBucket,
@@ -106,6 +107,7 @@ impl GroupLeases {
     ) -> Self {
         let inbox = js.client().new_inbox();
         GroupLeases {
+            renew_every: lease / 3,
             js,
             kv,
             cursors_kv,
@@ -151,7 +153,7 @@ impl GroupLeases {
             }
         };
         let prefix = format!("$KV.{bucket}.");
-        let mut next_renew = Instant::now() + RENEW_EVERY;
+        let mut next_renew = Instant::now() + self.renew_every;
         loop {
             let mut until = next_renew;
             for w in self.waiting.values() {
@@ -222,7 +224,7 @@ impl GroupLeases {
             }
             if now >= next_renew {
                 self.renew();
-                next_renew = Instant::now() + RENEW_EVERY;
+                next_renew = Instant::now() + self.renew_every;
             }
         }
     }

@@ -39,6 +39,8 @@ pub struct JetStreamStoreConfig {
     pub token: Option<String>,
     pub replicas: usize,
     pub prefix: String,
+    /// How long a dead gateway's group leases outlive it (`--nats-lease`).
+    pub lease: Duration,
     pub writer_queue: usize,
     pub retention_max_age: Option<Duration>,
     pub retention_max_messages: Option<u64>,
@@ -295,15 +297,12 @@ pub fn open(
         .map(|t| (t.name.clone(), t.created_at_ms))
         .collect();
     let leases_kv = js
-        .kv_bucket_with_ttl(
-            &layout.leases_bucket(),
-            cfg.replicas,
-            Some(leases::LEASE_TTL),
-        )
+        .kv_bucket_with_ttl(&layout.leases_bucket(), cfg.replicas, Some(cfg.lease))
         .map_err(|e| format!("bucket {} cannot be used: {e}", layout.leases_bucket()))?;
     wait_for_leader(&js, leases_kv.stream_name());
     let (lease_tx, lease_rx) = crossbeam_channel::bounded(cfg.writer_queue);
     let leases = leases::GroupLeases::new(
+        cfg.lease,
         js.clone(),
         leases_kv.clone(),
         cursors_kv.clone(),
