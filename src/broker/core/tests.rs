@@ -834,3 +834,66 @@ fn ten_thousand_subscribe_cancel_cycles_leave_no_timers_behind() {
     assert!(b.timers.is_empty());
     assert_eq!(b.next_deadline(), None);
 }
+
+#[test]
+fn a_group_going_idle_is_announced_and_another_gateways_cursor_is_adopted() {
+    let mut b = Broker::new(BrokerConfig::default());
+    publish(&mut b, "t", 1..=10);
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    b.grant(1, 3);
+    assert_eq!(drain(&mut b, 1, 0).len(), 3);
+    b.ack(1, &msg("t", 2).id.to_string(), 5);
+    actions(&mut b);
+    // While the consumer is active here, a cursor stored elsewhere is stale.
+    b.adopt_cursor("t", "g", 8, 9, 0);
+    assert_eq!(b.groups("t")[0].cursor, 2);
+    assert!(b.group_active("t", "g"));
+    // The stream ends: the group goes idle (no takeover happened here).
+    b.unsubscribe(1);
+    let idle = Action::GroupIdle {
+        topic: "t".into(),
+        group: "g".into(),
+    };
+    assert!(actions(&mut b).contains(&idle));
+    assert!(!b.group_active("t", "g"));
+    // Another gateway served it since: its cursor counts, delivery counts restart.
+    b.adopt_cursor("t", "g", 6, 9, 0);
+    b.subscribe(2, group("t", "g", Start::Latest), 0, 0)
+        .unwrap();
+    b.grant(2, 10);
+    assert_eq!(drain(&mut b, 2, 0), [(7, 1), (8, 1), (9, 1), (10, 1)]);
+    // A group this gateway never saw, on a topic it never saw, is created.
+    b.adopt_cursor("fresh", "h", 4, 9, 77);
+    assert_eq!(b.topic("fresh").map(|t| t.created_at_ms), Some(77));
+    assert_eq!(b.groups("fresh")[0].cursor, 4);
+}
+
+#[test]
+fn a_group_claimed_elsewhere_ends_its_consumer_here_as_a_takeover() {
+    let mut b = Broker::new(BrokerConfig::default());
+    publish(&mut b, "t", 1..=3);
+    b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    actions(&mut b);
+    assert!(b.end_group_consumer("t", "g"));
+    let got = actions(&mut b);
+    assert!(got.contains(&Action::End {
+        sub: 1,
+        reason: EndReason::TakenOver
+    }));
+    assert!(got.contains(&Action::GroupIdle {
+        topic: "t".into(),
+        group: "g".into()
+    }));
+    assert!(!b.end_group_consumer("t", "g"), "nothing active any more");
+    assert!(b.next_delivery(1, 0).is_none());
+    // A local takeover leaves the group active: no GroupIdle.
+    b.subscribe(2, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    b.subscribe(3, group("t", "g", Start::Earliest), 0, 0)
+        .unwrap();
+    assert!(!actions(&mut b)
+        .iter()
+        .any(|a| matches!(a, Action::GroupIdle { .. })));
+}

@@ -53,7 +53,8 @@ pub struct AnnouncerStart {
 
 struct Sequencer {
     layout: Layout,
-    topics_kv: KvBucket,
+    /// The topic registry (None in unit tests: creation times default).
+    topics_kv: Option<KvBucket>,
     status: Arc<StoreStatus>,
     gateway: String,
     /// Every sequence up to here is announced (or is not a message to
@@ -89,7 +90,7 @@ pub struct Announcer {
 impl Announcer {
     pub fn new(
         layout: Layout,
-        topics_kv: KvBucket,
+        topics_kv: Option<KvBucket>,
         status: Arc<StoreStatus>,
         start: AnnouncerStart,
         to_reactor: Sender<WriteOutcome>,
@@ -338,7 +339,7 @@ impl Sequencer {
             return c;
         }
         let stored = layout::topic_key(topic)
-            .and_then(|key| self.topics_kv.get(&key).ok().flatten())
+            .and_then(|key| self.topics_kv.as_ref()?.get(&key).ok().flatten())
             .and_then(|e| serde_json::from_slice::<TopicValue>(&e.value).ok())
             .map(|v| v.created_at_ms);
         let c = stored.unwrap_or(fallback);
@@ -518,5 +519,203 @@ impl Sequencer {
             }
             self.out.push(head);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nats::headers::Headers;
+    use crate::nats::pull_consumer::DeliveryInfo;
+    use crate::storage::Appended;
+    use crossbeam_channel::Receiver;
+
+    fn announcer() -> (Announcer, Receiver<WriteOutcome>) {
+        let (tx, rx) = crossbeam_channel::bounded(1000);
+        let a = Announcer::new(
+            Layout::new("sluice"),
+            None,
+            Arc::new(StoreStatus::new(10)),
+            AnnouncerStart {
+                gateway: "me".into(),
+                last_seq: 10,
+                created: HashMap::new(),
+                held_cap: 64,
+            },
+            tx,
+            Arc::new(|| {}),
+        );
+        (a, rx)
+    }
+
+    fn stored(seq: u64) -> Arc<StoredMessage> {
+        Arc::new(StoredMessage {
+            sequence: seq,
+            ordinal: seq,
+            id: MessageId::new(1, seq, "t"),
+            timestamp_ms: 1,
+            payload: Bytes::from(format!("m{seq}")),
+            attributes: HashMap::new(),
+        })
+    }
+
+    fn appended(token: u64, seqs: &[u64]) -> WriteOutcome {
+        WriteOutcome::Appended {
+            token,
+            topic: "t".into(),
+            result: Ok(Appended {
+                topic: "t".into(),
+                created_at_ms: 1,
+                timestamp_ms: 1,
+                messages: seqs.iter().map(|&s| stored(s)).collect(),
+                announced: false,
+            }),
+        }
+    }
+
+    fn pulled(seq: u64, subject: &str, payload: &[u8]) -> PulledMessage {
+        let headers = if subject.starts_with("sluice.t.") {
+            Some(layout::message_headers(1, seq, &HashMap::new()))
+        } else {
+            None::<Headers>
+        };
+        PulledMessage {
+            subject: subject.into(),
+            headers,
+            payload: payload.to_vec(),
+            info: DeliveryInfo {
+                stream: "SLUICE".into(),
+                consumer: "c".into(),
+                delivered: 1,
+                stream_seq: seq,
+                consumer_seq: seq,
+                timestamp_nanos: 0,
+                pending: 0,
+            },
+        }
+    }
+
+    /// What the reactor got: "c:<seqs>" for announcements, "a<token>" for
+    /// answers (all answers must be marked announced), "r" for remote changes.
+    fn drain(rx: &Receiver<WriteOutcome>) -> Vec<String> {
+        rx.try_iter()
+            .map(|o| match o {
+                WriteOutcome::Committed { messages, .. } => format!(
+                    "c:{}",
+                    messages
+                        .iter()
+                        .map(|m| m.sequence.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                WriteOutcome::Appended {
+                    token,
+                    result: Ok(a),
+                    ..
+                } => {
+                    assert!(a.announced, "answer {token} not marked announced");
+                    format!("a{token}")
+                }
+                WriteOutcome::Remote(_) => "r".into(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn own_acks_that_follow_the_watermark_go_at_once_announcement_first() {
+        let (a, rx) = announcer();
+        a.from_writer(vec![appended(1, &[11, 12]), appended(2, &[13])])
+            .unwrap();
+        assert_eq!(drain(&rx), ["c:11,12,13", "a1", "a2"]);
+        assert!(!a.has_holes());
+    }
+
+    #[test]
+    fn an_ack_behind_a_hole_waits_for_the_stream_read_which_fills_it_in_order() {
+        let (a, rx) = announcer();
+        // 11 was stored by another gateway; ours is 12.
+        a.from_writer(vec![appended(1, &[12])]).unwrap();
+        assert!(drain(&rx).is_empty(), "nothing before 11 is known");
+        assert!(a.has_holes());
+        assert_eq!(a.read_from(), 11);
+        a.from_stream(vec![pulled(11, "sluice.t.t", b"theirs")])
+            .unwrap();
+        assert_eq!(drain(&rx), ["c:11,12", "a1"]);
+        // The read goes on past what was acked: nothing twice.
+        a.from_stream(vec![
+            pulled(12, "sluice.t.t", b"m12"),
+            pulled(13, "sluice.t.t", b"new"),
+        ])
+        .unwrap();
+        assert_eq!(drain(&rx), ["c:13"]);
+        assert!(!a.has_holes());
+    }
+
+    #[test]
+    fn gaps_in_the_read_are_deleted_messages_and_acked_ones_are_still_announced() {
+        let (a, rx) = announcer();
+        a.from_writer(vec![appended(1, &[12]), appended(2, &[14])])
+            .unwrap();
+        // 11 deleted, 12 ours (then purged before the read reached it), 13
+        // not a topic message (the gap subject), 14 ours.
+        a.from_stream(vec![
+            pulled(13, "sluice.gap", b""),
+            pulled(15, "sluice.t.t", b"x"),
+        ])
+        .unwrap();
+        assert_eq!(drain(&rx), ["c:12,14,15", "a1", "a2"]);
+    }
+
+    #[test]
+    fn admin_events_and_cursor_puts_of_other_gateways_become_remote_changes() {
+        let (a, rx) = announcer();
+        let event = |origin: &str| {
+            serde_json::to_vec(&AdminEvent {
+                origin: origin.into(),
+                change: AdminChange::TopicDeleted { topic: "t".into() },
+            })
+            .unwrap()
+        };
+        a.from_stream(vec![
+            pulled(11, "sluice.admin", &event("me")),
+            pulled(12, "sluice.admin", &event("other")),
+        ])
+        .unwrap();
+        assert_eq!(drain(&rx), ["r"], "our own event is not applied twice");
+        let cursor = |gw: &str| {
+            serde_json::to_vec(&CursorValue {
+                seq: 5,
+                acked_at_ms: 1,
+                gateway: gw.into(),
+            })
+            .unwrap()
+        };
+        a.from_watch(None, Some("t.g"), &cursor("me")).unwrap();
+        a.from_watch(None, Some("t.g"), &cursor("other")).unwrap();
+        assert_eq!(drain(&rx), ["r"], "our own cursor put is skipped");
+    }
+
+    #[test]
+    fn answers_keep_the_writers_order_behind_a_held_append() {
+        let (a, rx) = announcer();
+        a.from_writer(vec![
+            appended(1, &[12]),
+            WriteOutcome::Availability { unavailable: None },
+        ])
+        .unwrap();
+        assert!(
+            drain(&rx).is_empty(),
+            "the availability change waits behind the held answer"
+        );
+        a.from_stream(vec![pulled(11, "sluice.t.t", b"x")]).unwrap();
+        let got = drain(&rx);
+        assert_eq!(got[..2], ["c:11,12", "a1"]);
+        assert!(got[2].starts_with("Availability"), "{got:?}");
+        // The writer stopping releases everything, held or not.
+        a.from_writer(vec![appended(3, &[20])]).unwrap();
+        assert!(drain(&rx).is_empty());
+        a.writer_done().unwrap();
+        assert_eq!(drain(&rx), ["c:20", "a3"]);
     }
 }

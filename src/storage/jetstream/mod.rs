@@ -317,7 +317,7 @@ pub fn open(
         .map_err(|e| format!("cannot start the group leases: {e}"))?;
     let announcer = announcer::Announcer::new(
         layout.clone(),
-        topics_kv.clone(),
+        Some(topics_kv.clone()),
         status.clone(),
         announcer::AnnouncerStart {
             gateway: gateway.clone(),
