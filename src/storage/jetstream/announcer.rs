@@ -31,8 +31,9 @@ use crate::nats::kv_bucket::KvBucket;
 use crate::nats::pull_consumer::PulledMessage;
 use crate::storage::{send_waking, RemoteChange, Wake, WriteOutcome};
 
-/// Longest an answer is held for a hole the read does not fill: then what
-/// the writer acked is announced anyway.
+/// Longest an answer is held for a hole the read does not fill: then the
+/// call is answered, and its messages are announced when the read gets to
+/// them (never out of order, never skipping what was not read).
 const HOLD_LIMIT: Duration = Duration::from_secs(3);
 
 /// The reactor stopped listening.
@@ -64,6 +65,8 @@ struct Sequencer {
     followed: u64,
     /// Acked by our writer, above the watermark: announced once it reaches them.
     acked: BTreeMap<u64, (Arc<str>, Arc<StoredMessage>)>,
+    /// The highest sequence our writer has acked.
+    top: u64,
     /// Creation times of the topics this gateway knows.
     created: HashMap<Arc<str>, i64>,
     /// The writer's outcomes not yet released, oldest first.
@@ -104,6 +107,7 @@ impl Announcer {
             watermark: start.last_seq,
             followed: start.last_seq,
             acked: BTreeMap::new(),
+            top: start.last_seq,
             created: start.created,
             held: VecDeque::new(),
             held_cap: start.held_cap.max(16),
@@ -214,7 +218,7 @@ impl Announcer {
     /// acked message or an answer waits for a sequence before it.
     pub fn has_holes(&self) -> bool {
         let s = self.lock();
-        !s.acked.is_empty() || s.waiting_for_read()
+        !s.acked.is_empty() || s.waiting_for_read() || s.watermark < s.top
     }
 
     /// Where a new stream read starts (everything before is announced or read).
@@ -293,6 +297,7 @@ impl Sequencer {
     }
 
     fn learn(&mut self, topic: &Arc<str>, m: Arc<StoredMessage>) {
+        self.top = self.top.max(m.sequence);
         if m.sequence > self.watermark {
             self.acked.insert(m.sequence, (topic.clone(), m));
         }
@@ -495,21 +500,18 @@ impl Sequencer {
                 if !all && since.elapsed() < HOLD_LIMIT {
                     break;
                 }
-                // The read did not fill the hole in time: announce what we
-                // know up to it and read the stream again from there.
-                log::warn!(
-                    "follower: sequences up to {upto} not read back after {:?}; announcing what this gateway stored",
+                // The read has not filled the hole in time: the call is
+                // answered now (its messages are stored), and its messages
+                // are announced when the read reaches them, in order —
+                // never skipping what the read has not seen. What we hold
+                // of them is dropped: the read brings them back.
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "sequences up to {upto} not read back after {:?}: answering the call; its messages reach subscribers once the stream read catches up",
                     since.elapsed()
                 );
-                while let Some(entry) = self.acked.first_entry() {
-                    if *entry.key() > upto {
-                        break;
-                    }
-                    let (topic, m) = entry.remove();
-                    self.announce(topic, m);
-                }
-                self.watermark = self.watermark.max(upto);
-                self.advance();
+                let keep = self.acked.split_off(&(upto + 1));
+                self.acked = keep;
             }
             let Some((_, mut head)) = self.held.pop_front() else {
                 break;
@@ -712,10 +714,16 @@ mod tests {
         let got = drain(&rx);
         assert_eq!(got[..2], ["c:11,12", "a1"]);
         assert!(got[2].starts_with("Availability"), "{got:?}");
-        // The writer stopping releases everything, held or not.
+        // The writer stopping answers everything held; what the read has
+        // not reached is announced when it does (13..19: deleted).
         a.from_writer(vec![appended(3, &[20])]).unwrap();
         assert!(drain(&rx).is_empty());
         a.writer_done().unwrap();
-        assert_eq!(drain(&rx), ["c:20", "a3"]);
+        assert_eq!(drain(&rx), ["a3"]);
+        assert!(a.has_holes(), "the read must still reach 20");
+        a.from_stream(vec![pulled(20, "sluice.t.t", b"m20")])
+            .unwrap();
+        assert_eq!(drain(&rx), ["c:20"]);
+        assert!(!a.has_holes());
     }
 }

@@ -46,6 +46,85 @@ fn is_tombstone(m: &crate::nats::Message) -> bool {
         .is_some()
 }
 
+/// Every put on a KV bucket, as plain NATS messages (at most once). When
+/// the subscription falls `capacity` behind the client drops it: `drain`
+/// then subscribes again (what was missed is lost; the renewals and
+/// re-listings of the callers cover it) instead of spinning on a closed
+/// channel.
+pub struct BucketWatch {
+    client: std::sync::Arc<crate::nats::NatsClient>,
+    bucket: String,
+    prefix: String,
+    capacity: usize,
+    sub: Option<crate::nats::Subscription>,
+    /// Subscribed again since the caller last asked (it may re-list).
+    renewed: bool,
+}
+
+impl BucketWatch {
+    pub fn new(js: &JetStream, bucket: &str, capacity: usize) -> BucketWatch {
+        let mut w = BucketWatch {
+            client: js.client().clone(),
+            bucket: bucket.to_string(),
+            prefix: format!("$KV.{bucket}."),
+            capacity,
+            sub: None,
+            renewed: false,
+        };
+        w.subscribe();
+        w
+    }
+
+    fn subscribe(&mut self) {
+        self.sub = self
+            .client
+            .subscribe_with_capacity(&format!("{}>", self.prefix), self.capacity)
+            .map_err(|e| log::warn!("cannot watch bucket {}: {e}", self.bucket))
+            .ok();
+    }
+
+    pub fn receiver(&self) -> Option<&crossbeam_channel::Receiver<crate::nats::Message>> {
+        self.sub.as_ref().map(|s| s.receiver())
+    }
+
+    /// The puts received so far: (key, is a tombstone, payload).
+    pub fn drain(&mut self) -> Vec<(String, bool, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut lost = self.sub.is_none();
+        if let Some(sub) = &self.sub {
+            loop {
+                match sub.receiver().try_recv() {
+                    Ok(m) => {
+                        if let Some(key) = m.subject.strip_prefix(&self.prefix) {
+                            out.push((key.to_string(), is_tombstone(&m), m.payload));
+                        }
+                    }
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        lost = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if lost {
+            crate::log_limited!(
+                log::Level::Warn,
+                "the watch on bucket {} fell behind or failed; watching it again",
+                self.bucket
+            );
+            self.subscribe();
+            self.renewed = true;
+        }
+        out
+    }
+
+    /// True once after the watch was subscribed again.
+    pub fn take_renewed(&mut self) -> bool {
+        std::mem::take(&mut self.renewed)
+    }
+}
+
 /// The buckets the follower watches.
 pub struct Buckets {
     pub topics: KvBucket,
@@ -95,28 +174,15 @@ impl Follower {
     /// Runs until the writer has stopped (or the reactor stopped listening).
     pub fn run(mut self, wake: Wake) {
         let _exit = WakeOnExit(wake);
-        let client = self.js.client().clone();
-        let watch = |bucket: &KvBucket| {
-            let prefix = format!("$KV.{}.", bucket.name());
-            let sub = client
-                .subscribe_with_capacity(&format!("{prefix}>"), WATCH_CAPACITY)
-                .map_err(|e| log::warn!("follower: cannot watch {}: {e}", bucket.name()))
-                .ok();
-            (prefix, sub)
-        };
-        let (topics_prefix, topics_watch) = watch(&self.buckets.topics);
-        let (cursors_prefix, cursors_watch) = watch(&self.buckets.cursors);
-        let (presence_prefix, presence_watch) = watch(&self.buckets.presence);
+        let mut topics_watch =
+            BucketWatch::new(&self.js, self.buckets.topics.name(), WATCH_CAPACITY);
+        let mut cursors_watch =
+            BucketWatch::new(&self.js, self.buckets.cursors.name(), WATCH_CAPACITY);
+        let mut presence_watch =
+            BucketWatch::new(&self.js, self.buckets.presence.name(), WATCH_CAPACITY);
         self.renew_presence();
         let mut next_presence = Instant::now() + PRESENCE_EVERY;
-        match self.buckets.presence.keys("", 10_000) {
-            Ok(keys) => {
-                for k in keys.into_iter().filter(|k| *k != self.gateway) {
-                    self.others.insert(k, Instant::now());
-                }
-            }
-            Err(e) => log::warn!("follower: cannot list the running gateways: {e}"),
-        }
+        self.list_others();
         if !self.others.is_empty() {
             log::info!(
                 "{} other gateway(s) share this store: following the stream",
@@ -138,42 +204,33 @@ impl Follower {
             }
             let mut select = Select::new();
             let pull_idx = self.pull.as_ref().map(|p| select.recv(p.receiver()));
-            for w in [&topics_watch, &cursors_watch, &presence_watch]
-                .into_iter()
-                .flatten()
-            {
-                select.recv(w.receiver());
+            for w in [&topics_watch, &cursors_watch, &presence_watch] {
+                if let Some(r) = w.receiver() {
+                    select.recv(r);
+                }
             }
             let ready = select.ready_timeout(deadline.saturating_duration_since(Instant::now()));
             let mut result = Ok(());
             if ready.is_ok() && ready.ok() == pull_idx {
                 result = self.read_stream();
             }
-            if let Some(w) = &presence_watch {
-                while let Ok(m) = w.receiver().try_recv() {
-                    if let Some(id) = m.subject.strip_prefix(&presence_prefix) {
-                        self.presence_put(id, is_tombstone(&m));
-                    }
-                }
+            for (id, gone, _) in presence_watch.drain() {
+                self.presence_put(&id, gone);
             }
-            for (w, prefix, is_topic) in [
-                (&topics_watch, &topics_prefix, true),
-                (&cursors_watch, &cursors_prefix, false),
-            ] {
-                let Some(w) = w else { continue };
-                while let Ok(m) = w.receiver().try_recv() {
-                    if is_tombstone(&m) {
+            if presence_watch.take_renewed() {
+                self.list_others();
+            }
+            for (w, is_topic) in [(&mut topics_watch, true), (&mut cursors_watch, false)] {
+                for (key, gone, payload) in w.drain() {
+                    if gone {
                         continue;
                     }
-                    let Some(key) = m.subject.strip_prefix(prefix.as_str()) else {
-                        continue;
-                    };
                     let (t, c) = if is_topic {
-                        (Some(key), None)
+                        (Some(key.as_str()), None)
                     } else {
-                        (None, Some(key))
+                        (None, Some(key.as_str()))
                     };
-                    result = result.and(self.announcer.from_watch(t, c, &m.payload));
+                    result = result.and(self.announcer.from_watch(t, c, &payload));
                 }
             }
             if result.and(self.announcer.tick()).is_err() {
@@ -184,6 +241,18 @@ impl Follower {
             p.stop(&self.js);
         }
         let _ = self.buckets.presence.delete(&self.gateway);
+    }
+
+    /// The other gateways whose presence keys are in the bucket now.
+    fn list_others(&mut self) {
+        match self.buckets.presence.keys("", 10_000) {
+            Ok(keys) => {
+                for k in keys.into_iter().filter(|k| *k != self.gateway) {
+                    self.others.insert(k, Instant::now());
+                }
+            }
+            Err(e) => log::warn!("follower: cannot list the running gateways: {e}"),
+        }
     }
 
     fn presence_put(&mut self, id: &str, gone: bool) {

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use super::layout::{self, CursorValue};
 use super::storage_error;
 use crate::nats::jetstream::{JetStream, JetStreamError};
-use crate::nats::kv_bucket::{KvBucket, ERR_WRONG_LAST_SEQUENCE, KV_OPERATION_HEADER};
+use crate::nats::kv_bucket::{KvBucket, ERR_WRONG_LAST_SEQUENCE};
 use crate::storage::{send_waking, ClaimError, StorageError, Wake, WakeOnExit, WriteOutcome};
 
 /// Longest a claim waits for the previous gateway to let go.
@@ -125,85 +125,72 @@ impl GroupLeases {
     pub fn run(mut self, requests: Receiver<LeaseRequest>, bucket: String) {
         let _exit = WakeOnExit(self.wake.clone());
         let client = self.js.client().clone();
-        let (watch, releases) = match (
-            client.subscribe_with_capacity(&format!("$KV.{bucket}.>"), 1024),
-            client.subscribe_with_capacity(&self.inbox, 256),
-        ) {
-            (Ok(w), Ok(r)) => (w, r),
-            (Err(e), _) | (_, Err(e)) => {
-                log::error!("leases: cannot subscribe: {e}; group claims fail");
-                while let Ok(r) = requests.recv() {
-                    if let LeaseRequest::Claim {
-                        token,
-                        topic,
-                        group,
-                    } = r
-                    {
-                        self.answer(
-                            token,
-                            topic,
-                            group,
-                            Err(ClaimError::Store(StorageError::new(
-                                "cannot watch the group leases",
-                            ))),
-                        );
-                    }
-                }
-                return;
-            }
-        };
-        let prefix = format!("$KV.{bucket}.");
+        // Every put on the bucket (our own renewals echo there too).
+        let mut watch = super::follower::BucketWatch::new(&self.js, &bucket, 8192);
+        let mut releases = None;
         let mut next_renew = Instant::now() + self.renew_every;
         loop {
-            let mut until = next_renew;
+            if releases.is_none() {
+                releases = client
+                    .subscribe_with_capacity(&self.inbox, 256)
+                    .map_err(|e| {
+                        crate::log_limited!(log::Level::Warn, "leases: cannot subscribe: {e}")
+                    })
+                    .ok();
+            }
+            let mut until = next_renew.min(Instant::now() + Duration::from_millis(500));
             for w in self.waiting.values() {
                 until = until.min(w.until);
             }
             let mut select = Select::new();
             let r_req = select.recv(&requests);
-            let r_watch = select.recv(watch.receiver());
-            let r_rel = select.recv(releases.receiver());
-            match select.ready_timeout(until.saturating_duration_since(Instant::now())) {
-                Ok(i) if i == r_req => match requests.try_recv() {
-                    Ok(LeaseRequest::Claim {
-                        token,
-                        topic,
-                        group,
-                    }) => self.claim(token, topic, group),
-                    Ok(LeaseRequest::Release { topic, group }) => self.release(&topic, &group),
-                    Err(crossbeam_channel::TryRecvError::Empty) => {}
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                        self.release_all();
-                        return;
-                    }
-                },
-                Ok(i) if i == r_watch => {
-                    while let Ok(m) = watch.receiver().try_recv() {
-                        let Some(key) = m.subject.strip_prefix(&prefix) else {
-                            continue;
-                        };
-                        let tombstone = m
-                            .headers
-                            .as_ref()
-                            .and_then(|h| h.get(KV_OPERATION_HEADER))
-                            .is_some();
-                        if tombstone {
-                            continue;
-                        }
-                        if let Ok(lease) = serde_json::from_slice::<Lease>(&m.payload) {
-                            self.observed(key, &lease);
+            if let Some(r) = watch.receiver() {
+                select.recv(r);
+            }
+            if let Some(r) = &releases {
+                select.recv(r.receiver());
+            }
+            if let Ok(i) = select.ready_timeout(until.saturating_duration_since(Instant::now())) {
+                if i == r_req {
+                    match requests.try_recv() {
+                        Ok(LeaseRequest::Claim {
+                            token,
+                            topic,
+                            group,
+                        }) => self.claim(token, topic, group),
+                        Ok(LeaseRequest::Release { topic, group }) => self.release(&topic, &group),
+                        Err(crossbeam_channel::TryRecvError::Empty) => {}
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                            self.release_all();
+                            return;
                         }
                     }
                 }
-                Ok(i) if i == r_rel => {
-                    while let Ok(m) = releases.receiver().try_recv() {
-                        let key = String::from_utf8_lossy(&m.payload).to_string();
-                        if let Some(w) = self.waiting.remove(&key) {
-                            self.finish_claim(&key, w);
+            }
+            for (key, gone, payload) in watch.drain() {
+                if gone {
+                    continue;
+                }
+                if let Ok(lease) = serde_json::from_slice::<Lease>(&payload) {
+                    self.observed(&key, &lease);
+                }
+            }
+            if let Some(r) = &releases {
+                loop {
+                    match r.receiver().try_recv() {
+                        Ok(m) => {
+                            let key = String::from_utf8_lossy(&m.payload).to_string();
+                            if let Some(w) = self.waiting.remove(&key) {
+                                self.finish_claim(&key, w);
+                            }
+                        }
+                        Err(crossbeam_channel::TryRecvError::Empty) => break,
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                            releases = None;
+                            break;
                         }
                     }
                 }
-                _ => {}
             }
             let now = Instant::now();
             let due: Vec<Key> = self
@@ -266,6 +253,10 @@ impl GroupLeases {
             self.answer(w.token, w.topic, w.group, Err(ClaimError::TakenOver));
         }
         let value = self.lease_value(false);
+        let held_before = self.held.contains_key(&key);
+        // The lease as first seen: a retry after an ack that did not come
+        // may find our own put already there.
+        let mut first_seen: Option<Option<Lease>> = None;
         let mut last_error: Option<JetStreamError> = None;
         for _ in 0..CLAIM_ATTEMPTS {
             let current = match self.kv.get(&key) {
@@ -277,9 +268,10 @@ impl GroupLeases {
                 }
             };
             let expected = current.as_ref().map_or(0, |c| c.revision);
-            let previous = current
+            let seen = current
                 .as_ref()
                 .and_then(|c| serde_json::from_slice::<Lease>(&c.value).ok());
+            let previous = first_seen.get_or_insert(seen).clone();
             match self.kv.put_if_revision(&key, &value, expected) {
                 Ok(revision) => {
                     self.held
@@ -287,6 +279,7 @@ impl GroupLeases {
                     self.releasing.remove(&key);
                     match previous {
                         // Ours already: this gateway's cursor is the newest.
+                        _ if held_before => self.answer(token, topic, group, Ok(None)),
                         Some(p) if p.gateway == self.gateway => {
                             self.answer(token, topic, group, Ok(None))
                         }

@@ -300,7 +300,7 @@ pub fn open(
         .kv_bucket_with_ttl(&layout.leases_bucket(), cfg.replicas, Some(cfg.lease))
         .map_err(|e| format!("bucket {} cannot be used: {e}", layout.leases_bucket()))?;
     wait_for_leader(&js, leases_kv.stream_name());
-    let (lease_tx, lease_rx) = crossbeam_channel::bounded(cfg.writer_queue);
+    let (lease_tx, lease_rx) = crossbeam_channel::bounded(cfg.writer_queue.max(1024));
     let leases = leases::GroupLeases::new(
         cfg.lease,
         js.clone(),

@@ -460,19 +460,41 @@ impl JetStreamWriter {
                     topic,
                     group,
                 } => {
-                    let _ = self.cfg.leases.send(super::leases::LeaseRequest::Claim {
+                    let claim = super::leases::LeaseRequest::Claim {
                         token,
-                        topic,
-                        group,
-                    });
+                        topic: topic.clone(),
+                        group: group.clone(),
+                    };
+                    // Never wait here (publishes queue behind); a claim the
+                    // leases thread cannot take fails, and the client retries.
+                    if self.cfg.leases.try_send(claim).is_err() {
+                        out.push(WriteOutcome::GroupClaimed {
+                            token,
+                            topic,
+                            group,
+                            result: Err(crate::storage::ClaimError::Store(StorageError {
+                                unavailable: true,
+                                ..StorageError::new(
+                                    "too many consumer groups are being claimed; try again",
+                                )
+                            })),
+                        });
+                    }
                 }
                 WriteRequest::ReleaseGroup { topic, group } => {
-                    // The group's cursor writes before it are stored first.
+                    // The group's cursor writes before it are stored first,
+                    // a failed one included: the next gateway starts there.
                     self.drain(out);
-                    let _ = self
-                        .cfg
-                        .leases
-                        .send(super::leases::LeaseRequest::Release { topic, group });
+                    let key = (topic.clone(), group.clone());
+                    if let Some((sequence, acked_at_ms)) = self.carry.get(&key).copied() {
+                        if self.store_cursor_now(&topic, &group, sequence, acked_at_ms) {
+                            self.carry.remove(&key);
+                        }
+                    }
+                    let release = super::leases::LeaseRequest::Release { topic, group };
+                    if self.cfg.leases.send(release).is_err() {
+                        log::warn!("writer: the group leases thread is gone");
+                    }
                 }
                 WriteRequest::DeleteTopic { token, topic } => {
                     self.drain(out);
@@ -974,6 +996,26 @@ impl JetStreamWriter {
         }
     }
 
+    /// Stores a group's cursor now (true when it was stored).
+    fn store_cursor_now(&self, topic: &str, group: &str, seq: u64, acked_at_ms: i64) -> bool {
+        let Some(key) = layout::cursor_key(topic, group) else {
+            return false;
+        };
+        let value = serde_json::to_vec(&CursorValue {
+            seq,
+            acked_at_ms,
+            gateway: self.cfg.gateway.clone(),
+        })
+        .unwrap_or_default();
+        match self.cursors_kv.put(&key, &value) {
+            Ok(_) => true,
+            Err(e) => {
+                log::warn!("cannot store the cursor of {topic}/{group} before releasing it: {e}");
+                false
+            }
+        }
+    }
+
     /// Tells the other gateways (through the stream, in order with the
     /// messages) about a change made here.
     fn publish_admin(&self, change: AdminChange) {
@@ -986,7 +1028,7 @@ impl JetStreamWriter {
         };
         if let Err(e) = self.js.publish(&self.layout.admin_subject(), None, &body) {
             log::warn!(
-                "cannot tell the other gateways about {:?}: {e}; their streams learn of it when they reconnect",
+                "cannot tell the other gateways about {:?}: {e}; streams on them are not told (new ones see the change)",
                 event.change
             );
         }
