@@ -324,6 +324,21 @@ async fn admin_through_one_gateway_reaches_streams_on_another() {
         }
     }
     assert_eq!(ended.unwrap_err(), "GROUP_DELETED");
+    // Gone on both gateways, and it stays gone (no late cursor write of
+    // B's consumer brings it back).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (name, cl) in [("A", &mut ca), ("B", &mut cb)] {
+        let stats = cl.topic_stats(&["t"]).await.unwrap();
+        let groups: Vec<&str> = stats[0]
+            .consumer_groups
+            .iter()
+            .map(|g| g.group_name.as_str())
+            .collect();
+        assert!(
+            !groups.contains(&"g"),
+            "gateway {name} still has g: {groups:?}"
+        );
+    }
 
     // DeleteTopic through A ends B's other streams TOPIC_DELETED.
     let mut browse = cb

@@ -73,6 +73,10 @@ impl Clock {
 }
 
 /// State every call handler may touch.
+/// How long a deleted topic or group stays deleted against late puts of
+/// its cursor or registry entry seen in the watched buckets.
+const DELETE_GRACE: Duration = Duration::from_secs(10);
+
 pub struct Shared {
     pub broker: Broker,
     writer: Sender<WriteRequest>,
@@ -107,6 +111,10 @@ pub struct Shared {
     pub claims_groups: bool,
     /// Groups to release once their cursor writes are handed to the writer.
     pub releases: Vec<(Arc<str>, Arc<str>)>,
+    /// Topics (group None) and groups deleted lately, here or through
+    /// another gateway: a late put of theirs seen in the watched buckets
+    /// does not bring them back.
+    pub deleted: HashMap<(Arc<str>, Option<Arc<str>>), Instant>,
     /// Claims sent and not yet answered, per group (such a group is not
     /// released: its claim would be undone).
     pub claiming: HashMap<(Arc<str>, Arc<str>), usize>,
@@ -185,6 +193,25 @@ impl Shared {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// Remembers a delete for `DELETE_GRACE`.
+    pub fn note_deleted(&mut self, topic: &Arc<str>, group: Option<&Arc<str>>) {
+        let now = Instant::now();
+        self.deleted
+            .retain(|_, at| now.duration_since(*at) < DELETE_GRACE);
+        self.deleted.insert((topic.clone(), group.cloned()), now);
+    }
+
+    /// The topic, or the group, was deleted within `DELETE_GRACE`.
+    fn deleted_lately(&self, topic: &Arc<str>, group: Option<&Arc<str>>) -> bool {
+        let lately = |k: &(Arc<str>, Option<Arc<str>>)| {
+            self.deleted
+                .get(k)
+                .is_some_and(|at| at.elapsed() < DELETE_GRACE)
+        };
+        lately(&(topic.clone(), None))
+            || group.is_some_and(|g| lately(&(topic.clone(), Some(g.clone()))))
     }
 
     /// A claim of the group was sent.
@@ -387,6 +414,7 @@ impl Reactor {
                 claims_groups: links.claims_groups,
                 releases: Vec::new(),
                 claiming: HashMap::new(),
+                deleted: HashMap::new(),
                 timers: {
                     let mut timers = TimerSet::default();
                     if telemetry.is_enabled() {
@@ -695,28 +723,38 @@ impl Reactor {
     /// Applies a change another gateway made to the shared store: its
     /// streams end or move here as they would have there.
     fn apply_remote(&mut self, change: RemoteChange) {
-        let broker = &mut self.shared.broker;
         match change {
             RemoteChange::TopicCreated {
                 topic,
                 created_at_ms,
-            } => broker.on_committed(&topic, created_at_ms, &[]),
+            } => {
+                if !self.shared.deleted_lately(&topic, None) {
+                    self.shared.broker.on_committed(&topic, created_at_ms, &[]);
+                }
+            }
             RemoteChange::CursorMoved {
                 topic,
                 group,
                 sequence,
                 acked_at_ms,
             } => {
-                if broker.topic(&topic).is_some() {
-                    broker.adopt_cursor(&topic, &group, sequence, acked_at_ms, 0);
+                let broker = &mut self.shared.broker;
+                if broker.topic(&topic).is_some()
+                    && !self.shared.deleted_lately(&topic, Some(&group))
+                {
+                    self.shared
+                        .broker
+                        .adopt_cursor(&topic, &group, sequence, acked_at_ms, 0);
                 }
             }
             RemoteChange::TopicDeleted { topic } => {
-                broker.delete_topic(&topic);
+                self.shared.note_deleted(&topic, None);
+                self.shared.broker.delete_topic(&topic);
                 self.shared.cursors.retain(|(t, _), _| *t != topic);
             }
             RemoteChange::GroupDeleted { topic, group } => {
-                broker.delete_group(&topic, &group);
+                self.shared.note_deleted(&topic, Some(&group));
+                self.shared.broker.delete_group(&topic, &group);
                 self.shared.cursors.remove(&(topic, group));
             }
             RemoteChange::CursorReset {
@@ -726,6 +764,7 @@ impl Reactor {
             } => {
                 // Our coalesced cursor write is older than the reset.
                 self.shared.cursors.remove(&(topic.clone(), group.clone()));
+                let broker = &mut self.shared.broker;
                 if broker.fence_group(&topic, &group) {
                     broker.reset_cursor(&topic, &group, sequence);
                 }
@@ -804,6 +843,7 @@ impl Reactor {
                     // the cursor writes dropped when it was asked for go again.
                     let reply = match result {
                         Ok(stored) => {
+                            self.shared.note_deleted(&topic, None);
                             let existed = self.shared.broker.delete_topic(&topic);
                             self.shared.cursors.retain(|(t, _), _| *t != topic);
                             Ok(rpc::delete_topic_reply(stored || existed))
@@ -823,6 +863,7 @@ impl Reactor {
                 } => {
                     let reply = match result {
                         Ok(stored) => {
+                            self.shared.note_deleted(&topic, Some(&group));
                             let existed = self.shared.broker.delete_group(&topic, &group);
                             self.shared.cursors.remove(&(topic, group));
                             Ok(rpc::delete_group_reply(stored || existed))

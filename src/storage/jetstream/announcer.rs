@@ -36,6 +36,10 @@ use crate::storage::{send_waking, RemoteChange, Wake, WriteOutcome};
 /// them (never out of order, never skipping what was not read).
 const HOLD_LIMIT: Duration = Duration::from_secs(3);
 
+/// Topics (group None) and groups deleted through other gateways, for the
+/// writer to forget (its topic cache, its failed cursor writes).
+pub type Forgotten = Arc<Mutex<Vec<(Arc<str>, Option<Arc<str>>)>>>;
+
 /// The reactor stopped listening.
 #[derive(Debug)]
 pub struct Closed;
@@ -50,6 +54,8 @@ pub struct AnnouncerStart {
     pub created: HashMap<Arc<str>, i64>,
     /// Most writer outcomes held back before the writer waits.
     pub held_cap: usize,
+    /// Where deletes made through other gateways go for the writer.
+    pub forgotten: Forgotten,
 }
 
 struct Sequencer {
@@ -73,6 +79,7 @@ struct Sequencer {
     held: VecDeque<(Instant, WriteOutcome)>,
     held_cap: usize,
     writer_done: bool,
+    forgotten: Forgotten,
     /// Ready for the reactor.
     out: Vec<WriteOutcome>,
 }
@@ -112,6 +119,7 @@ impl Announcer {
             held: VecDeque::new(),
             held_cap: start.held_cap.max(16),
             writer_done: false,
+            forgotten: start.forgotten,
             out: Vec::new(),
         };
         Announcer {
@@ -444,6 +452,17 @@ impl Sequencer {
             }));
     }
 
+    fn forget(&self, topic: Arc<str>, group: Option<Arc<str>>) {
+        let mut f = self
+            .forgotten
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Bounded: the writer drains it every batch; past this it is stale.
+        if f.len() < 10_000 {
+            f.push((topic, group));
+        }
+    }
+
     fn admin_event(&mut self, seq: u64, payload: &[u8]) {
         let event: AdminEvent = match serde_json::from_slice(payload) {
             Ok(e) => e,
@@ -459,12 +478,14 @@ impl Sequencer {
             AdminChange::TopicDeleted { topic } => {
                 let topic: Arc<str> = topic.into();
                 self.created.remove(&topic);
+                self.forget(topic.clone(), None);
                 RemoteChange::TopicDeleted { topic }
             }
-            AdminChange::GroupDeleted { topic, group } => RemoteChange::GroupDeleted {
-                topic: topic.into(),
-                group: group.into(),
-            },
+            AdminChange::GroupDeleted { topic, group } => {
+                let (topic, group): (Arc<str>, Arc<str>) = (topic.into(), group.into());
+                self.forget(topic.clone(), Some(group.clone()));
+                RemoteChange::GroupDeleted { topic, group }
+            }
             AdminChange::CursorReset {
                 topic,
                 group,
@@ -543,6 +564,7 @@ mod tests {
                 last_seq: 10,
                 created: HashMap::new(),
                 held_cap: 64,
+                forgotten: Forgotten::default(),
             },
             tx,
             Arc::new(|| {}),

@@ -315,6 +315,7 @@ pub fn open(
         .name("sluice-js-leases".into())
         .spawn(move || leases.run(lease_rx, leases_bucket))
         .map_err(|e| format!("cannot start the group leases: {e}"))?;
+    let forgotten = announcer::Forgotten::default();
     let announcer = announcer::Announcer::new(
         layout.clone(),
         Some(topics_kv.clone()),
@@ -324,6 +325,7 @@ pub fn open(
             last_seq: state.last_seq,
             created,
             held_cap: cfg.writer_queue * 2,
+            forgotten: forgotten.clone(),
         },
         outcome_tx,
         wake.clone(),
@@ -357,6 +359,7 @@ pub fn open(
         writer::WriterConfig {
             retry_for: Duration::from_secs(10),
             gateway,
+            forgotten,
             leases: lease_tx,
             retention_counts: counts_rx,
         },

@@ -50,6 +50,8 @@ pub struct WriterConfig {
     pub retention_counts: Option<Receiver<super::monitor::SubjectCounts>>,
     /// This gateway's id in the admin events it publishes.
     pub gateway: String,
+    /// Deletes made through other gateways, to forget here.
+    pub forgotten: super::announcer::Forgotten,
     /// Where group claims and releases go (after the cursor writes before them).
     pub leases: Sender<super::leases::LeaseRequest>,
 }
@@ -369,6 +371,24 @@ impl JetStreamWriter {
     /// waiting; deletes first wait for everything before them).
     fn admit(&mut self, batch: Vec<WriteRequest>, out: &mut Vec<WriteOutcome>) {
         let mut batch = batch;
+        let forgotten = std::mem::take(
+            &mut *self
+                .cfg
+                .forgotten
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for (topic, group) in forgotten {
+            match group {
+                None => {
+                    self.topics.remove(&topic);
+                    self.carry.retain(|(t, _), _| *t != topic);
+                }
+                Some(g) => {
+                    self.carry.remove(&(topic, g));
+                }
+            }
+        }
         if !self.carry.is_empty() {
             let carried: Vec<WriteRequest> = self
                 .carry
