@@ -535,3 +535,33 @@ async fn sigkill_of_a_gateway_moves_its_consumer_to_another_without_loss() {
     sorted.dedup();
     assert_eq!(after, sorted, "in order, once each");
 }
+
+#[tokio::test]
+async fn a_gateway_cut_off_from_nats_gives_its_groups_up_unavailable() {
+    let (mut node, _client) = common::nats_harness::SingleNode::start();
+    let url = node.node.url();
+    let g = Server::start_with(&[
+        "--store",
+        &url,
+        "--nats-replicas",
+        "1",
+        "--nats-lease",
+        "3s",
+    ]);
+    let mut c = g.client().await;
+    c.publish("cut", b"m1").await.unwrap();
+    let mut sub = c
+        .subscribe("cut", "workers", proto::InitialPosition::Earliest)
+        .await;
+    sub.send(credit(10)).await;
+    next_event(&mut sub, WAIT).await.unwrap();
+    let cut = Instant::now();
+    node.node.kill();
+    // Renewals fail; after two thirds of the lease the gateway ends the
+    // consumer UNAVAILABLE (not ABORTED: nobody took it over), before the
+    // lease could expire and another gateway serve the group too.
+    let ended = next_event(&mut sub, Duration::from_secs(10)).await;
+    let took = cut.elapsed();
+    assert_eq!(ended.unwrap_err(), "Unavailable", "after {took:?}");
+    assert!(took < Duration::from_secs(3), "gave up after {took:?}");
+}

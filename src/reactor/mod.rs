@@ -896,9 +896,20 @@ impl Reactor {
                         self.shared.releases.push((topic, group));
                     }
                 }
-                WriteOutcome::GroupLost { topic, group } => {
-                    log::info!("group {group} of {topic} is now served by another gateway");
-                    self.shared.broker.end_group_consumer(&topic, &group);
+                WriteOutcome::GroupLost {
+                    topic,
+                    group,
+                    taken,
+                } => {
+                    let reason = if taken {
+                        log::info!("group {group} of {topic} is now served by another gateway");
+                        crate::broker::EndReason::TakenOver
+                    } else {
+                        crate::broker::EndReason::GroupUnavailable
+                    };
+                    self.shared
+                        .broker
+                        .end_group_consumer(&topic, &group, reason);
                     self.shared.releases.push((topic, group));
                 }
                 WriteOutcome::Committed {

@@ -150,6 +150,13 @@ impl SubscribeCall {
                     "another consumer subscribed with the same topic and group",
                 ),
             ),
+            EndReason::GroupUnavailable => (
+                None,
+                "",
+                Status::unavailable(
+                    "this gateway lost contact with the NATS cluster and gave the consumer group up; subscribe again",
+                ),
+            ),
             EndReason::TopicDeleted => {
                 (Some("TOPIC_DELETED"), "the topic was deleted", Status::ok())
             }

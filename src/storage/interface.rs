@@ -194,9 +194,14 @@ pub enum WriteOutcome {
         group: Arc<str>,
         result: Result<Option<(u64, i64)>, ClaimError>,
     },
-    /// Another gateway claimed a group this one serves: end its consumer
-    /// (`ABORTED`, as a takeover) and send `ReleaseGroup`.
-    GroupLost { topic: Arc<str>, group: Arc<str> },
+    /// Another gateway claimed a group this one serves (`taken`: end its
+    /// consumer `ABORTED`, as a takeover), or this one could not renew its
+    /// claim (end it `UNAVAILABLE`); then send `ReleaseGroup`.
+    GroupLost {
+        topic: Arc<str>,
+        group: Arc<str>,
+        taken: bool,
+    },
     /// A change made through another gateway sharing the store (JetStream
     /// with several gateways): apply it to the broker; its write is done.
     Remote(RemoteChange),

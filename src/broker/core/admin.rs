@@ -190,9 +190,10 @@ impl Broker {
             .is_some_and(|g| g.active.is_some())
     }
 
-    /// Another gateway claimed the group: its consumer here ends as a
-    /// takeover would end it. False if none was active.
-    pub fn end_group_consumer(&mut self, topic: &str, group: &str) -> bool {
+    /// Another gateway claimed the group (`TakenOver`), or this one lost
+    /// contact with the shared store (`GroupUnavailable`): its consumer here
+    /// ends with `reason`. False if none was active.
+    pub fn end_group_consumer(&mut self, topic: &str, group: &str, reason: EndReason) -> bool {
         let _core = AbortOnUnwind;
         let Some(t) = self.topics.get_mut(topic) else {
             return false;
@@ -208,10 +209,7 @@ impl Broker {
         if let Some(gone) = self.subs.remove(&sub) {
             drop_subscription_timers(&mut self.timers, sub, gone);
         }
-        self.actions.push_back(Action::End {
-            sub,
-            reason: EndReason::TakenOver,
-        });
+        self.actions.push_back(Action::End { sub, reason });
         self.actions.push_back(Action::GroupIdle {
             topic: t.view.name.clone(),
             group: name,

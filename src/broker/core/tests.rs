@@ -876,7 +876,7 @@ fn a_group_claimed_elsewhere_ends_its_consumer_here_as_a_takeover() {
     b.subscribe(1, group("t", "g", Start::Earliest), 0, 0)
         .unwrap();
     actions(&mut b);
-    assert!(b.end_group_consumer("t", "g"));
+    assert!(b.end_group_consumer("t", "g", EndReason::TakenOver));
     let got = actions(&mut b);
     assert!(got.contains(&Action::End {
         sub: 1,
@@ -886,7 +886,10 @@ fn a_group_claimed_elsewhere_ends_its_consumer_here_as_a_takeover() {
         topic: "t".into(),
         group: "g".into()
     }));
-    assert!(!b.end_group_consumer("t", "g"), "nothing active any more");
+    assert!(
+        !b.end_group_consumer("t", "g", EndReason::GroupUnavailable),
+        "nothing active any more"
+    );
     assert!(b.next_delivery(1, 0).is_none());
     // A local takeover leaves the group active: no GroupIdle.
     b.subscribe(2, group("t", "g", Start::Earliest), 0, 0)

@@ -82,6 +82,9 @@ pub struct SubscribeRequest {
 pub enum EndReason {
     /// Another consumer subscribed with the same topic and group.
     TakenOver,
+    /// The gateway can no longer vouch that it alone serves the group (a
+    /// store shared by several gateways that it cannot reach): subscribe again.
+    GroupUnavailable,
     TopicDeleted,
     GroupDeleted,
 }

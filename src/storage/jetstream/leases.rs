@@ -79,6 +79,10 @@ pub struct GroupLeases {
     /// How often held leases are renewed (a third of the lease time, the
     /// bucket's max age).
     renew_every: Duration,
+    /// When a renewal round last reached the bucket for every lease: past
+    /// two thirds of the lease time without one, this gateway gives its
+    /// groups up itself (another may claim them once the leases expire).
+    renewed_at: Instant,
     js: JetStream,
     kv: KvBucket,
     cursors_kv: KvBucket,
@@ -108,6 +112,7 @@ impl GroupLeases {
         let inbox = js.client().new_inbox();
         GroupLeases {
             renew_every: lease / 3,
+            renewed_at: Instant::now(),
             js,
             kv,
             cursors_kv,
@@ -363,9 +368,16 @@ impl GroupLeases {
     }
 
     fn lost(&mut self, key: &str, topic: Arc<str>, group: Arc<str>, claimer: String) {
-        log::info!("leases: {topic}/{group} was claimed by another gateway");
+        let taken = !claimer.is_empty();
+        if taken {
+            log::info!("leases: {topic}/{group} was claimed by another gateway");
+        }
         self.releasing.insert(key.to_string(), claimer);
-        let lost = WriteOutcome::GroupLost { topic, group };
+        let lost = WriteOutcome::GroupLost {
+            topic,
+            group,
+            taken,
+        };
         if send_waking(&self.out, &self.wake, lost) {
             (self.wake)();
         }
@@ -409,6 +421,7 @@ impl GroupLeases {
     fn renew(&mut self) {
         let value = self.lease_value(false);
         let keys: Vec<Key> = self.held.keys().cloned().collect();
+        let mut reached = true;
         for key in keys {
             let Some(&(_, _, revision)) = self.held.get(&key) else {
                 continue;
@@ -442,15 +455,33 @@ impl GroupLeases {
                                 }
                             }
                         }
-                        Err(e) => crate::log_limited!(
-                            log::Level::Warn,
-                            "leases: cannot check a lease: {e}"
-                        ),
+                        Err(e) => {
+                            reached = false;
+                            crate::log_limited!(
+                                log::Level::Warn,
+                                "leases: cannot check a lease: {e}"
+                            )
+                        }
                     }
                 }
                 Err(e) => {
+                    reached = false;
                     crate::log_limited!(log::Level::Warn, "leases: cannot renew a lease: {e}")
                 }
+            }
+        }
+        if reached || self.held.is_empty() {
+            self.renewed_at = Instant::now();
+        } else if self.renewed_at.elapsed() >= self.renew_every * 2 {
+            // Our leases may expire before we can renew them: end their
+            // consumers here rather than serve beside whoever claims next.
+            log::warn!(
+                "leases: not renewed for {:?}; ending the consumers of {} group(s) on this gateway",
+                self.renewed_at.elapsed(),
+                self.held.len()
+            );
+            for (key, (t, g, _)) in std::mem::take(&mut self.held) {
+                self.lost(&key, t, g, String::new());
             }
         }
     }
