@@ -219,6 +219,19 @@ async fn produce(port: u16, topic: &str, secs: u64) -> f64 {
     total as f64 / secs as f64
 }
 
+/// (rate, ack) of a latency run: SLUICE_BENCH_LATENCY_RATE (else
+/// `default_rate`) and SLUICE_BENCH_ACK=1.
+fn latency_settings(default_rate: u64) -> (u64, bool) {
+    let rate = std::env::var("SLUICE_BENCH_LATENCY_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_rate);
+    (
+        rate,
+        std::env::var("SLUICE_BENCH_ACK").is_ok_and(|v| v == "1"),
+    )
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -232,11 +245,7 @@ fn main() {
     // `-- latency-across`: publishing through one gateway, subscribed on a
     // second one (both need SLUICE_BENCH_ARGS naming one JetStream cluster).
     if std::env::args().skip(1).any(|a| a == "latency-across") {
-        let rate: u64 = std::env::var("SLUICE_BENCH_LATENCY_RATE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2_000);
-        let ack = std::env::var("SLUICE_BENCH_ACK").is_ok_and(|v| v == "1");
+        let (rate, ack) = latency_settings(2_000);
         rt.block_on(async {
             let a = Daemon::start("latency-a", &[]);
             let b = Daemon::start("latency-b", &[]);
@@ -260,11 +269,7 @@ fn main() {
         return;
     }
     if std::env::args().skip(1).any(|a| a == "latency") {
-        let rate: u64 = std::env::var("SLUICE_BENCH_LATENCY_RATE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(5_000);
-        let ack = std::env::var("SLUICE_BENCH_ACK").is_ok_and(|v| v == "1");
+        let (rate, ack) = latency_settings(5_000);
         rt.block_on(async {
             let d = Daemon::start("latency", &[]);
             d.reset_peak();

@@ -341,19 +341,7 @@ async fn admin_through_one_gateway_reaches_streams_on_another() {
     }
 
     // DeleteTopic through A ends B's other streams TOPIC_DELETED.
-    let mut browse = cb
-        .subscribe_with(proto::SubscribeUpstream {
-            request: Some(proto::subscribe_upstream::Request::Init(
-                proto::SubscriptionInit {
-                    topic: "t".into(),
-                    mode: proto::SubscriptionMode::Browse as i32,
-                    initial_position: proto::InitialPosition::Latest as i32,
-                    ..Default::default()
-                },
-            )),
-        })
-        .await
-        .unwrap();
+    let mut browse = cb.browse("t", proto::InitialPosition::Latest).await;
     browse.send(credit(10)).await;
     let mut other = cb.subscribe("t", "h", proto::InitialPosition::Latest).await;
     other.send(credit(10)).await;
@@ -374,14 +362,7 @@ async fn admin_through_one_gateway_reaches_streams_on_another() {
         next_event(&mut other, WAIT).await.unwrap_err(),
         "TOPIC_DELETED"
     );
-    let listed: Vec<String> = cb
-        .list_topics()
-        .await
-        .unwrap()
-        .topics
-        .into_iter()
-        .map(|t| t.name)
-        .collect();
+    let listed = cb.topic_names().await;
     assert!(
         !listed.contains(&"t".to_string()),
         "B forgot the topic: {listed:?}"

@@ -584,6 +584,33 @@ impl Client {
         self.unary("ListTopics", proto::ListTopicsRequest {}).await
     }
 
+    /// The names ListTopics gives.
+    pub async fn topic_names(&mut self) -> Vec<String> {
+        self.list_topics()
+            .await
+            .expect("ListTopics")
+            .topics
+            .into_iter()
+            .map(|t| t.name)
+            .collect()
+    }
+
+    /// Opens a BROWSE stream (no group) on `topic` from `pos`.
+    pub async fn browse(&mut self, topic: &str, pos: proto::InitialPosition) -> Subscription {
+        self.subscribe_with(proto::SubscribeUpstream {
+            request: Some(proto::subscribe_upstream::Request::Init(
+                proto::SubscriptionInit {
+                    topic: topic.into(),
+                    mode: proto::SubscriptionMode::Browse as i32,
+                    initial_position: pos as i32,
+                    ..Default::default()
+                },
+            )),
+        })
+        .await
+        .expect("browse")
+    }
+
     /// Opens a Subscribe stream and sends `first` on it.
     pub async fn subscribe_with(
         &mut self,
