@@ -314,6 +314,13 @@ pub struct ContinuousPull {
     deadline: Instant,
     last_consumer_seq: u64,
     lost: bool,
+    /// Messages delivered on the outstanding request.
+    delivered: usize,
+    /// A request ended with nothing delivered: the read is at the end of
+    /// what the stream holds (for now).
+    at_end: bool,
+    /// When the outstanding request was sent.
+    requested_at: Instant,
 }
 
 /// What `ContinuousPull::take` made of one incoming message.
@@ -350,6 +357,9 @@ impl ContinuousPull {
             deadline: Instant::now(),
             last_consumer_seq: 0,
             lost: false,
+            delivered: 0,
+            at_end: false,
+            requested_at: Instant::now(),
         };
         pull.request(js)?;
         Ok(pull)
@@ -380,6 +390,8 @@ impl ContinuousPull {
             &body,
         )?;
         self.outstanding = self.batch;
+        self.delivered = 0;
+        self.requested_at = Instant::now();
         self.deadline = Instant::now() + self.expires + js.timeout();
         Ok(())
     }
@@ -389,7 +401,12 @@ impl ContinuousPull {
         if let Some(code) = msg.headers.as_ref().and_then(Headers::status) {
             match code {
                 STATUS_CONTROL => {}
-                STATUS_NO_MESSAGES | STATUS_REQUEST_TIMEOUT => self.outstanding = 0,
+                STATUS_NO_MESSAGES | STATUS_REQUEST_TIMEOUT => {
+                    if self.delivered == 0 {
+                        self.at_end = true;
+                    }
+                    self.outstanding = 0;
+                }
                 _ => {
                     // 409: consumer deleted, leadership change, …
                     log::debug!(
@@ -412,6 +429,7 @@ impl ContinuousPull {
         }
         self.last_consumer_seq = info.consumer_seq;
         self.outstanding = self.outstanding.saturating_sub(1);
+        self.delivered += 1;
         Pulled::Message(PulledMessage {
             subject: msg.subject,
             headers: msg.headers,
@@ -434,6 +452,12 @@ impl ContinuousPull {
             return false;
         }
         self.request(js).is_ok()
+    }
+
+    /// Once after a request ended with nothing to deliver: when that
+    /// request was sent (everything stored before then has been read).
+    pub fn take_at_end(&mut self) -> Option<Instant> {
+        std::mem::take(&mut self.at_end).then_some(self.requested_at)
     }
 
     /// When `keep_going` should be called again at the latest.

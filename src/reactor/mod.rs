@@ -72,11 +72,11 @@ impl Clock {
     }
 }
 
-/// State every call handler may touch.
 /// How long a deleted topic or group stays deleted against late puts of
 /// its cursor or registry entry seen in the watched buckets.
 const DELETE_GRACE: Duration = Duration::from_secs(10);
 
+/// State every call handler may touch.
 pub struct Shared {
     pub broker: Broker,
     writer: Sender<WriteRequest>,

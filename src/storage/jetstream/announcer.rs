@@ -71,8 +71,9 @@ struct Sequencer {
     followed: u64,
     /// Acked by our writer, above the watermark: announced once it reaches them.
     acked: BTreeMap<u64, (Arc<str>, Arc<StoredMessage>)>,
-    /// The highest sequence our writer has acked.
+    /// The highest sequence our writer has acked, and when it learned it.
     top: u64,
+    top_at: Instant,
     /// Creation times of the topics this gateway knows.
     created: HashMap<Arc<str>, i64>,
     /// The writer's outcomes not yet released, oldest first.
@@ -115,6 +116,7 @@ impl Announcer {
             followed: start.last_seq,
             acked: BTreeMap::new(),
             top: start.last_seq,
+            top_at: Instant::now(),
             created: start.created,
             held: VecDeque::new(),
             held_cap: start.held_cap.max(16),
@@ -199,6 +201,23 @@ impl Announcer {
         if let Some(k) = cursor_key {
             s.cursor_put(k, payload);
         }
+        self.emit(&mut s)
+    }
+
+    /// The stream read found nothing more on a request sent at
+    /// `requested_at`: what our writer acked before then and the read did
+    /// not see is gone (purged, trimmed), not still to come.
+    pub fn read_at_end(&self, requested_at: Instant) -> Result<(), Closed> {
+        let mut s = self.lock();
+        if s.watermark < s.top && requested_at > s.top_at {
+            while let Some((_, (topic, m))) = s.acked.pop_first() {
+                s.watermark = m.sequence;
+                s.announce(topic, m);
+            }
+            s.watermark = s.watermark.max(s.top);
+            s.followed = s.followed.max(s.top);
+        }
+        s.release(false);
         self.emit(&mut s)
     }
 
@@ -305,7 +324,10 @@ impl Sequencer {
     }
 
     fn learn(&mut self, topic: &Arc<str>, m: Arc<StoredMessage>) {
-        self.top = self.top.max(m.sequence);
+        if m.sequence > self.top {
+            self.top = m.sequence;
+            self.top_at = Instant::now();
+        }
         if m.sequence > self.watermark {
             self.acked.insert(m.sequence, (topic.clone(), m));
         }
@@ -689,6 +711,24 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(drain(&rx), ["c:12,14,15", "a1", "a2"]);
+    }
+
+    #[test]
+    fn a_read_that_finds_nothing_more_closes_holes_left_by_purged_messages() {
+        let (a, rx) = announcer();
+        let before = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        // 11 is unknown; ours 12 waits for it.
+        a.from_writer(vec![appended(1, &[12])]).unwrap();
+        // An empty read sent before we learned of 12 proves nothing.
+        a.read_at_end(before).unwrap();
+        assert!(drain(&rx).is_empty());
+        // One sent after it: 11 is not in the stream (purged); 12 goes.
+        a.read_at_end(Instant::now()).unwrap();
+        assert_eq!(drain(&rx), ["c:12", "a1"]);
+        assert!(!a.has_holes());
+        a.from_writer(vec![appended(2, &[13])]).unwrap();
+        assert_eq!(drain(&rx), ["c:13", "a2"]);
     }
 
     #[test]

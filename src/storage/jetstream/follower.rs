@@ -338,10 +338,14 @@ impl Follower {
                 break;
             }
         }
-        if messages.is_empty() {
-            return Ok(());
+        let at_end = p.take_at_end();
+        if !messages.is_empty() {
+            self.last_read = Instant::now();
+            self.announcer.from_stream(messages)?;
         }
-        self.last_read = Instant::now();
-        self.announcer.from_stream(messages)
+        if let Some(requested_at) = at_end {
+            self.announcer.read_at_end(requested_at)?;
+        }
+        Ok(())
     }
 }

@@ -36,6 +36,8 @@ use crate::storage::{send_waking, ClaimError, StorageError, Wake, WakeOnExit, Wr
 
 /// Longest a claim waits for the previous gateway to let go.
 const RELEASE_WAIT: Duration = Duration::from_secs(2);
+/// Longest a claim keeps trying.
+const CLAIM_LIMIT: Duration = Duration::from_secs(5);
 /// Compare-and-set attempts per claim before it fails.
 const CLAIM_ATTEMPTS: usize = 8;
 
@@ -77,20 +79,18 @@ struct WaitingClaim {
 
 pub struct GroupLeases {
     /// How often held leases are renewed (a third of the lease time, the
-    /// bucket's max age).
+    /// bucket's max age). A lease not put for two of these is given up
+    /// here (its consumer ends) before it can expire and be claimed
+    /// elsewhere.
     renew_every: Duration,
-    /// When a renewal round last reached the bucket for every lease: past
-    /// two thirds of the lease time without one, this gateway gives its
-    /// groups up itself (another may claim them once the leases expire).
-    renewed_at: Instant,
     js: JetStream,
     kv: KvBucket,
     cursors_kv: KvBucket,
     gateway: String,
     /// Our inbox for releases.
     inbox: String,
-    /// Leases held: key -> (topic, group, revision).
-    held: HashMap<Key, (Arc<str>, Arc<str>, u64)>,
+    /// Leases held: key -> (topic, group, revision, when last put).
+    held: HashMap<Key, (Arc<str>, Arc<str>, u64, Instant)>,
     /// Lost leases whose claimer waits for our release: key -> its inbox.
     releasing: HashMap<Key, String>,
     /// Claims waiting for another gateway's release, by key.
@@ -112,7 +112,6 @@ impl GroupLeases {
         let inbox = js.client().new_inbox();
         GroupLeases {
             renew_every: lease / 3,
-            renewed_at: Instant::now(),
             js,
             kv,
             cursors_kv,
@@ -172,6 +171,7 @@ impl GroupLeases {
                     }
                 }
             }
+            self.give_up_stale();
             for (key, gone, payload) in watch.drain() {
                 if gone {
                     continue;
@@ -263,7 +263,13 @@ impl GroupLeases {
         // may find our own put already there.
         let mut first_seen: Option<Option<Lease>> = None;
         let mut last_error: Option<JetStreamError> = None;
+        let started = Instant::now();
         for _ in 0..CLAIM_ATTEMPTS {
+            // A cluster that does not answer fails the claim rather than
+            // hold the leases thread (and its renewals) for long.
+            if started.elapsed() >= CLAIM_LIMIT {
+                break;
+            }
             let current = match self.kv.get(&key) {
                 Ok(c) => c,
                 Err(e) => {
@@ -279,8 +285,10 @@ impl GroupLeases {
             let previous = first_seen.get_or_insert(seen).clone();
             match self.kv.put_if_revision(&key, &value, expected) {
                 Ok(revision) => {
-                    self.held
-                        .insert(key.clone(), (topic.clone(), group.clone(), revision));
+                    self.held.insert(
+                        key.clone(),
+                        (topic.clone(), group.clone(), revision, Instant::now()),
+                    );
                     self.releasing.remove(&key);
                     match previous {
                         // Ours already: this gateway's cursor is the newest.
@@ -318,10 +326,14 @@ impl GroupLeases {
                     return;
                 }
                 Err(JetStreamError::Api(e)) if e.err_code == ERR_WRONG_LAST_SEQUENCE => {
-                    // Someone else wrote the lease meanwhile: look again.
+                    // Someone else wrote the lease meanwhile: look again,
+                    // and decide on what is there now.
+                    first_seen = None;
                     last_error = Some(JetStreamError::Api(e));
                 }
                 Err(e) => {
+                    // Not answered: the put may have landed (a retry then
+                    // decides on the lease first seen).
                     last_error = Some(e);
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -362,13 +374,14 @@ impl GroupLeases {
         if let Some(w) = self.waiting.remove(key) {
             self.answer(w.token, w.topic, w.group, Err(ClaimError::TakenOver));
         }
-        if let Some((topic, group, _)) = self.held.remove(key) {
-            self.lost(key, topic, group, lease.inbox.clone());
+        if let Some((topic, group, _, _)) = self.held.remove(key) {
+            self.lost(key, topic, group, lease.inbox.clone(), true);
         }
     }
 
-    fn lost(&mut self, key: &str, topic: Arc<str>, group: Arc<str>, claimer: String) {
-        let taken = !claimer.is_empty();
+    /// A lease is no longer ours: `taken` by another gateway (whose inbox
+    /// waits for our release), or given up because we could not renew it.
+    fn lost(&mut self, key: &str, topic: Arc<str>, group: Arc<str>, claimer: String, taken: bool) {
         if taken {
             log::info!("leases: {topic}/{group} was claimed by another gateway");
         }
@@ -395,7 +408,7 @@ impl GroupLeases {
                 }
             }
         }
-        if let Some((_, _, revision)) = self.held.remove(&key) {
+        if let Some((_, _, revision, _)) = self.held.remove(&key) {
             let value = self.lease_value(true);
             // A failure means someone claimed it meanwhile: theirs now.
             if let Err(e) = self.kv.put_if_revision(&key, &value, revision) {
@@ -408,7 +421,7 @@ impl GroupLeases {
         let keys: Vec<(Arc<str>, Arc<str>)> = self
             .held
             .values()
-            .map(|(t, g, _)| (t.clone(), g.clone()))
+            .map(|(t, g, _, _)| (t.clone(), g.clone()))
             .collect();
         for (t, g) in keys {
             self.release(&t, &g);
@@ -417,32 +430,28 @@ impl GroupLeases {
 
     /// Puts every held lease again (compare-and-set on the revision we
     /// wrote): keeps it from expiring, and finds one lost while the watch
-    /// missed it.
+    /// missed it. A round stops at the first put the cluster does not
+    /// answer (the others would wait as long).
     fn renew(&mut self) {
         let value = self.lease_value(false);
         let keys: Vec<Key> = self.held.keys().cloned().collect();
-        let mut reached = true;
         for key in keys {
-            let Some(&(_, _, revision)) = self.held.get(&key) else {
+            let Some(&(_, _, revision, _)) = self.held.get(&key) else {
                 continue;
             };
             match self.kv.put_if_revision(&key, &value, revision) {
-                Ok(r) => {
-                    if let Some(h) = self.held.get_mut(&key) {
-                        h.2 = r;
-                    }
-                }
+                Ok(r) => self.renewed(&key, r),
                 Err(JetStreamError::Api(e)) if e.err_code == ERR_WRONG_LAST_SEQUENCE => {
                     match self.kv.get(&key) {
                         Ok(Some(entry)) => match serde_json::from_slice::<Lease>(&entry.value) {
                             Ok(l) if l.gateway == self.gateway && !l.free => {
-                                if let Some(h) = self.held.get_mut(&key) {
-                                    h.2 = entry.revision;
-                                }
+                                self.renewed(&key, entry.revision)
                             }
                             Ok(l) => {
-                                if let Some((t, g, _)) = self.held.remove(&key) {
-                                    self.lost(&key, t, g, l.inbox);
+                                if let Some((t, g, _, _)) = self.held.remove(&key) {
+                                    let taken = !l.free;
+                                    let inbox = if taken { l.inbox } else { String::new() };
+                                    self.lost(&key, t, g, inbox, taken);
                                 }
                             }
                             Err(_) => {}
@@ -450,38 +459,55 @@ impl GroupLeases {
                         // Expired (we could not renew in time): put it back.
                         Ok(None) => {
                             if let Ok(r) = self.kv.put_if_revision(&key, &value, 0) {
-                                if let Some(h) = self.held.get_mut(&key) {
-                                    h.2 = r;
-                                }
+                                self.renewed(&key, r);
                             }
                         }
                         Err(e) => {
-                            reached = false;
                             crate::log_limited!(
                                 log::Level::Warn,
                                 "leases: cannot check a lease: {e}"
-                            )
+                            );
+                            break;
                         }
                     }
                 }
                 Err(e) => {
-                    reached = false;
-                    crate::log_limited!(log::Level::Warn, "leases: cannot renew a lease: {e}")
+                    crate::log_limited!(log::Level::Warn, "leases: cannot renew a lease: {e}");
+                    break;
                 }
             }
         }
-        if reached || self.held.is_empty() {
-            self.renewed_at = Instant::now();
-        } else if self.renewed_at.elapsed() >= self.renew_every * 2 {
-            // Our leases may expire before we can renew them: end their
-            // consumers here rather than serve beside whoever claims next.
-            log::warn!(
-                "leases: not renewed for {:?}; ending the consumers of {} group(s) on this gateway",
-                self.renewed_at.elapsed(),
-                self.held.len()
-            );
-            for (key, (t, g, _)) in std::mem::take(&mut self.held) {
-                self.lost(&key, t, g, String::new());
+        self.give_up_stale();
+    }
+
+    fn renewed(&mut self, key: &str, revision: u64) {
+        if let Some(h) = self.held.get_mut(key) {
+            h.2 = revision;
+            h.3 = Instant::now();
+        }
+    }
+
+    /// Gives up the leases not put for two renewal intervals: they may
+    /// expire before we can renew them, so their consumers end here
+    /// (`UNAVAILABLE`) rather than serve beside whoever claims them next.
+    fn give_up_stale(&mut self) {
+        let limit = self.renew_every * 2;
+        let stale: Vec<Key> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.3.elapsed() >= limit)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        log::warn!(
+            "leases: {} lease(s) not renewed for {limit:?}; ending their consumers on this gateway",
+            stale.len()
+        );
+        for key in stale {
+            if let Some((t, g, _, _)) = self.held.remove(&key) {
+                self.lost(&key, t, g, String::new(), false);
             }
         }
     }

@@ -213,6 +213,7 @@ impl JetStreamWriter {
         let mut orphaned = false;
         let mut carry_tried_at_exit = false;
         loop {
+            self.forget_deleted();
             let mut out = Vec::new();
             let now = self.status.unavailable_reason();
             if now.is_some() != reported.is_some() {
@@ -367,10 +368,8 @@ impl JetStreamWriter {
         }
     }
 
-    /// Sends a batch of requests (publishes and cursor puts go out without
-    /// waiting; deletes first wait for everything before them).
-    fn admit(&mut self, batch: Vec<WriteRequest>, out: &mut Vec<WriteOutcome>) {
-        let mut batch = batch;
+    /// Forgets topics and groups deleted through other gateways.
+    fn forget_deleted(&mut self) {
         let forgotten = std::mem::take(
             &mut *self
                 .cfg
@@ -389,6 +388,13 @@ impl JetStreamWriter {
                 }
             }
         }
+    }
+
+    /// Sends a batch of requests (publishes and cursor puts go out without
+    /// waiting; deletes first wait for everything before them).
+    fn admit(&mut self, batch: Vec<WriteRequest>, out: &mut Vec<WriteOutcome>) {
+        let mut batch = batch;
+        self.forget_deleted();
         if !self.carry.is_empty() {
             let carried: Vec<WriteRequest> = self
                 .carry
@@ -505,11 +511,11 @@ impl JetStreamWriter {
                     // The group's cursor writes before it are stored first,
                     // a failed one included: the next gateway starts there.
                     self.drain(out);
+                    // Tried once more now, then never again: after the
+                    // release it would overwrite the next gateway's cursor.
                     let key = (topic.clone(), group.clone());
-                    if let Some((sequence, acked_at_ms)) = self.carry.get(&key).copied() {
-                        if self.store_cursor_now(&topic, &group, sequence, acked_at_ms) {
-                            self.carry.remove(&key);
-                        }
+                    if let Some((sequence, acked_at_ms)) = self.carry.remove(&key) {
+                        self.store_cursor_now(&topic, &group, sequence, acked_at_ms);
                     }
                     let release = super::leases::LeaseRequest::Release { topic, group };
                     if self.cfg.leases.send(release).is_err() {
