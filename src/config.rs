@@ -196,8 +196,8 @@ OPTIONS (each also read from the environment variable shown):
                                  (1 for a single NATS server, at most 5) [SLUICE_NATS_REPLICAS] (default 3)
     --nats-prefix NAME           names Sluice's stream, subjects and buckets, so deployments can share
                                  one NATS account ([A-Za-z0-9-]) [SLUICE_NATS_PREFIX] (default sluice)
-    --nats-lease DUR             a gateway that dies keeps serving its consumer groups' leases this
-                                 long (2s to 10m; the same on every gateway) [SLUICE_NATS_LEASE] (default 10s)
+    --nats-lease DUR             how long a gateway that died keeps its consumer groups' leases
+                                 (2s to 10m; the same on every gateway) [SLUICE_NATS_LEASE] (default 10s)
     --host HOST                  address to listen on [SLUICE_HOST] (default 127.0.0.1)
     --port PORT                  TCP port, 0 picks a free one [SLUICE_PORT] (default 50051)
     --data-dir DIR               where the database lives [SLUICE_DATA_DIR] (default ./sluice-data)
