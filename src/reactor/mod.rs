@@ -738,8 +738,14 @@ impl Reactor {
                 sequence,
                 acked_at_ms,
             } => {
+                // Only forward: a late put of an earlier owner must not move
+                // the cursor back (a reset comes as CursorReset).
                 let broker = &mut self.shared.broker;
+                let behind = broker
+                    .group_cursor(&topic, &group)
+                    .is_some_and(|c| sequence <= c);
                 if broker.topic(&topic).is_some()
+                    && !behind
                     && !self.shared.deleted_lately(&topic, Some(&group))
                 {
                     self.shared

@@ -182,6 +182,14 @@ impl Broker {
         true
     }
 
+    /// The group's cursor, if this broker knows the group.
+    pub fn group_cursor(&self, topic: &str, group: &str) -> Option<u64> {
+        self.topics
+            .get(topic)
+            .and_then(|t| t.groups.get(group))
+            .map(|g| g.cursor)
+    }
+
     /// Whether a consumer of the group is active here.
     pub fn group_active(&self, topic: &str, group: &str) -> bool {
         self.topics
