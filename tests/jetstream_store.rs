@@ -201,8 +201,14 @@ fn live_consumer(
                         response: Some(Down::Delivery(d)),
                     }))) => {
                         seen.lock().unwrap().insert(d.sequence);
-                        sub.send(ack(&d.message_id)).await;
-                        sub.send(credit(1)).await;
+                        // The stream may end meanwhile (a gateway that could
+                        // not renew its group lease during the election ends
+                        // it UNAVAILABLE): then subscribe again.
+                        if sub.up.send(ack(&d.message_id)).await.is_err()
+                            || sub.up.send(credit(1)).await.is_err()
+                        {
+                            break;
+                        }
                     }
                     Ok(Ok(Some(_))) => {}
                     Ok(_) => break, // ended: subscribe again
