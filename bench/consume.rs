@@ -35,6 +35,7 @@ fn init(
         initial_position: pos as i32,
         offset: 0,
         mode: mode as i32,
+        ..Default::default()
     }))
 }
 
@@ -52,6 +53,7 @@ async fn preload(port: u16, topic: &str, count: u64, size: usize) -> Duration {
                     .map(|_| proto::BatchMessage {
                         payload: vec![b'z'; size].into(),
                         attributes: Default::default(),
+                        ..Default::default()
                     })
                     .collect(),
             });
@@ -179,6 +181,7 @@ async fn latency(pub_port: u16, sub_port: u16, rate: u64, secs: u64, ack: bool) 
             topic: "lat".into(),
             payload: payload.into(),
             attributes: Default::default(),
+            ..Default::default()
         });
         tokio::spawn(async move {
             let _ = c.unary("Publish", body).await;
@@ -197,6 +200,7 @@ async fn produce(port: u16, topic: &str, secs: u64) -> f64 {
         topic: topic.into(),
         payload: vec![b'p'; 256].into(),
         attributes: Default::default(),
+        ..Default::default()
     });
     let mut tasks = Vec::new();
     for _ in 0..16 {

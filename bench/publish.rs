@@ -19,6 +19,7 @@ fn publish_body(size: usize) -> Bytes {
         topic: "bench".into(),
         payload: vec![b'x'; size].into(),
         attributes: Default::default(),
+        ..Default::default()
     })
 }
 
@@ -141,6 +142,7 @@ fn main() {
             .map(|_| proto::BatchMessage {
                 payload: vec![b'y'; 256].into(),
                 attributes: Default::default(),
+                ..Default::default()
             })
             .collect(),
     });

@@ -112,6 +112,7 @@ async fn run(name: &str, extra: &[&str], rate: u64, length: Duration) -> Run {
         topic: TOPIC.into(),
         payload: vec![b'r'; PAYLOAD].into(),
         attributes: Default::default(),
+        ..Default::default()
     });
     let total = (rate as f64 * length.as_secs_f64()) as u64;
     // (sampling window of the call's due time, latency from its due time)

@@ -124,6 +124,10 @@ pub struct ServeConfig {
     pub retention_max_age: Option<Duration>,
     pub retention_max_messages: Option<u64>,
     pub retention_max_bytes: Option<u64>,
+    /// `--dedup-window`: how long an idempotency key is remembered per topic.
+    pub dedup_window: Duration,
+    /// `--dedup-max-keys`: most idempotency keys remembered (SQLite store).
+    pub dedup_max_keys: u64,
     /// `--nats-token`: a token for NATS servers that want one.
     pub nats_token: Option<String>,
     /// `--nats-replicas`: replica count of every stream and bucket Sluice creates.
@@ -165,6 +169,8 @@ impl Default for ServeConfig {
             keepalive_timeout: Duration::from_secs(20),
             retention_max_age: None,
             retention_max_messages: None,
+            dedup_window: Duration::from_secs(120),
+            dedup_max_keys: 1_000_000,
             retention_max_bytes: None,
             nats_token: None,
             nats_replicas: 3,
@@ -243,6 +249,10 @@ OPTIONS (each also read from the environment variable shown):
     --retention-max-messages N   keep at most N messages per topic [SLUICE_RETENTION_MAX_MESSAGES] (default off)
     --retention-max-bytes SIZE   keep at most SIZE payload bytes per topic, e.g. 512MiB
                                  [SLUICE_RETENTION_MAX_BYTES] (default off)
+    --dedup-window DUR           how long a publish's idempotency key is remembered, per topic
+                                 [SLUICE_DEDUP_WINDOW] (default 2m)
+    --dedup-max-keys N           most idempotency keys remembered; past it the oldest are forgotten
+                                 before their window ends [SLUICE_DEDUP_MAX_KEYS] (default 1000000)
     -h, --help                   print this help
     -V, --version                print the version
 
@@ -404,6 +414,16 @@ fn apply(cfg: &mut ServeConfig, name: &str, v: &str) -> Result<(), String> {
         "retention-max-messages" => {
             cfg.retention_max_messages = Some(positive(&flag, v)? as u64);
         }
+        "dedup-window" => {
+            let d = parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
+            if d.is_zero() {
+                return Err(format!(
+                    "invalid value {v:?} for {flag}: must be more than 0"
+                ));
+            }
+            cfg.dedup_window = d;
+        }
+        "dedup-max-keys" => cfg.dedup_max_keys = positive(&flag, v)? as u64,
         "otel-endpoint" => cfg.otel_endpoint = Some(v.to_string()),
         "otel-interval" => {
             let d = parse_duration(v).map_err(|e| format!("invalid value for {flag}: {e}"))?;
@@ -497,6 +517,8 @@ const SETTINGS: &[&str] = &[
     "retention-max-age",
     "retention-max-messages",
     "retention-max-bytes",
+    "dedup-window",
+    "dedup-max-keys",
     "nats-token",
     "nats-replicas",
     "nats-prefix",

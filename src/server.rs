@@ -69,6 +69,9 @@ pub fn run(cfg: &ServeConfig, telemetry_cfg: &TelemetryConfig) -> Result<(), Str
     for (topic, g) in state.groups {
         broker.load_group(&topic, g);
     }
+    for (topic, group, d) in state.deliveries {
+        broker.load_group_deliveries(&topic, &group, d);
+    }
 
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let signals = Signals::new([SIGTERM, SIGINT])
@@ -157,6 +160,8 @@ fn open_store(
                 max_messages: cfg.retention_max_messages,
                 max_bytes: cfg.retention_max_bytes,
             },
+            dedup_window: cfg.dedup_window,
+            dedup_max_keys: cfg.dedup_max_keys,
         },
         wake,
         telemetry,

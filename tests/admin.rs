@@ -44,6 +44,7 @@ fn browse(topic: &str, pos: proto::InitialPosition) -> proto::SubscribeUpstream 
                 initial_position: pos as i32,
                 offset: 0,
                 mode: proto::SubscriptionMode::Browse as i32,
+                ..Default::default()
             },
         )),
     }

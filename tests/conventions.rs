@@ -249,6 +249,7 @@ async fn an_expired_deadline_cancels_the_call() {
         topic: "t".into(),
         payload: Bytes::from_static(b"x"),
         attributes: Default::default(),
+        ..Default::default()
     });
     req.set_timeout(Duration::from_secs(5));
     let ok: tonic::Response<proto::PublishResponse> = c.unary_req("Publish", req).await.unwrap();
@@ -272,6 +273,7 @@ async fn gzip_both_ways() {
                 topic: "gz".into(),
                 payload: payload.clone().into(),
                 attributes: Default::default(),
+                ..Default::default()
             }),
             path("Publish"),
             ProstCodec::<proto::PublishRequest, proto::PublishResponse>::default(),

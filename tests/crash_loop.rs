@@ -33,6 +33,7 @@ fn message(round: u64, task: u64, n: u64, batch: u64) -> proto::BatchMessage {
     proto::BatchMessage {
         payload: format!("{round}/{task}/{n}").into_bytes().into(),
         attributes,
+        ..Default::default()
     }
 }
 
@@ -116,6 +117,7 @@ async fn crash_loop_keeps_every_acknowledged_message_once() {
                                 topic: TOPIC.into(),
                                 payload: m.payload,
                                 attributes: m.attributes,
+                                ..Default::default()
                             },
                         )
                         .await

@@ -360,6 +360,7 @@ async fn a_fast_reader_with_small_windows_is_not_cut_off() {
                 initial_position: proto::InitialPosition::Earliest as i32,
                 offset: 0,
                 mode: proto::SubscriptionMode::Browse as i32,
+                ..Default::default()
             },
         )),
     }));

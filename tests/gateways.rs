@@ -395,6 +395,7 @@ fn publishers(
                         topic: "load".into(),
                         payload: format!("{tag}{p}-{i}").into_bytes().into(),
                         attributes: Default::default(),
+                        ..Default::default()
                     });
                     req.set_timeout(Duration::from_secs(2));
                     match c

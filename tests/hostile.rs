@@ -197,6 +197,7 @@ fn publish(topic: &str) -> proto::PublishRequest {
         topic: topic.into(),
         payload: b"p".to_vec().into(),
         attributes: Default::default(),
+        ..Default::default()
     }
 }
 
@@ -269,6 +270,7 @@ async fn a_stalled_message_ends_its_call_after_the_message_timeout() {
         topic: "slow".into(),
         payload: vec![1u8; 10_000].into(),
         attributes: Default::default(),
+        ..Default::default()
     });
     send.send_data(Bytes::copy_from_slice(&whole[..whole.len() - 1]), false)
         .unwrap();
@@ -605,6 +607,7 @@ async fn concurrent_large_uploads_beyond_the_budget_all_complete() {
         topic: "big".into(),
         payload: vec![7u8; 384 * 1024].into(),
         attributes: Default::default(),
+        ..Default::default()
     }));
     let half = whole.len() / 2;
     let mut calls = Vec::new();

@@ -72,6 +72,7 @@ async fn publish_within(
         topic: topic.into(),
         payload: payload.to_vec().into(),
         attributes: Default::default(),
+        ..Default::default()
     });
     req.set_timeout(limit);
     c.unary_req("Publish", req).await.map(|r| r.into_inner())

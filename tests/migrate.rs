@@ -67,6 +67,7 @@ async fn batch(c: &mut Client, topic: &str, first: u64, count: u64) -> Vec<Sent>
                     .map(|n| proto::BatchMessage {
                         payload: payload(n).into(),
                         attributes: attributes(n),
+                        ..Default::default()
                     })
                     .collect(),
             },

@@ -191,6 +191,7 @@ impl RawConn {
             topic: topic.into(),
             payload: payload.to_vec().into(),
             attributes: Default::default(),
+            ..Default::default()
         }
         .encode_to_vec();
         let (resp, mut send) = self
@@ -320,6 +321,7 @@ fn browse_init(topic: &str) -> proto::SubscribeUpstream {
                 initial_position: proto::InitialPosition::Earliest as i32,
                 offset: 0,
                 mode: proto::SubscriptionMode::Browse as i32,
+                ..Default::default()
             },
         )),
     }
@@ -451,6 +453,7 @@ async fn client_vanishing_mid_publish_body_is_harmless() {
         topic: "halfbody".into(),
         payload: vec![0xabu8; 20_000].into(),
         attributes: Default::default(),
+        ..Default::default()
     }
     .encode_to_vec();
     let framed = frame(0, &body);
@@ -643,6 +646,7 @@ async fn raw_compressed_flag_without_encoding_is_internal() {
         topic: "t".into(),
         payload: b"p".to_vec().into(),
         attributes: Default::default(),
+        ..Default::default()
     }
     .encode_to_vec();
     let (resp, mut send) = conn
@@ -663,6 +667,7 @@ async fn raw_unsupported_grpc_encoding_is_unimplemented_listing_accepted_ones() 
         topic: "t".into(),
         payload: b"p".to_vec().into(),
         attributes: Default::default(),
+        ..Default::default()
     }
     .encode_to_vec();
     let req = conn
@@ -698,6 +703,7 @@ async fn raw_message_in_one_byte_data_frames_is_reassembled() {
         topic: "bytes".into(),
         payload: payload.clone().into(),
         attributes: [("k".to_string(), "v".to_string())].into_iter().collect(),
+        ..Default::default()
     };
     let wire = frame(0, &req_msg.encode_to_vec());
     let (resp, mut send) = conn
@@ -736,6 +742,7 @@ async fn raw_grpc_message_is_percent_encoded() {
         topic: "ü".into(),
         payload: b"p".to_vec().into(),
         attributes: Default::default(),
+        ..Default::default()
     }
     .encode_to_vec();
     let (resp, mut send) = conn
@@ -871,6 +878,7 @@ impl Load {
                                     .map(|n| proto::BatchMessage {
                                         payload: load_payload(task, n).into(),
                                         attributes: load_attrs(task, n),
+                                        ..Default::default()
                                     })
                                     .collect(),
                             };
@@ -888,6 +896,7 @@ impl Load {
                                 topic: topic.clone(),
                                 payload: load_payload(task, n0).into(),
                                 attributes: load_attrs(task, n0),
+                                ..Default::default()
                             };
                             c.unary::<_, proto::PublishResponse>("Publish", req)
                                 .await
@@ -1137,6 +1146,7 @@ async fn after_sigterm_the_port_stops_accepting_and_in_flight_calls_finish() {
         topic: "drain".into(),
         payload: vec![5u8; 1000].into(),
         attributes: Default::default(),
+        ..Default::default()
     }
     .encode_to_vec();
     let wire = frame(0, &body);
@@ -1205,6 +1215,7 @@ async fn after_sigterm_the_port_stops_accepting_and_in_flight_calls_finish() {
                 topic: "drain".into(),
                 payload: b"late".to_vec().into(),
                 attributes: Default::default(),
+                ..Default::default()
             }
             .encode_to_vec();
             let _ = send2.send_data(frame(0, &body2).into(), true);

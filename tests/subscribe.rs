@@ -38,6 +38,7 @@ fn init_full(
                 initial_position: pos as i32,
                 offset,
                 mode: mode as i32,
+                ..Default::default()
             },
         )),
     }

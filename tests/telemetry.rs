@@ -694,6 +694,7 @@ async fn daemon_exports_metrics_and_publish_spans() {
                 topic: topic.into(),
                 payload: b"m0".to_vec().into(),
                 attributes: Default::default(),
+                ..Default::default()
             }),
         )
         .await
@@ -906,6 +907,7 @@ async fn daemon_without_endpoint_still_propagates_traceparent() {
                 topic: "tel-plain".into(),
                 payload: b"x".to_vec().into(),
                 attributes: Default::default(),
+                ..Default::default()
             }),
         )
         .await

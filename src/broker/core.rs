@@ -32,8 +32,9 @@ use super::message_id::MessageId;
 use super::tail::MessageTail;
 
 pub use self::types::{
-    Action, BrokerConfig, Delivery, EndReason, Fetch, GroupView, Start, SubId, SubscribeError,
-    SubscribeRequest, SubscriptionStatus, TopicView,
+    Action, BrokerConfig, DeadLetter, Delivery, DeliveryPolicy, EndReason, Fetch, GroupDeliveries,
+    GroupView, Start, SubId, SubscribeError, SubscribeRequest, SubscriptionStatus, TopicView,
+    DEAD_LETTER_REASON_MAX_DELIVERIES,
 };
 
 /// Longest Nack delay honoured (a longer one is cut to this).
@@ -83,6 +84,18 @@ struct Group {
     /// A delete of the group waits for its commit: a cursor reset now would
     /// write the cursor back after the delete, so it is refused.
     deleting: bool,
+    /// Dead-letter settings of its latest Init (`ack_deadline_ms` unused here).
+    policy: DeliveryPolicy,
+    /// Dead-lettered messages above the cursor: never delivered again.
+    dead: BTreeMap<u64, DeadEntry>,
+}
+
+/// A dead-lettered message the group's cursor has not passed yet.
+#[derive(Debug, Clone, Copy)]
+struct DeadEntry {
+    ordinal: u64,
+    /// Its dead-letter append is durable (the cursor may move past it).
+    committed: bool,
 }
 
 #[derive(Debug)]
@@ -117,12 +130,18 @@ struct Subscription {
     last_sent_ms: u64,
     /// When its heartbeat timer fires (None: heartbeats are off).
     heartbeat_at: Option<u64>,
+    /// Redeliver what is not acked this long after it was sent (0: never).
+    ack_deadline_ms: u64,
+    /// Sent sequences waiting for an ack -> when their deadline fires
+    /// (only with an ack deadline; at most `max_unacked`).
+    unacked: BTreeMap<u64, u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Redeliver { sub: SubId, seq: u64 },
     Heartbeat { sub: SubId },
+    AckDeadline { sub: SubId, seq: u64 },
 }
 
 /// The broker state machine.
@@ -181,6 +200,37 @@ impl Broker {
                 self::Group::from_view(&group, self.config.ledger_cap),
             );
         }
+    }
+
+    /// Restores a loaded group's dead-letter settings, persisted delivery
+    /// counts and dead-lettered messages (after `load_group`).
+    pub fn load_group_deliveries(&mut self, topic: &str, group: &str, d: GroupDeliveries) {
+        let _core = AbortOnUnwind;
+        let Some(g) = self
+            .topics
+            .get_mut(topic)
+            .and_then(|t| t.groups.get_mut(group))
+        else {
+            return;
+        };
+        g.policy.max_deliveries = d.max_deliveries;
+        g.policy.dead_letter_topic = d.dead_letter_topic;
+        g.ledger.restore(d.delivered_max, &d.counts);
+        g.ledger.forget_through(g.cursor);
+        g.dead = d
+            .dead
+            .into_iter()
+            .filter(|(seq, _)| *seq > g.cursor)
+            .map(|(seq, ordinal)| {
+                (
+                    seq,
+                    DeadEntry {
+                        ordinal,
+                        committed: true,
+                    },
+                )
+            })
+            .collect();
     }
 
     pub fn set_last_sequence(&mut self, seq: u64) {
@@ -305,6 +355,8 @@ impl Group {
             ledger: DeliveryLedger::new(ledger_cap),
             fences: 0,
             deleting: false,
+            policy: DeliveryPolicy::default(),
+            dead: BTreeMap::new(),
         }
     }
 }

@@ -37,6 +37,34 @@ impl DeliveryLedger {
         n
     }
 
+    /// The count the next delivery of `seq` would get.
+    pub fn next_count(&self, seq: u64) -> u32 {
+        if seq > self.delivered_max {
+            1
+        } else {
+            self.counts
+                .get(&seq)
+                .copied()
+                .unwrap_or(1)
+                .saturating_add(1)
+        }
+    }
+
+    /// Takes back what storage kept: the highest sequence delivered and the
+    /// counts of messages delivered more than once.
+    pub fn restore(&mut self, delivered_max: u64, counts: &[(u64, u32)]) {
+        self.delivered_max = self.delivered_max.max(delivered_max);
+        for &(seq, count) in counts {
+            if count > 1 && seq <= self.delivered_max {
+                let c = self.counts.entry(seq).or_insert(1);
+                *c = (*c).max(count);
+            }
+        }
+        while self.counts.len() > self.cap {
+            self.counts.pop_first();
+        }
+    }
+
     /// Highest sequence ever delivered to the group.
     pub fn delivered_max(&self) -> u64 {
         self.delivered_max

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::message_id::MessageId;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
     /// Global sequence, across all topics.
     pub sequence: u64,

@@ -12,8 +12,9 @@ pub mod tail;
 pub mod topic_name;
 
 pub use self::core::{
-    Action, Broker, BrokerConfig, Delivery, EndReason, Fetch, GroupView, Start, SubId,
-    SubscribeError, SubscribeRequest, SubscriptionStatus, TopicView,
+    Action, Broker, BrokerConfig, DeadLetter, Delivery, DeliveryPolicy, EndReason, Fetch,
+    GroupDeliveries, GroupView, Start, SubId, SubscribeError, SubscribeRequest, SubscriptionStatus,
+    TopicView, DEAD_LETTER_REASON_MAX_DELIVERIES,
 };
 pub use message::StoredMessage;
 pub use message_id::MessageId;

@@ -21,9 +21,10 @@ pub const COMMANDS: &[&str] = &["publish", "subscribe", "topics", "stats"];
 
 pub const USAGE: &str = "\
 Client commands (talk to a running broker):
-    sluice publish TOPIC [DATA | -] [--attr K=V]... [--whole]
+    sluice publish TOPIC [DATA | -] [--attr K=V]... [--whole] [--idempotency-key K]
         DATA as one message; without DATA (or with -) each line of stdin is a
-        message, or all of stdin is one message with --whole
+        message, or all of stdin is one message with --whole; with a key, a
+        message already stored under it is not stored again (prints duplicate)
     sluice subscribe TOPIC [--group G] [--from earliest|latest|SEQ] [--credits N]
                            [--browse] [--count N] [--json]
         prints one message per line (the payload, or JSON), acking as it prints
@@ -106,6 +107,7 @@ fn publish(args: Vec<OsString>) -> Result<(), Failure> {
     let mut p = lexopt::Parser::from_args(args);
     let (mut topic, mut data, mut attrs, mut whole, mut addr) =
         (None, None, Vec::new(), false, default_addr());
+    let mut key = String::new();
     while let Some(arg) = p.next()? {
         match arg {
             Long("addr") => addr = text(p.value()?, "--addr")?,
@@ -117,6 +119,7 @@ fn publish(args: Vec<OsString>) -> Result<(), Failure> {
                 attrs.push((k.to_string(), v.to_string()));
             }
             Long("whole") => whole = true,
+            Long("idempotency-key") => key = text(p.value()?, "--idempotency-key")?,
             Value(v) if topic.is_none() => topic = Some(text(v, "TOPIC")?),
             Value(v) if data.is_none() => data = Some(v),
             other => return Err(other.unexpected().into()),
@@ -135,6 +138,11 @@ fn publish(args: Vec<OsString>) -> Result<(), Failure> {
             .map_err(|e| Failure::Usage(format!("cannot read stdin: {e}")))?;
         payloads.push(all);
     }
+    if !key.is_empty() && payloads.is_empty() {
+        return Err(Failure::Usage(
+            "--idempotency-key names one message: give DATA or --whole".into(),
+        ));
+    }
     let mut client = connect(&addr)?;
     if !payloads.is_empty() {
         let r: proto::PublishResponse = client.unary(
@@ -143,9 +151,14 @@ fn publish(args: Vec<OsString>) -> Result<(), Failure> {
                 topic,
                 payload: payloads.remove(0).into(),
                 attributes,
+                idempotency_key: key,
             },
         )?;
-        println!("{} {}", r.sequence, r.message_id);
+        if r.duplicate {
+            println!("{} {} duplicate", r.sequence, r.message_id);
+        } else {
+            println!("{} {}", r.sequence, r.message_id);
+        }
         return Ok(());
     }
     // One message per line, sent in batches.
@@ -162,6 +175,7 @@ fn publish(args: Vec<OsString>) -> Result<(), Failure> {
             batch.push(proto::BatchMessage {
                 payload: line.into(),
                 attributes: attributes.clone(),
+                idempotency_key: String::new(),
             });
         }
         if batch.is_empty() {
@@ -236,6 +250,7 @@ fn subscribe(args: Vec<OsString>) -> Result<(), Failure> {
         } else {
             proto::SubscriptionMode::ConsumerGroup
         } as i32,
+        ..Default::default()
     }));
     let mut stream = client.open(
         &path("Subscribe"),

@@ -230,6 +230,7 @@ mod tests {
             topic: "t".into(),
             payload: vec![b'a'; 10_000].into(),
             attributes: Default::default(),
+            idempotency_key: String::new(),
         };
         let framed = encode_message_with(&m, true);
         assert_eq!(framed[0], 1);
@@ -265,6 +266,7 @@ mod tests {
             topic: "t".into(),
             payload: vec![b'a'; 1000].into(),
             attributes: Default::default(),
+            idempotency_key: String::new(),
         };
         let framed = encode_message_with(&m, true);
         assert_eq!(framed[0], 1);
@@ -379,6 +381,7 @@ mod fuzz {
                 topic,
                 payload: payload.into(),
                 attributes: attrs.into_iter().collect(),
+                idempotency_key: String::new(),
             })
     }
 

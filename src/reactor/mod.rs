@@ -21,7 +21,7 @@ pub mod task;
 pub mod timers;
 pub mod unary;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::net::IpAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -41,7 +41,9 @@ use self::timers::TimerSet;
 use crate::broker::{Action, Broker};
 use crate::grpc::Status;
 use crate::socket_io::SocketIo;
-use crate::storage::{Page, PageRequest, RemoteChange, StoreLinks, WriteOutcome, WriteRequest};
+use crate::storage::{
+    NewMessage, Page, PageRequest, RemoteChange, StoreLinks, WriteOutcome, WriteRequest,
+};
 use crate::telemetry::{GaugeSnapshot, SubscriptionGauge, Telemetry};
 
 pub const LISTENER: Token = Token(0);
@@ -76,6 +78,10 @@ impl Clock {
 /// its cursor or registry entry seen in the watched buckets.
 const DELETE_GRACE: Duration = Duration::from_secs(10);
 
+/// A group's coalesced delivery counts: the highest sequence delivered and
+/// (sequence, count) of repeated deliveries.
+pub type DeliveryCounts = (u64, BTreeMap<u64, u32>);
+
 /// State every call handler may touch.
 pub struct Shared {
     pub broker: Broker,
@@ -106,9 +112,14 @@ pub struct Shared {
     uid: u64,
     /// Cursor writes coalesced per group until the writer has room.
     pub cursors: HashMap<(Arc<str>, Arc<str>), (u64, i64)>,
+    /// Delivery counts of groups with `max_deliveries`, coalesced per group
+    /// the same way: the highest sequence delivered, and repeated counts.
+    pub deliveries: HashMap<(Arc<str>, Arc<str>), DeliveryCounts>,
     /// The store is shared by several gateways: group consumers are claimed
     /// before they start and released when they end.
     pub claims_groups: bool,
+    /// The store keeps idempotency keys and dead-letters (see `StoreLinks`).
+    pub dead_letters: bool,
     /// Groups to release once their cursor writes are handed to the writer.
     pub releases: Vec<(Arc<str>, Arc<str>)>,
     /// Topics (group None) and groups deleted lately, here or through
@@ -167,21 +178,35 @@ impl Shared {
                 return;
             }
         }
-        if !self.cursors.is_empty() {
-            let cursors: Vec<_> = self.cursors.drain().collect();
-            for ((topic, group), (sequence, acked_at_ms)) in cursors {
-                self.submit(WriteRequest::SetCursor {
-                    token: None,
-                    topic,
-                    group,
-                    sequence,
-                    acked_at_ms,
-                });
-            }
+        for req in self.coalesced() {
+            self.submit(req);
         }
         for (topic, group) in self.releasable() {
             self.submit(WriteRequest::ReleaseGroup { topic, group });
         }
+    }
+
+    /// The coalesced cursor and delivery-count writes, taken out.
+    fn coalesced(&mut self) -> Vec<WriteRequest> {
+        let mut out = Vec::with_capacity(self.cursors.len() + self.deliveries.len());
+        for ((topic, group), (delivered_max, counts)) in self.deliveries.drain() {
+            out.push(WriteRequest::SetDeliveries {
+                topic,
+                group,
+                delivered_max,
+                counts: counts.into_iter().collect(),
+            });
+        }
+        for ((topic, group), (sequence, acked_at_ms)) in self.cursors.drain() {
+            out.push(WriteRequest::SetCursor {
+                token: None,
+                topic,
+                group,
+                sequence,
+                acked_at_ms,
+            });
+        }
+        out
     }
 
     /// The groups to release now: those whose consumer has not come back.
@@ -293,15 +318,8 @@ impl Shared {
         if self.storage_failed.is_some() {
             return;
         }
-        let cursors: Vec<_> = self.cursors.drain().collect();
-        for ((topic, group), (sequence, acked_at_ms)) in cursors {
-            self.parked.push_back(WriteRequest::SetCursor {
-                token: None,
-                topic,
-                group,
-                sequence,
-                acked_at_ms,
-            });
+        for req in self.coalesced() {
+            self.parked.push_back(req);
         }
         for (topic, group) in self.releasable() {
             self.parked
@@ -411,7 +429,9 @@ impl Reactor {
                 storage_failed: None,
                 uid: 0,
                 cursors: HashMap::new(),
+                deliveries: HashMap::new(),
                 claims_groups: links.claims_groups,
+                dead_letters: links.dead_letters,
                 releases: Vec::new(),
                 claiming: HashMap::new(),
                 deleted: HashMap::new(),
@@ -811,6 +831,44 @@ impl Reactor {
                         }
                     }
                 }
+                WriteOutcome::DeadLettered {
+                    topic,
+                    group,
+                    sequence,
+                    advanced,
+                    result,
+                } => {
+                    match &result {
+                        Ok(a) => {
+                            if !a.announced {
+                                self.shared.broker.on_committed(
+                                    &a.topic,
+                                    a.created_at_ms,
+                                    &a.messages,
+                                );
+                            }
+                            self.shared
+                                .telemetry
+                                .metrics()
+                                .dead_lettered(&topic, &group, 1);
+                        }
+                        Err(e) => crate::log_limited!(
+                            log::Level::Error,
+                            "dead-lettering message {sequence} of {topic}/{group} failed: {}; \
+                             it is delivered again and retried",
+                            e.message
+                        ),
+                    }
+                    let now = self.shared.clock.now_ms();
+                    self.shared.broker.on_dead_lettered(
+                        &topic,
+                        &group,
+                        sequence,
+                        advanced,
+                        result.is_ok(),
+                        now,
+                    );
+                }
                 WriteOutcome::CursorSaved {
                     token,
                     topic,
@@ -1036,6 +1094,7 @@ impl Reactor {
         self.shared.storage_failed = Some(why.to_string());
         self.shared.parked.clear();
         self.shared.cursors.clear();
+        self.shared.deliveries.clear();
         self.fetches.clear();
         let status = self.shared.stopping_status();
         for conn in self.conns.values_mut() {
@@ -1144,6 +1203,57 @@ impl Reactor {
                         self.shared.releases.push((topic, group));
                     }
                 }
+                Action::DeadLetter(d) => {
+                    // The group's older coalesced cursor goes first, so it
+                    // cannot land after (and below) the one this moves.
+                    let key = (d.topic.clone(), d.group.clone());
+                    if let Some((sequence, acked_at_ms)) = self.shared.cursors.remove(&key) {
+                        self.shared.submit(WriteRequest::SetCursor {
+                            token: None,
+                            topic: key.0,
+                            group: key.1,
+                            sequence,
+                            acked_at_ms,
+                        });
+                    }
+                    let message = NewMessage {
+                        payload: d.message.payload.clone(),
+                        attributes: d.attributes(),
+                        idempotency_key: None,
+                    };
+                    self.shared.submit(WriteRequest::DeadLetter {
+                        topic: d.topic,
+                        group: d.group,
+                        sequence: d.message.sequence,
+                        ordinal: d.message.ordinal,
+                        advance_cursor: d.advance_cursor,
+                        dead_letter_topic: d.dead_letter_topic,
+                        message,
+                    });
+                }
+                Action::PersistDelivery {
+                    topic,
+                    group,
+                    sequence,
+                    count,
+                } => {
+                    let (max, counts) = self.shared.deliveries.entry((topic, group)).or_default();
+                    *max = (*max).max(sequence);
+                    if count > 1 {
+                        counts.insert(sequence, count);
+                    }
+                }
+                Action::PersistPolicy {
+                    topic,
+                    group,
+                    max_deliveries,
+                    dead_letter_topic,
+                } => self.shared.submit(WriteRequest::SetPolicy {
+                    topic,
+                    group,
+                    max_deliveries,
+                    dead_letter_topic,
+                }),
             }
         }
     }

@@ -43,9 +43,38 @@ fn valid_topic(name: &str) -> Result<(), Status> {
     validate_topic_name(name).map_err(Status::invalid_argument)
 }
 
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// An idempotency key is empty (none) or 1..=128 printable ASCII bytes.
+fn valid_key(key: &str) -> Result<(), Status> {
+    if key.len() > MAX_IDEMPOTENCY_KEY || !key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        let shown: String = key.chars().take(32).collect();
+        return Err(Status::invalid_argument(format!(
+            "invalid idempotency_key {shown:?}: keys are 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn key_of(key: String) -> Option<String> {
+    (!key.is_empty()).then_some(key)
+}
+
+/// Refuses idempotency keys on a store that does not keep them.
+fn keys_supported(shared: &Shared, messages: &[NewMessage]) -> Result<(), Status> {
+    if !shared.dead_letters && messages.iter().any(|m| m.idempotency_key.is_some()) {
+        return Err(Status::unimplemented(
+            "idempotency keys are not supported on this store (JetStream) yet",
+        ));
+    }
+    Ok(())
+}
+
 impl Validate for proto::PublishRequest {
     fn validate(&self) -> Result<(), Status> {
-        valid_topic(&self.topic)
+        valid_topic(&self.topic)?;
+        valid_key(&self.idempotency_key)
     }
 }
 
@@ -56,6 +85,9 @@ impl Validate for proto::BatchPublishRequest {
             return Err(Status::invalid_argument(
                 "BatchPublish needs at least one message",
             ));
+        }
+        for m in &self.messages {
+            valid_key(&m.idempotency_key)?;
         }
         Ok(())
     }
@@ -188,7 +220,9 @@ fn dispatch(
             let mut messages = vec![NewMessage {
                 payload: req.payload,
                 attributes: req.attributes,
+                idempotency_key: key_of(req.idempotency_key),
             }];
+            keys_supported(shared, &messages)?;
             let topic: Arc<str> = req.topic.into();
             shared.admit_topic(&topic)?;
             *meta = Some(traced(shared, info, &topic, &mut messages, false));
@@ -215,8 +249,10 @@ fn dispatch(
                 .map(|m| NewMessage {
                     payload: m.payload,
                     attributes: m.attributes,
+                    idempotency_key: key_of(m.idempotency_key),
                 })
                 .collect();
+            keys_supported(shared, &messages)?;
             let topic: Arc<str> = req.topic.into();
             shared.admit_topic(&topic)?;
             *meta = Some(traced(shared, info, &topic, &mut messages, true));
@@ -393,26 +429,45 @@ pub fn reply_for_append(
     result: &Result<Appended, StorageError>,
 ) -> Result<Bytes, Status> {
     let appended = result.as_ref().map_err(storage_status)?;
+    // Stored messages and duplicates merged back into the call's order.
+    let total = appended.messages.len() + appended.duplicates.len();
+    let mut stored = appended.messages.iter();
+    let mut dups = appended.duplicates.iter().peekable();
+    let mut results = Vec::with_capacity(total);
+    for i in 0..total {
+        match dups.next_if(|d| d.index == i) {
+            Some(d) => results.push((d.id.to_string(), d.sequence, d.timestamp_ms, true)),
+            None => {
+                let m = stored
+                    .next()
+                    .ok_or_else(|| Status::internal("append result out of step"))?;
+                results.push((m.id.to_string(), m.sequence, m.timestamp_ms, false));
+            }
+        }
+    }
     Ok(match method {
         Method::Publish => {
-            let m = appended
-                .messages
-                .first()
+            let (message_id, sequence, timestamp, duplicate) = results
+                .into_iter()
+                .next()
                 .ok_or_else(|| Status::internal("empty append"))?;
             encode_message(&proto::PublishResponse {
-                message_id: m.id.to_string(),
-                sequence: m.sequence,
-                timestamp: m.timestamp_ms,
+                message_id,
+                sequence,
+                timestamp,
+                duplicate,
             })
         }
         _ => encode_message(&proto::BatchPublishResponse {
-            results: appended
-                .messages
-                .iter()
-                .map(|m| proto::PublishResult {
-                    message_id: m.id.to_string(),
-                    sequence: m.sequence,
-                })
+            results: results
+                .into_iter()
+                .map(
+                    |(message_id, sequence, _, duplicate)| proto::PublishResult {
+                        message_id,
+                        sequence,
+                        duplicate,
+                    },
+                )
                 .collect(),
             timestamp: appended.timestamp_ms,
         }),
@@ -520,6 +575,7 @@ mod fuzz {
                     topic,
                     payload: payload.into(),
                     attributes,
+                    idempotency_key: String::new(),
                 },
             )),
         ) {
@@ -536,7 +592,7 @@ mod fuzz {
                 topic(),
                 vec(
                     (vec(any::<u8>(), 0..16), attrs()).prop_map(|(payload, attributes)| {
-                        proto::BatchMessage { payload: payload.into(), attributes }
+                        proto::BatchMessage { payload: payload.into(), attributes, idempotency_key: String::new() }
                     }),
                     0..3,
                 ),

@@ -16,7 +16,7 @@ use prost::Message;
 use super::inbound::{Inbound, RequestReader};
 use super::outbound::Outbound;
 use super::Shared;
-use crate::broker::{Delivery, EndReason, Start, SubscribeError, SubscribeRequest};
+use crate::broker::{Delivery, DeliveryPolicy, EndReason, Start, SubscribeError, SubscribeRequest};
 use crate::grpc::framing::frame_status;
 use crate::grpc::headers::CallInfo;
 use crate::grpc::{encode_message, encode_message_with, Code, MessageDecoder, Status};
@@ -57,6 +57,51 @@ fn encode_delivery(d: Delivery, gzip: bool) -> Bytes {
     )
 }
 
+/// The Init's dead-letter and ack-deadline settings, checked.
+fn delivery_policy(init: &proto::SubscriptionInit, group: bool) -> Result<DeliveryPolicy, Status> {
+    if !group {
+        if init.max_deliveries > 0 || init.ack_deadline_ms > 0 || !init.dead_letter_topic.is_empty()
+        {
+            return Err(Status::invalid_argument(
+                "max_deliveries, dead_letter_topic and ack_deadline_ms need a consumer group \
+                 (mode CONSUMER_GROUP): BROWSE streams do not ack",
+            ));
+        }
+        return Ok(DeliveryPolicy::default());
+    }
+    let dead_letter_topic: Option<Arc<str>> =
+        match init.max_deliveries {
+            0 if init.dead_letter_topic.is_empty() => None,
+            0 => return Err(Status::invalid_argument(
+                "dead_letter_topic is set but max_deliveries is 0 (unlimited): set max_deliveries",
+            )),
+            _ if init.dead_letter_topic.is_empty() => {
+                let name = format!("{}.dead-letter", init.topic);
+                crate::broker::validate_topic_name(&name).map_err(|e| {
+                    Status::invalid_argument(format!(
+                        "the default dead-letter topic is too long ({e}): set dead_letter_topic"
+                    ))
+                })?;
+                Some(name.into())
+            }
+            _ => {
+                crate::broker::validate_topic_name(&init.dead_letter_topic)
+                    .map_err(|e| Status::invalid_argument(format!("dead_letter_topic: {e}")))?;
+                if init.dead_letter_topic == init.topic {
+                    return Err(Status::invalid_argument(
+                        "dead_letter_topic must differ from the topic itself",
+                    ));
+                }
+                Some(init.dead_letter_topic.as_str().into())
+            }
+        };
+    Ok(DeliveryPolicy {
+        max_deliveries: init.max_deliveries,
+        dead_letter_topic,
+        ack_deadline_ms: init.ack_deadline_ms,
+    })
+}
+
 /// What a `SubscriptionInit` asks the broker for, checked (topic name,
 /// initial position, mode), with the group's metrics label; or the status
 /// that refuses it.
@@ -79,7 +124,7 @@ pub fn subscription_request(
         Ok(proto::SubscriptionMode::ConsumerGroup) => {
             crate::broker::validate_group_name(&init.consumer_group)
                 .map_err(Status::invalid_argument)?;
-            Some(init.consumer_group)
+            Some(init.consumer_group.clone())
         }
         Ok(proto::SubscriptionMode::Browse) => None,
         Err(_) => {
@@ -94,11 +139,13 @@ pub fn subscription_request(
         Some(g) => g.as_str().into(),
         None => "_browse".into(),
     };
+    let policy = delivery_policy(&init, group.is_some())?;
     Ok((
         SubscribeRequest {
             topic: init.topic,
             group,
             start,
+            policy,
         },
         label,
     ))
@@ -374,6 +421,12 @@ impl SubscribeCall {
                     )));
                 }
             }
+            if request.policy.max_deliveries > 0 && !shared.dead_letters {
+                return Err(Status::unimplemented(
+                    "max_deliveries and dead-letter topics are not supported on this store \
+                     (JetStream) yet",
+                ));
+            }
             if shared.claims_groups && request.group.is_some() {
                 let topic: Arc<str> = request.topic.as_str().into();
                 shared.claim_started(&topic, &label);
@@ -464,6 +517,7 @@ mod fuzz {
                     initial_position,
                     offset,
                     mode,
+                    ..Default::default()
                 }
             })
     }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::broker::{GroupView, StoredMessage, TopicView};
+use crate::broker::{GroupDeliveries, GroupView, MessageId, StoredMessage, TopicView};
 
 /// Wakes the thread that consumes a storage thread's replies.
 pub type Wake = Arc<dyn Fn() + Send + Sync>;
@@ -84,6 +84,9 @@ impl StorageError {
 pub struct NewMessage {
     pub payload: Bytes,
     pub attributes: HashMap<String, String>,
+    /// Stored at most once per topic within the dedup window (checked
+    /// 1..=128 printable ASCII bytes before it gets here).
+    pub idempotency_key: Option<String>,
 }
 
 /// Work for the writer.
@@ -125,6 +128,45 @@ pub enum WriteRequest {
     /// This gateway no longer serves the group's consumer; its cursor
     /// writes queued before this are stored first.
     ReleaseGroup { topic: Arc<str>, group: Arc<str> },
+    /// Append `message` to `dead_letter_topic` and record that `group` of
+    /// `topic` is done with `sequence`, in one commit; with
+    /// `advance_cursor`, the group's cursor moves to `sequence` in it too.
+    /// Answered by `DeadLettered`.
+    DeadLetter {
+        topic: Arc<str>,
+        group: Arc<str>,
+        sequence: u64,
+        ordinal: u64,
+        advance_cursor: bool,
+        dead_letter_topic: Arc<str>,
+        message: NewMessage,
+    },
+    /// Delivery counts of a group with `max_deliveries`: the highest
+    /// sequence delivered and (sequence, count) of repeated deliveries.
+    SetDeliveries {
+        topic: Arc<str>,
+        group: Arc<str>,
+        delivered_max: u64,
+        counts: Vec<(u64, u32)>,
+    },
+    /// A group's dead-letter settings (its latest Init's).
+    SetPolicy {
+        topic: Arc<str>,
+        group: Arc<str>,
+        max_deliveries: u32,
+        dead_letter_topic: Option<Arc<str>>,
+    },
+}
+
+/// A message of an append that was not stored because its idempotency key
+/// was: the original's sequence, id and timestamp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate {
+    /// Its position in the call.
+    pub index: usize,
+    pub sequence: u64,
+    pub id: MessageId,
+    pub timestamp_ms: i64,
 }
 
 /// A committed append.
@@ -133,8 +175,12 @@ pub struct Appended {
     pub topic: Arc<str>,
     pub created_at_ms: i64,
     pub timestamp_ms: i64,
-    /// In the caller's order (their sequences ascend unless `announced`).
+    /// The messages stored, in the caller's order (their sequences ascend
+    /// unless `announced`); duplicates are not among them.
     pub messages: Vec<Arc<StoredMessage>>,
+    /// The call's messages that were not stored (their keys were), by
+    /// ascending `index`.
+    pub duplicates: Vec<Duplicate>,
     /// A `Committed` outcome already told the broker about these messages
     /// (the store stored them out of call order): only answer the call.
     pub announced: bool,
@@ -205,6 +251,14 @@ pub enum WriteOutcome {
     /// A change made through another gateway sharing the store (JetStream
     /// with several gateways): apply it to the broker; its write is done.
     Remote(RemoteChange),
+    /// The answer to `DeadLetter`: `result` is the dead-letter append.
+    DeadLettered {
+        topic: Arc<str>,
+        group: Arc<str>,
+        sequence: u64,
+        advanced: bool,
+        result: Result<Appended, StorageError>,
+    },
     /// Retention removed a topic's oldest messages; `first` is the oldest
     /// left (sequence, ordinal, timestamp).
     Trimmed {
@@ -278,6 +332,9 @@ pub struct LoadedState {
     pub last_seq: u64,
     pub topics: Vec<TopicView>,
     pub groups: Vec<(String, GroupView)>,
+    /// Groups' dead-letter settings, delivery counts and dead-lettered
+    /// messages: (topic, group, state).
+    pub deliveries: Vec<(String, Arc<str>, GroupDeliveries)>,
 }
 
 /// The reactor's ends of a store's channels.
@@ -294,6 +351,10 @@ pub struct StoreLinks {
     /// (`WriteRequest::ClaimGroup`) before it starts and released when it
     /// ends. False for a store only this process uses.
     pub claims_groups: bool,
+    /// The store keeps idempotency keys and dead-letters messages (SQLite);
+    /// when false the reactor refuses `idempotency_key` and
+    /// `max_deliveries` with UNIMPLEMENTED rather than ignore them.
+    pub dead_letters: bool,
 }
 
 /// A store's threads and whatever it holds for its whole life (such as a

@@ -15,9 +15,9 @@ pub mod jetstream;
 pub mod sqlite;
 
 pub use interface::{
-    send_waking, Appended, ClaimError, LoadedState, NewMessage, OpenedStore, Page, PageRequest,
-    RemoteChange, StorageError, StoreLinks, StoreThreads, Wake, WakeOnExit, WriteOutcome,
-    WriteRequest,
+    send_waking, Appended, ClaimError, Duplicate, LoadedState, NewMessage, OpenedStore, Page,
+    PageRequest, RemoteChange, StorageError, StoreLinks, StoreThreads, Wake, WakeOnExit,
+    WriteOutcome, WriteRequest,
 };
 
 /// Unix milliseconds now: the timestamp a store's writer gives a batch.

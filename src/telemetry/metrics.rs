@@ -168,6 +168,7 @@ struct Instruments {
     delivered: Counter<u64>,
     acked: Counter<u64>,
     redelivered: Counter<u64>,
+    dead_lettered: Counter<u64>,
     credits_granted: Counter<u64>,
     publish_latency: Histogram<f64>,
     commit_batch_size: Histogram<u64>,
@@ -228,7 +229,12 @@ impl Metrics {
             redelivered: counter(
                 "sluice_messages_redelivered",
                 "{message}",
-                "Messages delivered again (nack or reconnect), per topic and consumer group",
+                "Messages delivered again (nack or reconnect, ack deadline), per topic and consumer group",
+            ),
+            dead_lettered: counter(
+                "sluice_messages_dead_lettered",
+                "{message}",
+                "Messages moved to a dead-letter topic after max_deliveries, per topic and consumer group",
             ),
             credits_granted: counter(
                 "sluice_credits_granted",
@@ -313,6 +319,13 @@ impl Metrics {
     pub fn redelivered(&self, topic: &str, group: &str, n: u64) {
         if let Some(i) = &self.inner {
             i.redelivered.add(n, lock(&i.labels).pair(topic, group));
+        }
+    }
+
+    #[inline]
+    pub fn dead_lettered(&self, topic: &str, group: &str, n: u64) {
+        if let Some(i) = &self.inner {
+            i.dead_lettered.add(n, lock(&i.labels).pair(topic, group));
         }
     }
 

@@ -344,6 +344,7 @@ pub fn init(topic: &str, group: &str, pos: proto::InitialPosition) -> proto::Sub
                 initial_position: pos as i32,
                 offset: 0,
                 mode: proto::SubscriptionMode::ConsumerGroup as i32,
+                ..Default::default()
             },
         )),
     }
@@ -506,6 +507,7 @@ impl Client {
                 topic: topic.into(),
                 payload: payload.to_vec().into(),
                 attributes: Default::default(),
+                ..Default::default()
             },
         )
         .await
@@ -526,6 +528,7 @@ impl Client {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
+                ..Default::default()
             },
         )
         .await
@@ -545,6 +548,7 @@ impl Client {
                     .map(|p| proto::BatchMessage {
                         payload: p.to_vec().into(),
                         attributes: Default::default(),
+                        ..Default::default()
                     })
                     .collect(),
             },

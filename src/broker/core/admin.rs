@@ -2,7 +2,7 @@
 //! fences that hold a group's cursor writes back while such an operation
 //! commits. Calls `poke` (delivery) and the timer helpers; nothing else.
 
-use super::timers::{drop_redelivery_timers, drop_subscription_timers};
+use super::timers::{drop_deadline_timers, drop_redelivery_timers, drop_subscription_timers};
 use super::{oldest_stored, AbortOnUnwind, Action, Broker, EndReason};
 
 impl Broker {
@@ -166,6 +166,8 @@ impl Broker {
             _ => t.view.first_ordinal.saturating_sub(1), // refined by the writer
         };
         g.ledger.reset();
+        // Dead-lettered messages stay dead for the group after a replay.
+        g.dead = g.dead.split_off(&sequence.saturating_add(1));
         if let Some(sub) = g.active {
             if let Some(s) = self.subs.get_mut(&sub) {
                 s.next = sequence.saturating_add(1).max(oldest);
@@ -174,6 +176,8 @@ impl Broker {
                 s.redeliver_due.clear();
                 let gone = std::mem::take(&mut s.redeliver_pending);
                 drop_redelivery_timers(&mut self.timers, sub, gone);
+                let gone = std::mem::take(&mut s.unacked);
+                drop_deadline_timers(&mut self.timers, sub, gone);
                 s.redeliver_fetches.clear();
                 s.recent.clear();
             }
@@ -267,6 +271,8 @@ impl Broker {
                         ledger: super::DeliveryLedger::new(ledger_cap),
                         fences: 0,
                         deleting: false,
+                        policy: Default::default(),
+                        dead: Default::default(),
                     },
                 );
             }

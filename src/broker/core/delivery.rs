@@ -6,10 +6,15 @@
 
 use std::sync::Arc;
 
-use super::timers::drop_redelivery_timers;
+use super::subscription::skip_dead;
+use super::timers::{drop_deadline_timers, drop_redelivery_timers};
 use super::{
-    oldest_stored, AbortOnUnwind, Action, Broker, Delivery, Fetch, StoredMessage, SubId, RECENT_CAP,
+    oldest_stored, AbortOnUnwind, Action, Broker, DeadEntry, DeadLetter, Delivery, Fetch,
+    StoredMessage, SubId, Timer, DEAD_LETTER_REASON_MAX_DELIVERIES, RECENT_CAP,
 };
+
+/// A dead-letter append that failed is tried again this much later.
+const DEAD_LETTER_RETRY_MS: u64 = 1_000;
 
 impl Broker {
     /// Messages of `topic` were committed (ascending sequences). Creates the
@@ -75,6 +80,9 @@ impl Broker {
                 let keep = s.redeliver_pending.split_off(&oldest);
                 let gone = std::mem::replace(&mut s.redeliver_pending, keep);
                 drop_redelivery_timers(&mut self.timers, sub, gone);
+                let keep = s.unacked.split_off(&oldest);
+                let gone = std::mem::replace(&mut s.unacked, keep);
+                drop_deadline_timers(&mut self.timers, sub, gone);
                 // A read in flight for a dropped nack must not answer a
                 // later nack of the same message (nor bring it back).
                 s.redeliver_fetches.retain(|_, q| *q >= oldest);
@@ -144,47 +152,212 @@ impl Broker {
 
     /// Pulls the next delivery for a subscription that can send one now.
     /// Spends one credit; `None` when there is no credit or nothing ready
-    /// (a backlog read is requested if needed).
+    /// (a backlog read is requested if needed). A group's message past its
+    /// `max_deliveries` is dead-lettered instead (no credit spent) and the
+    /// next one is tried.
     pub fn next_delivery(&mut self, sub: SubId, now_ms: u64) -> Option<Delivery> {
         let _core = AbortOnUnwind;
-        let s = self.subs.get_mut(&sub)?;
-        if s.credit.is_empty() {
-            return None;
-        }
-        let message = if let Some(m) = s.redeliver_due.pop_front() {
-            s.redeliver_pending.remove(&m.sequence);
-            m
-        } else if let Some(m) = s.page.pop_front() {
-            m
-        } else if let Some(m) = self.tail.first_from(&s.topic, s.next) {
-            s.next = m.sequence + 1;
-            m.clone()
-        } else {
-            self.request_page(sub);
-            return None;
-        };
-        s.credit.spend();
-        s.last_sent_ms = now_ms;
-        if s.recent.back().is_none_or(|(q, _)| *q < message.sequence) {
-            if s.recent.len() >= RECENT_CAP {
-                s.recent.pop_front();
+        loop {
+            let cap = self.config.max_unacked;
+            let s = self.subs.get_mut(&sub)?;
+            if s.credit.is_empty() {
+                return None;
             }
-            s.recent.push_back((message.sequence, message.ordinal));
+            let message = if let Some(m) = s.redeliver_due.pop_front() {
+                s.redeliver_pending.remove(&m.sequence);
+                m
+            } else if s.ack_deadline_ms > 0 && s.unacked.len() >= cap {
+                // New deliveries wait for acks (redeliveries above do not).
+                return None;
+            } else if let Some(m) = s.page.pop_front() {
+                m
+            } else if let Some(m) = self.tail.first_from(&s.topic, s.next) {
+                s.next = m.sequence + 1;
+                m.clone()
+            } else {
+                self.request_page(sub);
+                return None;
+            };
+            let group = match &s.group {
+                Some(name) => self
+                    .topics
+                    .get_mut(&s.topic)
+                    .and_then(|t| t.groups.get_mut(name)),
+                None => None,
+            };
+            if let Some(g) = group {
+                if g.dead.contains_key(&message.sequence) {
+                    continue; // dead-lettered
+                }
+                let count = g.ledger.next_count(message.sequence);
+                let max = g.policy.max_deliveries;
+                if max > 0
+                    && count > max
+                    && message.sequence > g.cursor
+                    && g.policy.dead_letter_topic.is_some()
+                    && g.dead.len() < self.config.ledger_cap
+                {
+                    self.dead_letter(sub, message, count - 1);
+                    continue;
+                }
+            }
+            let s = self.subs.get_mut(&sub)?;
+            s.credit.spend();
+            s.last_sent_ms = now_ms;
+            if s.recent.back().is_none_or(|(q, _)| *q < message.sequence) {
+                if s.recent.len() >= RECENT_CAP {
+                    s.recent.pop_front();
+                }
+                s.recent.push_back((message.sequence, message.ordinal));
+            }
+            if s.ack_deadline_ms > 0 {
+                let due = now_ms + s.ack_deadline_ms;
+                if let Some(old) = s.unacked.insert(message.sequence, due) {
+                    self.timers.remove(&(
+                        old,
+                        Timer::AckDeadline {
+                            sub,
+                            seq: message.sequence,
+                        },
+                    ));
+                }
+                self.timers.insert((
+                    due,
+                    Timer::AckDeadline {
+                        sub,
+                        seq: message.sequence,
+                    },
+                ));
+            }
+            let (topic, group_name) = (s.topic.clone(), s.group.clone());
+            let (ledger, persist) = match (&mut s.own_ledger, &group_name) {
+                (Some(l), _) => (Some(l), false),
+                (None, Some(g)) => match self
+                    .topics
+                    .get_mut(&topic)
+                    .and_then(|t| t.groups.get_mut(g))
+                {
+                    Some(g) => (Some(&mut g.ledger), g.policy.max_deliveries > 0),
+                    None => (None, false),
+                },
+                (None, None) => (None, false),
+            };
+            let delivery_count = ledger.map_or(1, |l| l.record(message.sequence));
+            if let (true, Some(group)) = (persist, group_name) {
+                self.actions.push_back(Action::PersistDelivery {
+                    topic,
+                    group,
+                    sequence: message.sequence,
+                    count: delivery_count,
+                });
+            }
+            return Some(Delivery {
+                message,
+                delivery_count,
+            });
         }
-        let ledger = match (&mut s.own_ledger, &s.group) {
-            (Some(l), _) => Some(l),
-            (None, Some(g)) => self
-                .topics
-                .get_mut(&s.topic)
-                .and_then(|t| t.groups.get_mut(g))
-                .map(|g| &mut g.ledger),
-            (None, None) => None,
+    }
+
+    /// Hands a message the subscription's group has delivered too often to
+    /// its dead-letter topic; until that commit the group skips it.
+    fn dead_letter(&mut self, sub: SubId, message: Arc<StoredMessage>, delivery_count: u32) {
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return;
         };
-        let delivery_count = ledger.map_or(1, |l| l.record(message.sequence));
-        Some(Delivery {
+        let seq = message.sequence;
+        s.redeliver_pending.remove(&seq);
+        if let Some(at) = s.unacked.remove(&seq) {
+            self.timers.remove(&(at, Timer::AckDeadline { sub, seq }));
+        }
+        let (topic, Some(group)) = (s.topic.clone(), s.group.clone()) else {
+            return;
+        };
+        let Some(t) = self.topics.get_mut(&topic) else {
+            return;
+        };
+        let first_ordinal = t.view.first_ordinal;
+        let Some(g) = t.groups.get_mut(&group) else {
+            return;
+        };
+        let Some(dead_letter_topic) = g.policy.dead_letter_topic.clone() else {
+            return;
+        };
+        let next_ordinal = g.cursor_ordinal.max(first_ordinal.saturating_sub(1)) + 1;
+        let known = g.cursor == 0 || g.cursor_ordinal > 0;
+        let advance_cursor =
+            known && message.ordinal == next_ordinal && g.fences == 0 && !g.deleting;
+        g.dead.insert(
+            seq,
+            DeadEntry {
+                ordinal: message.ordinal,
+                committed: false,
+            },
+        );
+        self.actions.push_back(Action::DeadLetter(DeadLetter {
+            topic,
+            group,
             message,
+            dead_letter_topic,
             delivery_count,
-        })
+            reason: DEAD_LETTER_REASON_MAX_DELIVERIES,
+            advance_cursor,
+        }));
+    }
+
+    /// The outcome of an [`Action::DeadLetter`]. Once durable, the group
+    /// forgets the message (its cursor moved past it in the same commit when
+    /// `advance_cursor` was set). A failed one is delivered again later, so
+    /// it is dead-lettered again.
+    pub fn on_dead_lettered(
+        &mut self,
+        topic: &str,
+        group: &str,
+        sequence: u64,
+        advanced: bool,
+        ok: bool,
+        now_ms: u64,
+    ) {
+        let _core = AbortOnUnwind;
+        let Some(t) = self.topics.get_mut(topic) else {
+            return;
+        };
+        let first_ordinal = t.view.first_ordinal;
+        let Some(g) = t.groups.get_mut(group) else {
+            return;
+        };
+        if !ok {
+            if g.dead.remove(&sequence).is_some() {
+                if let Some(sub) = g.active {
+                    if let Some(s) = self.subs.get_mut(&sub) {
+                        let due = now_ms + DEAD_LETTER_RETRY_MS;
+                        if s.redeliver_pending.insert(sequence, due).is_none() {
+                            self.timers
+                                .insert((due, Timer::Redeliver { sub, seq: sequence }));
+                        }
+                    }
+                }
+            }
+            return;
+        }
+        let Some(entry) = g.dead.get_mut(&sequence) else {
+            return; // the cursor passed it meanwhile
+        };
+        entry.committed = true;
+        let ordinal = entry.ordinal;
+        if advanced && g.cursor < sequence {
+            g.cursor = sequence;
+            g.cursor_ordinal = ordinal;
+            g.ledger.forget_through(sequence);
+        }
+        if g.fences == 0 && skip_dead(g, first_ordinal) {
+            let acked_at_ms = g.last_ack_ms;
+            self.actions.push_back(Action::PersistCursor {
+                topic: t.view.name.clone(),
+                group: group.into(),
+                sequence: g.cursor,
+                acked_at_ms,
+            });
+        }
     }
 
     /// Whether the subscription has credit and a message it could send

@@ -619,6 +619,7 @@ impl Sim {
                 topic: "bad name".into(),
                 group: None,
                 start: Start::Earliest,
+                policy: Default::default(),
             };
             if self.b.subscribe(sub, bad, self.now, self.wall()).is_ok() {
                 self.fail("a bad topic name was accepted");
@@ -708,6 +709,7 @@ impl Sim {
             topic,
             group,
             start,
+            policy: Default::default(),
         };
         if let Err(e) = self.b.subscribe(sub, request, self.now, self.wall()) {
             self.fail(format!("subscribe {sub} refused: {e}"));
@@ -1151,6 +1153,11 @@ impl Sim {
                     }
                     self.coalesced.insert(key, (sequence, acked_at_ms));
                 }
+                Action::DeadLetter(_)
+                | Action::PersistDelivery { .. }
+                | Action::PersistPolicy { .. } => {
+                    self.fail(format!("{action:?} from a run that sets no max_deliveries"));
+                }
                 Action::CreateTopic {
                     topic,
                     created_at_ms,
@@ -1282,6 +1289,14 @@ impl Sim {
                         self.fail(format!("heartbeat timer at {at} outlives sub {sub}"));
                     }
                     *heartbeats.entry(sub).or_default() += 1;
+                }
+                Timer::AckDeadline { sub, seq } => {
+                    let waiting = self.b.subs.get(&sub).and_then(|s| s.unacked.get(&seq));
+                    if waiting != Some(&at) {
+                        self.fail(format!(
+                            "ack-deadline timer ({at}, sub {sub}, seq {seq}) without its delivery"
+                        ));
+                    }
                 }
                 Timer::Redeliver { sub, seq } => {
                     let pending = self

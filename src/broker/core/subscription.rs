@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use log::debug;
 
-use super::timers::{drop_redelivery_timers, drop_subscription_timers};
+use super::timers::{drop_deadline_timers, drop_redelivery_timers, drop_subscription_timers};
 use super::SubscribeError;
 use super::{
-    oldest_stored, AbortOnUnwind, Action, Broker, CreditWindow, DeliveryLedger, EndReason, Group,
-    MessageId, Start, SubId, SubscribeRequest, Subscription, Timer, MAX_REDELIVERY_DELAY_MS,
+    oldest_stored, AbortOnUnwind, Action, Broker, CreditWindow, DeliveryLedger, DeliveryPolicy,
+    EndReason, Group, MessageId, Start, SubId, SubscribeRequest, Subscription, Timer,
+    MAX_REDELIVERY_DELAY_MS,
 };
 use crate::broker::topic_name::{validate_group_name, validate_topic_name};
 
@@ -109,6 +110,8 @@ impl Broker {
                                 ledger: DeliveryLedger::new(ledger_cap),
                                 fences: 0,
                                 deleting: false,
+                                policy: DeliveryPolicy::default(),
+                                dead: BTreeMap::new(),
                             },
                         );
                         self.actions.push_back(Action::PersistCursor {
@@ -120,8 +123,29 @@ impl Broker {
                         start_next
                     }
                 };
+                // The group keeps the dead-letter settings of its latest Init.
+                if let Some(existing) = t.groups.get_mut(&g) {
+                    let policy = DeliveryPolicy {
+                        ack_deadline_ms: 0,
+                        ..request.policy.clone()
+                    };
+                    if existing.policy != policy {
+                        existing.policy = policy.clone();
+                        self.actions.push_back(Action::PersistPolicy {
+                            topic: topic.clone(),
+                            group: g.clone(),
+                            max_deliveries: policy.max_deliveries,
+                            dead_letter_topic: policy.dead_letter_topic,
+                        });
+                    }
+                }
                 (Some(g), next, None)
             }
+        };
+        let ack_deadline_ms = if group.is_some() {
+            u64::from(request.policy.ack_deadline_ms)
+        } else {
+            0
         };
         // Positions in a range retention deleted continue from the oldest
         // message left, as they do for open streams when it deletes. (A
@@ -146,6 +170,8 @@ impl Broker {
                 recent: VecDeque::new(),
                 last_sent_ms: now_ms,
                 heartbeat_at: None,
+                ack_deadline_ms,
+                unacked: BTreeMap::new(),
             },
         );
         self.arm_heartbeat(sub, now_ms + self.config.heartbeat_interval_ms);
@@ -246,14 +272,21 @@ impl Broker {
         drop_redelivery_timers(&mut self.timers, sub, acked);
         s.redeliver_due.retain(|m| m.sequence > seq);
         s.redeliver_fetches.retain(|_, q| *q > seq);
+        let keep = s.unacked.split_off(&(seq + 1));
+        let acked = std::mem::replace(&mut s.unacked, keep);
+        drop_deadline_timers(&mut self.timers, sub, acked);
+        g.dead = g.dead.split_off(&(seq + 1));
         if g.fences > 0 {
             // Persisted when the admin operation fails, forgotten if it commits.
             return;
         }
+        let topic = s.topic.clone();
+        let first_ordinal = t.view.first_ordinal;
+        skip_dead(g, first_ordinal);
         self.actions.push_back(Action::PersistCursor {
-            topic: s.topic.clone(),
+            topic,
             group: group_name,
-            sequence: seq,
+            sequence: g.cursor,
             acked_at_ms: wall_ms,
         });
     }
@@ -304,7 +337,34 @@ impl Broker {
             return;
         }
         let due = now_ms + u64::from(delay_ms.min(MAX_REDELIVERY_DELAY_MS));
+        // The nack's own redelivery replaces the ack deadline's.
+        if let Some(at) = s.unacked.remove(&seq) {
+            self.timers.remove(&(at, Timer::AckDeadline { sub, seq }));
+        }
         s.redeliver_pending.insert(seq, due);
         self.timers.insert((due, Timer::Redeliver { sub, seq }));
     }
+}
+
+/// Moves a group's cursor past the dead-lettered messages right after it
+/// whose dead-letter appends are durable (they need no ack); forgets
+/// those it passed. `first_ordinal` is the topic's oldest stored message's.
+pub(super) fn skip_dead(g: &mut Group, first_ordinal: u64) -> bool {
+    let mut moved = false;
+    g.dead = g.dead.split_off(&(g.cursor + 1));
+    while let Some((&seq, &entry)) = g.dead.first_key_value() {
+        let next_ordinal = g.cursor_ordinal.max(first_ordinal.saturating_sub(1)) + 1;
+        if !entry.committed
+            || entry.ordinal != next_ordinal
+            || g.cursor_ordinal == 0 && g.cursor > 0
+        {
+            break;
+        }
+        g.dead.pop_first();
+        g.cursor = seq;
+        g.cursor_ordinal = entry.ordinal;
+        g.ledger.forget_through(seq);
+        moved = true;
+    }
+    moved
 }

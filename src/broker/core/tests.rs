@@ -18,6 +18,7 @@ fn group(topic: &str, g: &str, start: Start) -> SubscribeRequest {
         topic: topic.into(),
         group: Some(g.into()),
         start,
+        policy: Default::default(),
     }
 }
 
@@ -75,6 +76,7 @@ fn start_positions() {
                 topic: "t".into(),
                 group: None,
                 start,
+                policy: Default::default(),
             },
             0,
             0,
@@ -192,6 +194,7 @@ fn browse_neither_creates_nor_moves_a_cursor() {
             topic: "t".into(),
             group: None,
             start: Start::Earliest,
+            policy: Default::default(),
         },
         0,
         0,
@@ -481,6 +484,7 @@ fn retention_trims_memory_and_moves_positions_forward() {
             topic: "t".into(),
             group: None,
             start: Start::Earliest,
+            policy: Default::default(),
         },
         0,
         0,
@@ -501,6 +505,7 @@ fn retention_trims_memory_and_moves_positions_forward() {
             topic: "t".into(),
             group: None,
             start: Start::Earliest,
+            policy: Default::default(),
         },
         0,
         0,
@@ -720,6 +725,7 @@ fn a_redelivery_read_outlived_by_its_nack_does_not_answer_the_next_nack() {
             topic: "t".into(),
             group: None,
             start: Start::Earliest,
+            policy: Default::default(),
         },
         0,
         0,

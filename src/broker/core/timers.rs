@@ -1,4 +1,4 @@
-//! Timers: heartbeats on idle streams and nack redelivery timers, fired by
+//! Timers: heartbeats on idle streams, nack redelivery and ack-deadline timers, fired by
 //! [`Broker::tick`], and the helpers that drop the timers of what is gone.
 //! Owns the `timers` set's entries; calls `poke` (delivery) to wake a
 //! subscription whose redelivery is due.
@@ -18,6 +18,17 @@ pub(super) fn drop_redelivery_timers(
     }
 }
 
+/// Removes the ack-deadline timers of messages no longer waited on.
+pub(super) fn drop_deadline_timers(
+    timers: &mut BTreeSet<(u64, Timer)>,
+    sub: SubId,
+    unacked: BTreeMap<u64, u64>,
+) {
+    for (seq, due) in unacked {
+        timers.remove(&(due, Timer::AckDeadline { sub, seq }));
+    }
+}
+
 /// Removes every timer of a subscription that is gone.
 pub(super) fn drop_subscription_timers(
     timers: &mut BTreeSet<(u64, Timer)>,
@@ -28,6 +39,7 @@ pub(super) fn drop_subscription_timers(
         timers.remove(&(at, Timer::Heartbeat { sub }));
     }
     drop_redelivery_timers(timers, sub, gone.redeliver_pending);
+    drop_deadline_timers(timers, sub, gone.unacked);
 }
 
 impl Broker {
@@ -73,8 +85,26 @@ impl Broker {
                     }
                 }
                 Timer::Redeliver { sub, seq } => self.redeliver(sub, seq),
+                Timer::AckDeadline { sub, seq } => self.deadline_passed(sub, seq, at),
             }
         }
+    }
+
+    /// A delivered message was not acked in time: deliver it again (it
+    /// waits for credit like a nacked one).
+    fn deadline_passed(&mut self, sub: SubId, seq: u64, at: u64) {
+        let Some(s) = self.subs.get_mut(&sub) else {
+            return;
+        };
+        if s.unacked.get(&seq) != Some(&at) {
+            return;
+        }
+        s.unacked.remove(&seq);
+        if s.redeliver_pending.contains_key(&seq) {
+            return;
+        }
+        s.redeliver_pending.insert(seq, at);
+        self.redeliver(sub, seq);
     }
 
     pub(super) fn redeliver(&mut self, sub: SubId, seq: u64) {

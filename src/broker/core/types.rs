@@ -26,6 +26,9 @@ pub struct BrokerConfig {
     pub max_topics: usize,
     /// Consumer groups one topic may have (`--max-groups-per-topic`).
     pub max_groups_per_topic: usize,
+    /// Delivered messages a subscription with an ack deadline may have
+    /// waiting for acks; new deliveries pause past it.
+    pub max_unacked: usize,
 }
 
 impl Default for BrokerConfig {
@@ -39,6 +42,7 @@ impl Default for BrokerConfig {
             max_pending_redeliveries: 10_000,
             max_topics: 10_000,
             max_groups_per_topic: 1_000,
+            max_unacked: 10_000,
         }
     }
 }
@@ -75,6 +79,79 @@ pub struct SubscribeRequest {
     /// `None` is BROWSE mode: no group, no cursor.
     pub group: Option<String>,
     pub start: Start,
+    /// Consumer groups only (BROWSE streams ignore it).
+    pub policy: DeliveryPolicy,
+}
+
+/// What a consumer group does with messages its consumers do not ack, as
+/// its latest `SubscriptionInit` asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryPolicy {
+    /// Deliveries a message may have; 0 = unlimited.
+    pub max_deliveries: u32,
+    /// Where a message past `max_deliveries` goes (set when it is > 0).
+    pub dead_letter_topic: Option<Arc<str>>,
+    /// Redeliver what is not acked this long after its delivery; 0 = never
+    /// (kept per subscription, not per group).
+    pub ack_deadline_ms: u32,
+}
+
+/// A group's delivery state as storage kept it (groups with
+/// `max_deliveries` persist their counts; dead-lettered messages above the
+/// cursor are remembered so they are never delivered again).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupDeliveries {
+    pub max_deliveries: u32,
+    pub dead_letter_topic: Option<Arc<str>>,
+    /// Highest sequence ever delivered to the group.
+    pub delivered_max: u64,
+    /// (sequence, delivery count) of messages delivered more than once.
+    pub counts: Vec<(u64, u32)>,
+    /// (sequence, ordinal) of dead-lettered messages above the cursor.
+    pub dead: Vec<(u64, u64)>,
+}
+
+/// Why a message was dead-lettered (`sluice-dead-letter-reason`).
+pub const DEAD_LETTER_REASON_MAX_DELIVERIES: &str = "max_deliveries";
+
+/// A message to move to a dead-letter topic: append it there and record
+/// that the group is done with it, in one commit (moving the group's cursor
+/// to it too when `advance_cursor`), then tell `Broker::on_dead_lettered`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub topic: Arc<str>,
+    pub group: Arc<str>,
+    pub message: Arc<StoredMessage>,
+    pub dead_letter_topic: Arc<str>,
+    /// Deliveries it had.
+    pub delivery_count: u32,
+    pub reason: &'static str,
+    /// It is the group's next unacknowledged message: the cursor moves past it.
+    pub advance_cursor: bool,
+}
+
+impl DeadLetter {
+    /// The dead-letter copy's attributes: the original ones plus where it
+    /// came from and why.
+    pub fn attributes(&self) -> std::collections::HashMap<String, String> {
+        let mut a = self.message.attributes.clone();
+        a.insert("sluice-dead-letter-topic".into(), self.topic.to_string());
+        a.insert(
+            "sluice-dead-letter-sequence".into(),
+            self.message.sequence.to_string(),
+        );
+        a.insert(
+            "sluice-dead-letter-message-id".into(),
+            self.message.id.to_string(),
+        );
+        a.insert("sluice-dead-letter-group".into(), self.group.to_string());
+        a.insert(
+            "sluice-dead-letter-delivery-count".into(),
+            self.delivery_count.to_string(),
+        );
+        a.insert("sluice-dead-letter-reason".into(), self.reason.to_string());
+        a
+    }
 }
 
 /// Why the broker ends a subscription stream.
@@ -123,6 +200,23 @@ pub enum Action {
     /// The group's consumer ended and no other took its place (a store
     /// shared by several gateways lets another gateway serve it now).
     GroupIdle { topic: Arc<str>, group: Arc<str> },
+    /// Move a message to a dead-letter topic (see [`DeadLetter`]).
+    DeadLetter(DeadLetter),
+    /// Persist that a group with `max_deliveries` was sent `sequence` for
+    /// the `count`th time (the reactor may coalesce these per group).
+    PersistDelivery {
+        topic: Arc<str>,
+        group: Arc<str>,
+        sequence: u64,
+        count: u32,
+    },
+    /// Persist a group's dead-letter settings (its latest Init changed them).
+    PersistPolicy {
+        topic: Arc<str>,
+        group: Arc<str>,
+        max_deliveries: u32,
+        dead_letter_topic: Option<Arc<str>>,
+    },
 }
 
 /// One message to send, with the count of times it has been sent.

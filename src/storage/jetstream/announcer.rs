@@ -615,6 +615,7 @@ mod tests {
                 timestamp_ms: 1,
                 messages: seqs.iter().map(|&s| stored(s)).collect(),
                 announced: false,
+                duplicates: Vec::new(),
             }),
         }
     }

@@ -418,6 +418,7 @@ pub fn open(
             pages_in: page_req_tx,
             pages_out: page_rx,
             claims_groups: true,
+            dead_letters: false,
         },
         state,
         threads,

@@ -524,6 +524,27 @@ impl JetStreamWriter {
                         log::warn!("writer: the group leases thread is gone");
                     }
                 }
+                // Not offered on this store yet (`StoreLinks::dead_letters` is
+                // false, so the reactor refuses max_deliveries before it
+                // gets here); delivery counts and settings are not kept.
+                WriteRequest::DeadLetter {
+                    topic,
+                    group,
+                    sequence,
+                    ..
+                } => {
+                    self.drain(out);
+                    out.push(WriteOutcome::DeadLettered {
+                        topic,
+                        group,
+                        sequence,
+                        advanced: false,
+                        result: Err(StorageError::new(
+                            "dead-letter topics are not supported on the JetStream store yet",
+                        )),
+                    });
+                }
+                WriteRequest::SetDeliveries { .. } | WriteRequest::SetPolicy { .. } => {}
                 WriteRequest::DeleteTopic { token, topic } => {
                     self.drain(out);
                     let result = self.delete_topic(&topic);
@@ -896,6 +917,7 @@ impl JetStreamWriter {
                 timestamp_ms: ts,
                 messages: stored,
                 announced: false,
+                duplicates: Vec::new(),
             }),
         };
         (outcome, disturbed, Vec::new())
@@ -1274,6 +1296,7 @@ mod tests {
                     })
                     .collect(),
                 announced: false,
+                duplicates: Vec::new(),
             }),
         }
     }

@@ -44,6 +44,8 @@ pub struct SqliteConfig {
     pub commit_max_messages: usize,
     pub commit_max_bytes: usize,
     pub retention: RetentionPolicy,
+    pub dedup_window: std::time::Duration,
+    pub dedup_max_keys: u64,
 }
 
 /// Locks the data directory, opens (and migrates) the database, loads the
@@ -78,6 +80,8 @@ pub fn open(
         retention: cfg.retention,
         max_store_bytes: cfg.max_db_bytes,
         queue: cfg.writer_queue,
+        dedup_window: cfg.dedup_window,
+        dedup_max_keys: cfg.dedup_max_keys,
     };
     let writer = writer::spawn(
         conn,
@@ -110,6 +114,7 @@ pub fn open(
         pages_in: readers.requests,
         pages_out: page_rx,
         claims_groups: false,
+        dead_letters: true,
     };
     let (writer_thread, reader_threads) = (writer.thread, readers.threads);
     // Once the reactor dropped its senders, the writer commits what it has

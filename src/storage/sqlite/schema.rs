@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
 
-use crate::broker::{GroupView, TopicView};
+use crate::broker::{GroupDeliveries, GroupView, TopicView};
 use crate::storage::LoadedState;
 
 /// Schema migrations, applied in order; `user_version` counts those applied.
@@ -42,6 +42,33 @@ const MIGRATIONS: &[&str] = &[
      INSERT INTO meta (key, value) VALUES ('seq_floor', 0);",
     // 2: deleted topics whose messages are still being purged in chunks.
     "CREATE TABLE doomed_topics (id INTEGER PRIMARY KEY);",
+    // 3: idempotency keys (seq = the message stored under the key; rows go
+    // oldest first), dead-letter settings and delivery counts of groups,
+    // and the dead-lettered messages above a group's cursor.
+    "CREATE TABLE idempotency_keys (
+        seq INTEGER PRIMARY KEY,
+        topic_id INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        ts INTEGER NOT NULL
+     );
+     CREATE UNIQUE INDEX idempotency_keys_by_key ON idempotency_keys(topic_id, key);
+     ALTER TABLE cursors ADD COLUMN delivered_max INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE cursors ADD COLUMN max_deliveries INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE cursors ADD COLUMN dead_letter_topic TEXT;
+     CREATE TABLE delivery_counts (
+        topic_id INTEGER NOT NULL,
+        grp TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        PRIMARY KEY (topic_id, grp, seq)
+     ) WITHOUT ROWID;
+     CREATE TABLE dead_letters (
+        topic_id INTEGER NOT NULL,
+        grp TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        ordinal INTEGER NOT NULL,
+        PRIMARY KEY (topic_id, grp, seq)
+     ) WITHOUT ROWID;",
 ];
 
 pub const DB_FILE: &str = "sluice.db";
@@ -193,5 +220,66 @@ pub fn load_state(conn: &Connection) -> rusqlite::Result<LoadedState> {
             ))
         })?
         .collect::<Result<_, _>>()?;
+    state.deliveries = load_deliveries(conn)?;
     Ok(state)
+}
+
+/// Dead-letter settings, delivery counts and dead-lettered messages of the
+/// groups that have any (above their cursors).
+fn load_deliveries(
+    conn: &Connection,
+) -> rusqlite::Result<Vec<(String, std::sync::Arc<str>, GroupDeliveries)>> {
+    let mut groups = conn.prepare(
+        "SELECT t.name, c.grp, c.topic_id, c.seq, c.delivered_max, c.max_deliveries, c.dead_letter_topic
+         FROM cursors c JOIN topics t ON t.id = c.topic_id
+         WHERE c.delivered_max > 0 OR c.max_deliveries > 0
+            OR EXISTS (SELECT 1 FROM dead_letters d WHERE d.topic_id = c.topic_id AND d.grp = c.grp)",
+    )?;
+    type Row = (String, String, i64, i64, i64, i64, Option<String>);
+    let rows: Vec<Row> = groups
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut counts = conn.prepare(
+        "SELECT seq, count FROM delivery_counts WHERE topic_id = ?1 AND grp = ?2 AND seq > ?3",
+    )?;
+    let mut dead = conn.prepare(
+        "SELECT seq, ordinal FROM dead_letters WHERE topic_id = ?1 AND grp = ?2 AND seq > ?3",
+    )?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (topic, group, id, cursor, delivered_max, max_deliveries, dlq) in rows {
+        let args = rusqlite::params![id, group, cursor];
+        out.push((
+            topic,
+            group.as_str().into(),
+            GroupDeliveries {
+                max_deliveries: max_deliveries.clamp(0, i64::from(u32::MAX)) as u32,
+                dead_letter_topic: dlq.map(|d| d.as_str().into()),
+                delivered_max: delivered_max.max(0) as u64,
+                counts: counts
+                    .query_map(args, |r| {
+                        Ok((
+                            r.get::<_, i64>(0)? as u64,
+                            r.get::<_, i64>(1)?.clamp(0, i64::from(u32::MAX)) as u32,
+                        ))
+                    })?
+                    .collect::<Result<_, _>>()?,
+                dead: dead
+                    .query_map(args, |r| {
+                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+                    })?
+                    .collect::<Result<_, _>>()?,
+            },
+        ));
+    }
+    Ok(out)
 }

@@ -27,7 +27,9 @@ use super::high_water::HighWaterMark;
 use super::retention::{self, RetentionPolicy};
 use super::topic_row::TopicRow;
 use crate::broker::{MessageId, StoredMessage};
-use crate::storage::{Appended, StorageError, Wake, WakeOnExit, WriteOutcome, WriteRequest};
+use crate::storage::{
+    Appended, Duplicate, NewMessage, StorageError, Wake, WakeOnExit, WriteOutcome, WriteRequest,
+};
 use crate::telemetry::Telemetry;
 
 /// Rows deleted per transaction when purging a deleted topic.
@@ -81,6 +83,7 @@ impl WriteRequest {
             WriteRequest::Append { messages, .. } => {
                 messages.iter().map(|m| m.payload.len() + 64).sum()
             }
+            WriteRequest::DeadLetter { message, .. } => message.payload.len() + 64,
             _ => 64,
         }
     }
@@ -90,6 +93,28 @@ impl WriteRequest {
             _ => 1,
         }
     }
+    /// Messages it stores (each takes a sequence) and their payload bytes.
+    fn stores(&self) -> (u64, u64) {
+        match self {
+            WriteRequest::Append { messages, .. } => (
+                messages.len() as u64,
+                messages.iter().map(|m| m.payload.len() as u64).sum(),
+            ),
+            WriteRequest::DeadLetter { message, .. } => (1, message.payload.len() as u64),
+            _ => (0, 0),
+        }
+    }
+}
+
+/// The idempotency keys the writer keeps: how many rows, and which rows
+/// expire when (their stored time rises with their sequence, so the
+/// expired ones are always the oldest).
+#[derive(Debug, Default)]
+struct KeyWindow {
+    count: u64,
+    /// (stored at, highest sequence stored then), oldest first, one per
+    /// second with keys.
+    marks: VecDeque<(i64, u64)>,
 }
 
 /// Batch limits: a batch takes what is queued, up to these.
@@ -103,6 +128,11 @@ pub struct GroupCommitConfig {
     pub max_store_bytes: Option<u64>,
     /// Requests queued before the reactor must park them.
     pub queue: usize,
+    /// How long an idempotency key is remembered (`--dedup-window`).
+    pub dedup_window: Duration,
+    /// Most keys remembered; past it the oldest are forgotten early
+    /// (`--dedup-max-keys`).
+    pub dedup_max_keys: u64,
 }
 
 impl Default for GroupCommitConfig {
@@ -113,6 +143,8 @@ impl Default for GroupCommitConfig {
             retention: RetentionPolicy::default(),
             max_store_bytes: None,
             queue: 4096,
+            dedup_window: Duration::from_secs(120),
+            dedup_max_keys: 1_000_000,
         }
     }
 }
@@ -177,6 +209,7 @@ struct GroupCommit {
     wal_wrap: Arc<std::sync::atomic::AtomicBool>,
     /// What was committed since this connection last checkpointed.
     unchecked: WalDebt,
+    keys: KeyWindow,
 }
 
 /// Commits and payload bytes written to the WAL since the writer last
@@ -252,6 +285,7 @@ impl GroupCommit {
             telemetry,
             wal_wrap,
             unchecked: WalDebt::default(),
+            keys: KeyWindow::default(),
         };
         gc.reload().map_err(|e| StorageError::from_sqlite(&e))?;
         gc.last_committed =
@@ -303,6 +337,23 @@ impl GroupCommit {
         self.doomed = stmt
             .query_map([], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
+        drop(stmt);
+        // Keys stored before now expire one window from now at the latest
+        // (a lookup also checks each key's own time).
+        let (count, newest): (i64, i64) = self.conn.query_row(
+            "SELECT count(*), coalesce(max(seq), 0) FROM idempotency_keys",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        self.keys = KeyWindow {
+            count: count as u64,
+            marks: VecDeque::new(),
+        };
+        if count > 0 {
+            self.keys
+                .marks
+                .push_back((crate::storage::wall_ms(), newest as u64));
+        }
         Ok(())
     }
 
@@ -575,22 +626,8 @@ impl GroupCommit {
         let started = Instant::now();
         let ts = crate::storage::wall_ms().max(self.last_ts);
         let mut outcomes = Vec::with_capacity(batch.len());
-        let messages: u64 = batch
-            .iter()
-            .map(|r| match r {
-                WriteRequest::Append { messages, .. } => messages.len() as u64,
-                _ => 0,
-            })
-            .sum();
-        let payload: u64 = batch
-            .iter()
-            .map(|r| match r {
-                WriteRequest::Append { messages, .. } => {
-                    messages.iter().map(|m| m.payload.len() as u64).sum()
-                }
-                _ => 0,
-            })
-            .sum();
+        let messages: u64 = batch.iter().map(|r| r.stores().0).sum();
+        let payload: u64 = batch.iter().map(|r| r.stores().1).sum();
         // Within the size cap, then sequences reserved durably before any is used.
         let reserved = self.check_cap(payload).and_then(|()| {
             self.hwm
@@ -610,15 +647,25 @@ impl GroupCommit {
                 "writer: appends refused: {}",
                 err.message
             );
-            let (appends, rest): (Vec<_>, Vec<_>) = batch
-                .drain(..)
-                .partition(|r| matches!(r, WriteRequest::Append { .. }));
+            let (appends, rest): (Vec<_>, Vec<_>) = batch.drain(..).partition(|r| r.stores().0 > 0);
             let mut out: Vec<WriteOutcome> = appends
                 .into_iter()
                 .filter_map(|r| match r {
                     WriteRequest::Append { token, topic, .. } => Some(WriteOutcome::Appended {
                         token,
                         topic,
+                        result: Err(err.clone()),
+                    }),
+                    WriteRequest::DeadLetter {
+                        topic,
+                        group,
+                        sequence,
+                        ..
+                    } => Some(WriteOutcome::DeadLettered {
+                        topic,
+                        group,
+                        sequence,
+                        advanced: false,
                         result: Err(err.clone()),
                     }),
                     _ => None,
@@ -704,6 +751,18 @@ impl GroupCommit {
                             group,
                             error: err.clone(),
                         }),
+                        WriteRequest::DeadLetter {
+                            topic,
+                            group,
+                            sequence,
+                            ..
+                        } => failed.push(WriteOutcome::DeadLettered {
+                            topic,
+                            group,
+                            sequence,
+                            advanced: false,
+                            result: Err(err.clone()),
+                        }),
                         carried => self.carry_over(carried),
                     }
                 }
@@ -783,10 +842,34 @@ impl GroupCommit {
                 WriteRequest::CreateTopic { topic: t1, .. },
                 WriteRequest::CreateTopic { topic: t2, .. },
             ) => t1 == t2,
+            (
+                WriteRequest::SetDeliveries {
+                    topic: t1,
+                    group: g1,
+                    ..
+                },
+                WriteRequest::SetDeliveries {
+                    topic: t2,
+                    group: g2,
+                    ..
+                },
+            )
+            | (
+                WriteRequest::SetPolicy {
+                    topic: t1,
+                    group: g1,
+                    ..
+                },
+                WriteRequest::SetPolicy {
+                    topic: t2,
+                    group: g2,
+                    ..
+                },
+            ) => t1 == t2 && g1 == g2,
             _ => false,
         };
         if let Some(i) = self.carry.iter().position(same) {
-            if matches!(req, WriteRequest::SetCursor { .. }) {
+            if !matches!(req, WriteRequest::CreateTopic { .. }) {
                 self.carry[i] = req;
             }
         } else {
@@ -819,51 +902,34 @@ impl GroupCommit {
                     topic,
                     messages,
                 } => {
-                    let row = topic_row(&tx, &mut self.topics, topic, ts)?;
-                    let mut stored = Vec::with_capacity(messages.len());
-                    // Rows go in 16 at a time: one statement step for many
-                    // rows is markedly cheaper than one per row.
-                    for chunk in messages.chunks(ROWS_PER_INSERT) {
-                        let sql = if chunk.len() == ROWS_PER_INSERT {
-                            multi_row_insert()
+                    let row_id = topic_row(&tx, &mut self.topics, topic, ts)?.id;
+                    let (fresh, duplicates) =
+                        if messages.iter().any(|m| m.idempotency_key.is_some()) {
+                            self.deduplicate(&tx, row_id, topic, messages, ts)?
                         } else {
-                            SINGLE_ROW_INSERT
+                            (messages.iter().collect(), Vec::new())
                         };
-                        let mut insert = tx.prepare_cached(sql)?;
-                        for (k, m) in chunk.iter().enumerate() {
-                            let seq = self.next_seq;
-                            let ordinal = row.last_ordinal + 1;
-                            let base = if chunk.len() == ROWS_PER_INSERT {
-                                k * 6
-                            } else {
-                                0
-                            };
-                            insert.raw_bind_parameter(base + 1, seq as i64)?;
-                            insert.raw_bind_parameter(base + 2, row.id)?;
-                            insert.raw_bind_parameter(base + 3, ordinal as i64)?;
-                            insert.raw_bind_parameter(base + 4, ts)?;
-                            insert.raw_bind_parameter(base + 5, m.payload.as_ref())?;
-                            insert
-                                .raw_bind_parameter(base + 6, encode_attributes(&m.attributes))?;
-                            if chunk.len() != ROWS_PER_INSERT {
-                                insert.raw_execute()?;
-                            }
-                            self.next_seq += 1;
-                            row.last_ordinal = ordinal;
-                            row.bytes += m.payload.len() as u64;
-                            stored.push(Arc::new(StoredMessage {
-                                sequence: seq,
-                                ordinal,
-                                id: MessageId::new(ts, seq, topic),
-                                timestamp_ms: ts,
-                                // Its own allocation: a slice would pin the
-                                // whole request buffer while cached.
-                                payload: Bytes::copy_from_slice(&m.payload),
-                                attributes: m.attributes.clone(),
-                            }));
+                    let (created_at_ms, stored) = insert_messages(
+                        &tx,
+                        &mut self.topics,
+                        &mut self.next_seq,
+                        topic,
+                        ts,
+                        &fresh,
+                    )?;
+                    let mut keyed = 0;
+                    for (m, stored) in fresh.iter().zip(&stored) {
+                        if let Some(key) = &m.idempotency_key {
+                            tx.prepare_cached(
+                                "INSERT OR REPLACE INTO idempotency_keys (seq, topic_id, key, ts) VALUES (?1, ?2, ?3, ?4)",
+                            )?
+                            .execute(params![stored.sequence as i64, row_id, key, ts])?;
+                            keyed += 1;
                         }
-                        if chunk.len() == ROWS_PER_INSERT {
-                            insert.raw_execute()?;
+                    }
+                    if keyed > 0 {
+                        if let Some(last) = stored.last() {
+                            self.keys.stored(keyed, ts, last.sequence);
                         }
                     }
                     appended += stored.len() as u64;
@@ -872,12 +938,107 @@ impl GroupCommit {
                         topic: topic.clone(),
                         result: Ok(Appended {
                             topic: topic.clone(),
-                            created_at_ms: row.created_at_ms,
+                            created_at_ms,
                             timestamp_ms: ts,
                             messages: stored,
+                            duplicates,
                             announced: false,
                         }),
                     });
+                }
+                WriteRequest::DeadLetter {
+                    topic,
+                    group,
+                    sequence,
+                    ordinal,
+                    advance_cursor,
+                    dead_letter_topic,
+                    message,
+                } => {
+                    let (created_at_ms, stored) = insert_messages(
+                        &tx,
+                        &mut self.topics,
+                        &mut self.next_seq,
+                        dead_letter_topic,
+                        ts,
+                        &[message],
+                    )?;
+                    appended += stored.len() as u64;
+                    let mut advanced = false;
+                    if let Some(row) = self.topics.get(topic) {
+                        tx.prepare_cached(
+                            "INSERT OR IGNORE INTO dead_letters (topic_id, grp, seq, ordinal) VALUES (?1, ?2, ?3, ?4)",
+                        )?
+                        .execute(params![row.id, group.as_ref(), *sequence as i64, *ordinal as i64])?;
+                        if *advance_cursor {
+                            advanced = tx
+                                .prepare_cached(
+                                    "UPDATE cursors SET seq = ?3, ordinal = ?4 WHERE topic_id = ?1 AND grp = ?2 AND seq < ?3",
+                                )?
+                                .execute(params![row.id, group.as_ref(), *sequence as i64, *ordinal as i64])?
+                                > 0;
+                            if advanced {
+                                forget_below_cursor(&tx, row.id, group, *sequence)?;
+                            }
+                        }
+                    }
+                    out.push(WriteOutcome::DeadLettered {
+                        topic: topic.clone(),
+                        group: group.clone(),
+                        sequence: *sequence,
+                        advanced,
+                        result: Ok(Appended {
+                            topic: dead_letter_topic.clone(),
+                            created_at_ms,
+                            timestamp_ms: ts,
+                            messages: stored,
+                            duplicates: Vec::new(),
+                            announced: false,
+                        }),
+                    });
+                }
+                WriteRequest::SetDeliveries {
+                    topic,
+                    group,
+                    delivered_max,
+                    counts,
+                } => {
+                    let Some(row) = self.topics.get(topic) else {
+                        continue;
+                    };
+                    // Only for a group that exists (a delete may have passed).
+                    let found = tx
+                        .prepare_cached(
+                            "UPDATE cursors SET delivered_max = max(delivered_max, ?3) WHERE topic_id = ?1 AND grp = ?2",
+                        )?
+                        .execute(params![row.id, group.as_ref(), *delivered_max as i64])?;
+                    if found > 0 {
+                        let mut upsert = tx.prepare_cached(
+                            "INSERT INTO delivery_counts (topic_id, grp, seq, count) VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (topic_id, grp, seq) DO UPDATE SET count = max(count, excluded.count)",
+                        )?;
+                        for (seq, count) in counts {
+                            upsert.execute(params![row.id, group.as_ref(), *seq as i64, *count])?;
+                        }
+                    }
+                }
+                WriteRequest::SetPolicy {
+                    topic,
+                    group,
+                    max_deliveries,
+                    dead_letter_topic,
+                } => {
+                    if let Some(row) = self.topics.get(topic) {
+                        tx.prepare_cached(
+                            "UPDATE cursors SET max_deliveries = ?3, dead_letter_topic = ?4 WHERE topic_id = ?1 AND grp = ?2",
+                        )?
+                        .execute(params![
+                            row.id,
+                            group.as_ref(),
+                            *max_deliveries,
+                            dead_letter_topic.as_deref()
+                        ])?;
+                    }
                 }
                 WriteRequest::CreateTopic {
                     topic,
@@ -936,6 +1097,18 @@ impl GroupCommit {
                         ordinal as i64,
                         *acked_at_ms
                     ])?;
+                    forget_below_cursor(&tx, row.id, group, *sequence)?;
+                    if token.is_some() {
+                        // A reset starts the group's delivery counts afresh.
+                        tx.prepare_cached(
+                            "DELETE FROM delivery_counts WHERE topic_id = ?1 AND grp = ?2",
+                        )?
+                        .execute(params![row.id, group.as_ref()])?;
+                        tx.prepare_cached(
+                            "UPDATE cursors SET delivered_max = 0 WHERE topic_id = ?1 AND grp = ?2",
+                        )?
+                        .execute(params![row.id, group.as_ref()])?;
+                    }
                     out.push(WriteOutcome::CursorSaved {
                         token: *token,
                         topic: topic.clone(),
@@ -950,6 +1123,10 @@ impl GroupCommit {
                             tx.prepare_cached("DELETE FROM topics WHERE id = ?1")?
                                 .execute([row.id])?;
                             tx.prepare_cached("DELETE FROM cursors WHERE topic_id = ?1")?
+                                .execute([row.id])?;
+                            tx.prepare_cached("DELETE FROM delivery_counts WHERE topic_id = ?1")?
+                                .execute([row.id])?;
+                            tx.prepare_cached("DELETE FROM dead_letters WHERE topic_id = ?1")?
                                 .execute([row.id])?;
                             tx.prepare_cached(
                                 "INSERT OR IGNORE INTO doomed_topics (id) VALUES (?1)",
@@ -978,6 +1155,12 @@ impl GroupCommit {
                 } => {
                     let existed = match self.topics.get(topic) {
                         Some(row) => {
+                            for table in ["delivery_counts", "dead_letters"] {
+                                tx.prepare_cached(&format!(
+                                    "DELETE FROM {table} WHERE topic_id = ?1 AND grp = ?2"
+                                ))?
+                                .execute(params![row.id, group.as_ref()])?;
+                            }
                             tx.prepare_cached(
                                 "DELETE FROM cursors WHERE topic_id = ?1 AND grp = ?2",
                             )?
@@ -995,9 +1178,183 @@ impl GroupCommit {
                 }
             }
         }
+        self.keys.expire(&tx, ts, &self.config)?;
         tx.commit()?;
         Ok(appended)
     }
+
+    /// Splits an append's messages into those to store and those whose
+    /// idempotency key was stored within the window (by an earlier call,
+    /// or earlier in this one): the latter answered with the original.
+    fn deduplicate<'m>(
+        &self,
+        tx: &Connection,
+        topic_id: i64,
+        topic: &str,
+        messages: &'m [NewMessage],
+        ts: i64,
+    ) -> rusqlite::Result<(Vec<&'m NewMessage>, Vec<Duplicate>)> {
+        let cutoff = ts.saturating_sub(self.config.dedup_window.as_millis() as i64);
+        let mut fresh = Vec::with_capacity(messages.len());
+        let mut duplicates = Vec::new();
+        let mut in_call: HashMap<&str, u64> = HashMap::new();
+        let mut lookup = tx.prepare_cached(
+            "SELECT seq, ts FROM idempotency_keys WHERE topic_id = ?1 AND key = ?2",
+        )?;
+        for (index, m) in messages.iter().enumerate() {
+            let Some(key) = m.idempotency_key.as_deref() else {
+                fresh.push(m);
+                continue;
+            };
+            let original = match in_call.get(key) {
+                Some(&seq) => Some((seq, ts)),
+                None => lookup
+                    .query_row(params![topic_id, key], |r| {
+                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)?))
+                    })
+                    .optional()?
+                    .filter(|&(_, stored)| stored >= cutoff),
+            };
+            match original {
+                Some((sequence, timestamp_ms)) => duplicates.push(Duplicate {
+                    index,
+                    sequence,
+                    id: MessageId::new(timestamp_ms, sequence, topic),
+                    timestamp_ms,
+                }),
+                None => {
+                    in_call.insert(key, self.next_seq + fresh.len() as u64);
+                    fresh.push(m);
+                }
+            }
+        }
+        Ok((fresh, duplicates))
+    }
+}
+
+impl KeyWindow {
+    /// Notes `n` keys stored at `ts`, the last with sequence `last`.
+    fn stored(&mut self, n: u64, ts: i64, last: u64) {
+        self.count += n;
+        match self.marks.back_mut() {
+            Some((at, seq)) if *at / 1000 == ts / 1000 => *seq = last,
+            _ => self.marks.push_back((ts, last)),
+        }
+    }
+
+    /// Deletes the keys whose window has passed, then the oldest beyond
+    /// `dedup_max_keys` (those are forgotten before their window ends).
+    fn expire(
+        &mut self,
+        tx: &Connection,
+        ts: i64,
+        config: &GroupCommitConfig,
+    ) -> rusqlite::Result<()> {
+        let cutoff = ts.saturating_sub(config.dedup_window.as_millis() as i64);
+        let mut upto = None;
+        while let Some(&(at, seq)) = self.marks.front() {
+            if at >= cutoff {
+                break;
+            }
+            upto = Some(seq);
+            self.marks.pop_front();
+        }
+        if let Some(seq) = upto {
+            let n = tx
+                .prepare_cached("DELETE FROM idempotency_keys WHERE seq <= ?1")?
+                .execute([seq as i64])?;
+            self.count = self.count.saturating_sub(n as u64);
+        }
+        if self.count > config.dedup_max_keys {
+            let over = self.count - config.dedup_max_keys;
+            let n = tx
+                .prepare_cached(
+                    "DELETE FROM idempotency_keys WHERE seq IN (SELECT seq FROM idempotency_keys ORDER BY seq LIMIT ?1)",
+                )?
+                .execute([over as i64])?;
+            self.count = self.count.saturating_sub(n as u64);
+            crate::log_limited!(
+                log::Level::Warn,
+                "writer: more than --dedup-max-keys={} idempotency keys within the window: \
+                 the oldest {n} were forgotten early",
+                config.dedup_max_keys
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Inserts `messages` as the newest of `topic` (creating it), numbering them
+/// from `*next_seq`; returns the topic's creation time and what was stored.
+fn insert_messages(
+    tx: &Connection,
+    topics: &mut HashMap<Arc<str>, TopicRow>,
+    next_seq: &mut u64,
+    topic: &Arc<str>,
+    ts: i64,
+    messages: &[&NewMessage],
+) -> rusqlite::Result<(i64, Vec<Arc<StoredMessage>>)> {
+    let row = topic_row(tx, topics, topic, ts)?;
+    let mut stored = Vec::with_capacity(messages.len());
+    // Rows go in 16 at a time: one statement step for many rows is
+    // markedly cheaper than one per row.
+    for chunk in messages.chunks(ROWS_PER_INSERT) {
+        let whole = chunk.len() == ROWS_PER_INSERT;
+        let sql = if whole {
+            multi_row_insert()
+        } else {
+            SINGLE_ROW_INSERT
+        };
+        let mut insert = tx.prepare_cached(sql)?;
+        for (k, m) in chunk.iter().enumerate() {
+            let seq = *next_seq;
+            let ordinal = row.last_ordinal + 1;
+            let base = if whole { k * 6 } else { 0 };
+            insert.raw_bind_parameter(base + 1, seq as i64)?;
+            insert.raw_bind_parameter(base + 2, row.id)?;
+            insert.raw_bind_parameter(base + 3, ordinal as i64)?;
+            insert.raw_bind_parameter(base + 4, ts)?;
+            insert.raw_bind_parameter(base + 5, m.payload.as_ref())?;
+            insert.raw_bind_parameter(base + 6, encode_attributes(&m.attributes))?;
+            if !whole {
+                insert.raw_execute()?;
+            }
+            *next_seq += 1;
+            row.last_ordinal = ordinal;
+            row.bytes += m.payload.len() as u64;
+            stored.push(Arc::new(StoredMessage {
+                sequence: seq,
+                ordinal,
+                id: MessageId::new(ts, seq, topic),
+                timestamp_ms: ts,
+                // Its own allocation: a slice would pin the whole request
+                // buffer while cached.
+                payload: Bytes::copy_from_slice(&m.payload),
+                attributes: m.attributes.clone(),
+            }));
+        }
+        if whole {
+            insert.raw_execute()?;
+        }
+    }
+    Ok((row.created_at_ms, stored))
+}
+
+/// Forgets a group's delivery counts and dead-lettered messages at or
+/// below its cursor.
+fn forget_below_cursor(
+    tx: &Connection,
+    topic_id: i64,
+    group: &str,
+    cursor: u64,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "DELETE FROM delivery_counts WHERE topic_id = ?1 AND grp = ?2 AND seq <= ?3",
+    )?
+    .execute(params![topic_id, group, cursor as i64])?;
+    tx.prepare_cached("DELETE FROM dead_letters WHERE topic_id = ?1 AND grp = ?2 AND seq <= ?3")?
+        .execute(params![topic_id, group, cursor as i64])?;
+    Ok(())
 }
 
 /// The row of `topic`, inserting it (created at `created_at_ms`) if new.
@@ -1061,6 +1418,7 @@ mod tests {
             messages: vec![NewMessage {
                 payload: vec![1u8; bytes].into(),
                 attributes: HashMap::new(),
+                idempotency_key: None,
             }],
         }
     }
