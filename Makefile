@@ -70,7 +70,7 @@ deps:
 
 # The black-box suites run twice: on SQLite, and on the JetStream store (each
 # test daemon then gets its own nats-server; see tests/common/mod.rs).
-NATS_SUITES = --test publish --test subscribe --test admin --test backpressure --test robustness --test telemetry
+NATS_SUITES = --test publish --test subscribe --test admin --test backpressure --test robustness --test telemetry --test delivery_guarantees
 
 test: deps lint
 	$(CARGO) test --locked
