@@ -6,6 +6,7 @@
 #[path = "harness.rs"]
 mod harness;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,29 +24,69 @@ fn publish_body(size: usize) -> Bytes {
     })
 }
 
+/// Makes the body of call `n` (unique across the run's tasks).
+type BodyFn = Arc<dyn Fn(u64) -> Bytes + Send + Sync>;
+
+/// The same body for every call.
+fn same(body: Bytes) -> BodyFn {
+    Arc::new(move |_| body.clone())
+}
+
+/// A unary Publish of 256 B with a fresh idempotency key per call.
+fn keyed_publish() -> BodyFn {
+    Arc::new(|n| {
+        frame(&proto::PublishRequest {
+            topic: "bench".into(),
+            payload: vec![b'x'; 256].into(),
+            idempotency_key: format!("key-{n}"),
+            ..Default::default()
+        })
+    })
+}
+
+/// A BatchPublish of 100 × 256 B, each message with a fresh key.
+fn keyed_batch() -> BodyFn {
+    Arc::new(|n| {
+        frame(&proto::BatchPublishRequest {
+            topic: "bench-batch".into(),
+            messages: (0..100)
+                .map(|i| proto::BatchMessage {
+                    payload: vec![b'y'; 256].into(),
+                    idempotency_key: format!("key-{n}-{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+    })
+}
+
 /// `conns` connections × `per_conn` calls in flight, for `RUN`.
 async fn closed_loop(
     port: u16,
     conns: usize,
     per_conn: usize,
     method: &'static str,
-    body: Bytes,
+    body: BodyFn,
     msgs_per_call: u64,
 ) -> Summary {
     let start = now();
     let deadline = start + RUN;
     let mut tasks = Vec::new();
-    for _ in 0..conns {
+    for c in 0..conns {
         let conn = connect(port).await;
-        for _ in 0..per_conn {
+        for k in 0..per_conn {
             let mut conn = conn.clone();
             let body = body.clone();
+            let task = (c * per_conn + k) as u64;
             tasks.push(tokio::spawn(async move {
                 let mut lat = Vec::new();
                 let mut errors = 0;
+                let mut n = 0u64;
                 while now() < deadline {
+                    let this = body(task << 40 | n);
+                    n += 1;
                     let t = now();
-                    match conn.unary(method, body.clone()).await {
+                    match conn.unary(method, this).await {
                         Ok(_) => lat.push(t.elapsed()),
                         Err(_) => errors += 1,
                     }
@@ -116,6 +157,7 @@ enum Load {
         conns: usize,
         per_conn: usize,
         batch: bool,
+        keyed: bool,
     },
     Open {
         rate: u64,
@@ -153,6 +195,7 @@ fn main() {
                 conns: 1,
                 per_conn: 1,
                 batch: false,
+                keyed: false,
             },
         ),
         (
@@ -161,6 +204,7 @@ fn main() {
                 conns: 1,
                 per_conn: 16,
                 batch: false,
+                keyed: false,
             },
         ),
         (
@@ -169,6 +213,7 @@ fn main() {
                 conns: 4,
                 per_conn: 16,
                 batch: false,
+                keyed: false,
             },
         ),
         (
@@ -177,6 +222,16 @@ fn main() {
                 conns: 4,
                 per_conn: 64,
                 batch: false,
+                keyed: false,
+            },
+        ),
+        (
+            "unary 256 B, 64 in flight (4 conns), a fresh idempotency key each",
+            Load::Closed {
+                conns: 4,
+                per_conn: 16,
+                batch: false,
+                keyed: true,
             },
         ),
         ("unary 256 B, open loop 5,000/s", Load::Open { rate: 5_000 }),
@@ -186,6 +241,7 @@ fn main() {
                 conns: 1,
                 per_conn: 1,
                 batch: true,
+                keyed: false,
             },
         ),
         (
@@ -194,6 +250,16 @@ fn main() {
                 conns: 2,
                 per_conn: 4,
                 batch: true,
+                keyed: false,
+            },
+        ),
+        (
+            "BatchPublish 100 × 256 B, 8 in flight, a fresh idempotency key each",
+            Load::Closed {
+                conns: 2,
+                per_conn: 4,
+                batch: true,
+                keyed: true,
             },
         ),
     ];
@@ -212,12 +278,28 @@ fn main() {
                     conns,
                     per_conn,
                     batch: false,
-                } => closed_loop(port, conns, per_conn, "Publish", publish_body(256), 1).await,
+                    keyed,
+                } => {
+                    let body = if keyed {
+                        keyed_publish()
+                    } else {
+                        same(publish_body(256))
+                    };
+                    closed_loop(port, conns, per_conn, "Publish", body, 1).await
+                }
                 Load::Closed {
                     conns,
                     per_conn,
                     batch: true,
-                } => closed_loop(port, conns, per_conn, "BatchPublish", batch.clone(), 100).await,
+                    keyed,
+                } => {
+                    let body = if keyed {
+                        keyed_batch()
+                    } else {
+                        same(batch.clone())
+                    };
+                    closed_loop(port, conns, per_conn, "BatchPublish", body, 100).await
+                }
                 Load::Open { rate } => open_loop(port, rate).await,
             }
         });

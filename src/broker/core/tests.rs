@@ -906,3 +906,181 @@ fn a_group_claimed_elsewhere_ends_its_consumer_here_as_a_takeover() {
         .iter()
         .any(|a| matches!(a, Action::GroupIdle { .. })));
 }
+
+fn with_policy(topic: &str, g: &str, max: u32, deadline_ms: u32) -> SubscribeRequest {
+    SubscribeRequest {
+        policy: DeliveryPolicy {
+            max_deliveries: max,
+            dead_letter_topic: (max > 0).then(|| Arc::from(format!("{topic}.dead-letter"))),
+            ack_deadline_ms: deadline_ms,
+        },
+        ..group(topic, g, Start::Earliest)
+    }
+}
+
+fn dead_letters(actions: &[Action]) -> Vec<DeadLetter> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeadLetter(d) => Some(d.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_message_past_max_deliveries_is_dead_lettered_once_and_skipped() {
+    let mut b = Broker::new(BrokerConfig::default());
+    publish(&mut b, "t", 1..=2);
+    let mut sub = 1;
+    // A consumer that takes one message and crashes, three times.
+    for round in 1..=3 {
+        b.subscribe(sub, with_policy("t", "g", 3, 0), 0, 0).unwrap();
+        b.grant(sub, 1);
+        assert_eq!(drain(&mut b, sub, 0), vec![(1, round)]);
+        b.unsubscribe(sub);
+        sub += 1;
+    }
+    actions(&mut b);
+    b.subscribe(sub, with_policy("t", "g", 3, 0), 0, 0).unwrap();
+    b.grant(sub, 1);
+    // The fourth delivery of 1 would pass the limit: 2 comes instead,
+    // spending the only credit; 1 goes to the dead-letter topic.
+    assert_eq!(drain(&mut b, sub, 0), vec![(2, 1)]);
+    let dead = dead_letters(&actions(&mut b));
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!((d.message.sequence, d.delivery_count), (1, 3));
+    assert_eq!(&*d.dead_letter_topic, "t.dead-letter");
+    assert!(d.advance_cursor, "1 is the group's next unacked message");
+    assert_eq!(
+        d.attributes()["sluice-dead-letter-reason"],
+        "max_deliveries"
+    );
+    // Committed: the cursor moves past it; it is never offered again.
+    b.on_dead_lettered("t", "g", 1, true, true, 0);
+    assert_eq!(b.group_cursor("t", "g"), Some(1));
+    b.unsubscribe(sub);
+    b.subscribe(sub + 1, with_policy("t", "g", 3, 0), 0, 0)
+        .unwrap();
+    b.grant(sub + 1, 10);
+    assert_eq!(drain(&mut b, sub + 1, 0), vec![(2, 2)]);
+    assert!(dead_letters(&actions(&mut b)).is_empty());
+}
+
+#[test]
+fn a_failed_dead_letter_append_is_tried_again() {
+    let mut b = Broker::new(BrokerConfig::default());
+    publish(&mut b, "t", 1..=1);
+    b.subscribe(1, with_policy("t", "g", 1, 0), 0, 0).unwrap();
+    b.grant(1, 5);
+    assert_eq!(drain(&mut b, 1, 0), vec![(1, 1)]);
+    b.nack(1, &msg("t", 1).id.to_string(), 0, 0);
+    b.tick(0);
+    assert!(drain(&mut b, 1, 0).is_empty(), "dead-lettered, not sent");
+    assert_eq!(dead_letters(&actions(&mut b)).len(), 1);
+    b.on_dead_lettered("t", "g", 1, false, false, 10);
+    assert_eq!(b.group_cursor("t", "g"), Some(0));
+    b.tick(10 + 1_000);
+    assert!(drain(&mut b, 1, 1_010).is_empty());
+    assert_eq!(dead_letters(&actions(&mut b)).len(), 1, "asked again");
+}
+
+#[test]
+fn delivery_counts_of_groups_with_max_deliveries_are_persisted_and_restored() {
+    let mut b = Broker::new(BrokerConfig::default());
+    publish(&mut b, "t", 1..=1);
+    b.subscribe(1, with_policy("t", "g", 5, 0), 0, 0).unwrap();
+    b.grant(1, 1);
+    drain(&mut b, 1, 0);
+    let persisted: Vec<_> = actions(&mut b)
+        .into_iter()
+        .filter(|a| matches!(a, Action::PersistDelivery { .. }))
+        .collect();
+    assert_eq!(persisted.len(), 1);
+    // A new broker (a restart) that loads what was persisted.
+    let mut b = Broker::new(BrokerConfig::default());
+    b.load_topic(
+        TopicView {
+            name: "t".into(),
+            created_at_ms: 1,
+            first_seq: 1,
+            first_ordinal: 1,
+            first_ts: 1,
+            last_seq: 1,
+            last_ordinal: 1,
+            last_ts: 1,
+        },
+        1,
+    );
+    b.load_group(
+        "t",
+        GroupView {
+            name: "g".into(),
+            cursor: 0,
+            cursor_ordinal: 0,
+            last_ack_ms: 0,
+        },
+    );
+    b.load_group_deliveries(
+        "t",
+        "g",
+        GroupDeliveries {
+            max_deliveries: 5,
+            dead_letter_topic: Some("t.dead-letter".into()),
+            delivered_max: 1,
+            counts: vec![(1, 4)],
+            dead: vec![],
+        },
+    );
+    b.on_page(1, 0, vec![], None);
+    b.subscribe(1, with_policy("t", "g", 5, 0), 0, 0).unwrap();
+    b.grant(1, 1);
+    for a in actions(&mut b) {
+        if let Action::Fetch(f) = a {
+            b.on_page(1, f.id, vec![msg("t", 1)], Some(1));
+        }
+    }
+    assert_eq!(drain(&mut b, 1, 0), vec![(1, 5)]);
+}
+
+#[test]
+fn an_ack_deadline_redelivers_once_per_deadline_when_credit_allows() {
+    let mut b = Broker::new(BrokerConfig::default());
+    publish(&mut b, "t", 1..=2);
+    b.subscribe(1, with_policy("t", "g", 0, 100), 0, 0).unwrap();
+    b.grant(1, 1);
+    assert_eq!(drain(&mut b, 1, 0), vec![(1, 1)]);
+    assert_eq!(b.next_deadline().filter(|&t| t <= 100), Some(100));
+    b.tick(100);
+    assert!(drain(&mut b, 1, 100).is_empty(), "no credit: nothing sent");
+    b.grant(1, 1);
+    assert_eq!(drain(&mut b, 1, 150), vec![(1, 2)]);
+    b.grant(1, 1);
+    assert_eq!(drain(&mut b, 1, 150), vec![(2, 1)]);
+    // An ack of 2 covers 1 as well: no more redeliveries, no timers left
+    // but the heartbeat.
+    b.ack(1, &msg("t", 2).id.to_string(), 0);
+    b.grant(1, 5);
+    b.tick(10_000);
+    assert!(drain(&mut b, 1, 10_000).is_empty());
+    assert!(b
+        .timers
+        .iter()
+        .all(|(_, t)| matches!(t, Timer::Heartbeat { .. })));
+}
+
+#[test]
+fn with_an_ack_deadline_unacked_deliveries_are_bounded() {
+    let mut b = Broker::new(BrokerConfig {
+        max_unacked: 3,
+        ..BrokerConfig::default()
+    });
+    publish(&mut b, "t", 1..=10);
+    b.subscribe(1, with_policy("t", "g", 0, 60_000), 0, 0)
+        .unwrap();
+    b.grant(1, 100);
+    assert_eq!(drain(&mut b, 1, 0).len(), 3);
+    b.ack(1, &msg("t", 2).id.to_string(), 0);
+    assert_eq!(drain(&mut b, 1, 0).len(), 2);
+}
