@@ -145,6 +145,71 @@ fn topics_and_stats() {
 }
 
 #[test]
+fn json_output_parses_and_carries_binary_payloads_as_base64() {
+    let server = Server::start();
+    let p = sluice(&server, &["publish", "bin", "--whole"], &[0xff, 0xfe, b'"']);
+    assert!(p.status.success());
+    let p = sluice(
+        &server,
+        &[
+            "publish",
+            "bin",
+            "tab\there \"quoted\" é",
+            "--attr",
+            "k=a\"b",
+        ],
+        b"",
+    );
+    assert!(p.status.success());
+    let s = sluice(
+        &server,
+        &[
+            "subscribe",
+            "bin",
+            "--group",
+            "g",
+            "--from",
+            "earliest",
+            "--count",
+            "2",
+            "--json",
+        ],
+        b"",
+    );
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    let lines: Vec<serde_json::Value> = stdout(&s)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["payload_base64"], "//4i");
+    assert!(lines[0].get("payload").is_none());
+    assert_eq!(lines[1]["payload"], "tab\there \"quoted\" é");
+    assert_eq!(lines[1]["attributes"]["k"], "a\"b");
+    assert_eq!(lines[1]["delivery_count"], 1);
+    let last_seq = lines[1]["sequence"].as_u64().unwrap();
+
+    let st = sluice(&server, &["stats", "bin", "--json"], b"");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let out = stdout(&st);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["topic"], "bin");
+    assert_eq!(v["total_messages"], 2);
+    assert_eq!(v["last_sequence"], last_seq);
+    assert!(v["created_at"].as_i64().unwrap() > 0);
+    let groups = v["consumer_groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0]["group_name"], "g");
+    assert_eq!(groups[0]["cursor_sequence"], last_seq);
+    assert_eq!(groups[0]["pending_count"], 0);
+}
+
+#[test]
 fn errors_print_the_status_and_exit_non_zero() {
     let server = Server::start();
     let bad = sluice(&server, &["publish", "no spaces allowed", "x"], b"");
@@ -225,6 +290,58 @@ fn daemon_flags_help_version_and_bad_values() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("SLUICE_PORT"));
+}
+
+/// The daemon's option lines in `--help`: each description starts in the
+/// same column, and so does every continuation line below it.
+#[test]
+fn help_option_descriptions_share_one_column() {
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let text = stdout(&help);
+    let options: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("OPTIONS"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .collect();
+    let mut columns = Vec::new();
+    for line in &options {
+        let indent = line.len() - line.trim_start().len();
+        let column = if line.trim_start().starts_with('-') {
+            // The flag and its value name, then at least two spaces.
+            let gap = line[indent..]
+                .find("  ")
+                .unwrap_or_else(|| panic!("no description after the flag: {line:?}"));
+            let rest = &line[indent + gap..];
+            indent + gap + (rest.len() - rest.trim_start().len())
+        } else {
+            indent
+        };
+        columns.push((column, *line));
+    }
+    let flags = options
+        .iter()
+        .filter(|l| l.trim_start().starts_with('-'))
+        .count();
+    assert!(flags >= 30, "found only {flags} option lines:\n{text}");
+    for flag in ["--max-db-bytes SIZE", "--otel-endpoint URL", "-h, --help"] {
+        assert!(
+            options.iter().any(|l| l.trim_start().starts_with(flag)),
+            "{flag} is an option line"
+        );
+    }
+    let first = columns[0].0;
+    let off: Vec<String> = columns
+        .iter()
+        .filter(|(c, _)| *c != first)
+        .map(|(c, l)| format!("column {c}: {l}"))
+        .collect();
+    assert!(
+        off.is_empty(),
+        "descriptions start in column {first}, except:\n{}",
+        off.join("\n")
+    );
 }
 
 #[test]

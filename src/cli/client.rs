@@ -18,6 +18,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Token};
 use prost::Message;
 
+use crate::grpc::status::percent_decode;
 use crate::grpc::{encode_message, Code, MessageDecoder, Status};
 use crate::socket_io::SocketIo;
 
@@ -65,24 +66,6 @@ fn status_from(headers: &http::HeaderMap) -> Option<Status> {
         .map(percent_decode)
         .unwrap_or_default();
     Some(Status::new(Code::from_i32(code), message))
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn unavailable(e: impl std::fmt::Display) -> Status {

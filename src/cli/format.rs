@@ -1,7 +1,12 @@
-//! Output formatting for the CLI: RFC 3339 times, JSON deliveries, status
-//! code names. Pure functions.
+//! Output formatting for the CLI: RFC 3339 times, JSON deliveries and topic
+//! stats (serde_json; non-UTF-8 payloads as base64), status code names.
+//! Pure functions.
 
-use std::fmt::Write;
+use std::collections::BTreeMap;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde::Serialize;
 
 use crate::grpc::Code;
 use crate::proto;
@@ -54,78 +59,86 @@ pub fn time(ms: i64) -> String {
     )
 }
 
-fn json_string(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-fn base64(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+/// One delivery as `subscribe --json` prints it.
+#[derive(Serialize)]
+struct DeliveryJson<'a> {
+    sequence: u64,
+    message_id: &'a str,
+    timestamp: i64,
+    delivery_count: u32,
+    /// Sorted by key, so the same message always prints the same line.
+    attributes: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_base64: Option<String>,
 }
 
 /// One delivery as a JSON object on one line. The payload is text when it
-/// is UTF-8, else `payload_base64`.
+/// is UTF-8, else `payload_base64` (standard alphabet, padded).
 pub fn delivery_json(d: &proto::MessageDelivery) -> String {
-    let mut out = String::new();
-    let _ = write!(out, "{{\"sequence\":{},\"message_id\":", d.sequence);
-    json_string(&mut out, &d.message_id);
-    let _ = write!(
-        out,
-        ",\"timestamp\":{},\"delivery_count\":{},\"attributes\":{{",
-        d.timestamp, d.delivery_count
-    );
-    let mut attrs: Vec<_> = d.attributes.iter().collect();
-    attrs.sort();
-    for (i, (k, v)) in attrs.into_iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        json_string(&mut out, k);
-        out.push(':');
-        json_string(&mut out, v);
-    }
-    out.push('}');
-    match std::str::from_utf8(&d.payload) {
-        Ok(text) => {
-            out.push_str(",\"payload\":");
-            json_string(&mut out, text);
-        }
-        Err(_) => {
-            let _ = write!(out, ",\"payload_base64\":\"{}\"", base64(&d.payload));
-        }
-    }
-    out.push('}');
-    out
+    let text = std::str::from_utf8(&d.payload).ok();
+    let line = DeliveryJson {
+        sequence: d.sequence,
+        message_id: &d.message_id,
+        timestamp: d.timestamp,
+        delivery_count: d.delivery_count,
+        attributes: d
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        payload: text,
+        payload_base64: text.is_none().then(|| STANDARD.encode(&d.payload)),
+    };
+    serde_json::to_string(&line).expect("a struct of strings and numbers serializes")
+}
+
+/// A consumer group within `stats --json`.
+#[derive(Serialize)]
+struct GroupJson<'a> {
+    group_name: &'a str,
+    cursor_sequence: u64,
+    pending_count: u64,
+    last_ack_timestamp: i64,
+}
+
+/// One topic as `stats --json` prints it: the fields of `TopicStats`, with
+/// their proto names, timestamps in Unix milliseconds.
+#[derive(Serialize)]
+struct TopicStatsJson<'a> {
+    topic: &'a str,
+    total_messages: u64,
+    first_sequence: u64,
+    last_sequence: u64,
+    first_message_timestamp: i64,
+    last_message_timestamp: i64,
+    created_at: i64,
+    consumer_groups: Vec<GroupJson<'a>>,
+}
+
+/// One topic's stats as a JSON object on one line.
+pub fn topic_stats_json(s: &proto::TopicStats) -> String {
+    let line = TopicStatsJson {
+        topic: &s.topic,
+        total_messages: s.total_messages,
+        first_sequence: s.first_sequence,
+        last_sequence: s.last_sequence,
+        first_message_timestamp: s.first_message_timestamp,
+        last_message_timestamp: s.last_message_timestamp,
+        created_at: s.created_at,
+        consumer_groups: s
+            .consumer_groups
+            .iter()
+            .map(|g| GroupJson {
+                group_name: &g.group_name,
+                cursor_sequence: g.cursor_sequence,
+                pending_count: g.pending_count,
+                last_ack_timestamp: g.last_ack_timestamp,
+            })
+            .collect(),
+    };
+    serde_json::to_string(&line).expect("a struct of strings and numbers serializes")
 }
 
 #[cfg(test)]
@@ -137,15 +150,6 @@ mod tests {
         assert_eq!(time(0), "-");
         assert_eq!(time(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
         assert_eq!(time(951_782_400_000), "2000-02-29T00:00:00.000Z");
-    }
-
-    #[test]
-    fn base64_matches_rfc4648() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
     }
 
     #[test]
@@ -167,5 +171,61 @@ mod tests {
             ..d
         };
         assert!(delivery_json(&bin).ends_with(r#""payload_base64":"/wA="}"#));
+        // Control characters, quotes and non-ASCII text in keys and values.
+        let odd = proto::MessageDelivery {
+            payload: bytes::Bytes::from_static("\u{1}é\t".as_bytes()),
+            attributes: [("b\"k".to_string(), "\\v".to_string())]
+                .into_iter()
+                .collect(),
+            ..bin
+        };
+        let line = delivery_json(&odd);
+        assert!(
+            line.ends_with(r#""attributes":{"b\"k":"\\v"},"payload":"\u0001é\t"}"#),
+            "{line}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back["payload"], "\u{1}é\t");
+        assert_eq!(back["attributes"]["b\"k"], "\\v");
+    }
+
+    #[test]
+    fn payload_base64_is_rfc4648() {
+        for (raw, b64) in [
+            (&[0xffu8][..], "/w=="),
+            (&[0xff, 0xfe][..], "//4="),
+            (&[0xff, 0xfe, 0xfd][..], "//79"),
+        ] {
+            let d = proto::MessageDelivery {
+                payload: bytes::Bytes::copy_from_slice(raw),
+                ..Default::default()
+            };
+            let v: serde_json::Value = serde_json::from_str(&delivery_json(&d)).unwrap();
+            assert_eq!(v["payload_base64"], b64);
+            assert!(v.get("payload").is_none());
+        }
+    }
+
+    #[test]
+    fn topic_stats_json_has_every_field() {
+        let s = proto::TopicStats {
+            topic: "orders".into(),
+            total_messages: 3,
+            first_sequence: 1,
+            last_sequence: 3,
+            first_message_timestamp: 10,
+            last_message_timestamp: 30,
+            created_at: 5,
+            consumer_groups: vec![proto::ConsumerGroupStats {
+                group_name: "billing".into(),
+                cursor_sequence: 2,
+                pending_count: 1,
+                last_ack_timestamp: 20,
+            }],
+        };
+        assert_eq!(
+            topic_stats_json(&s),
+            r#"{"topic":"orders","total_messages":3,"first_sequence":1,"last_sequence":3,"first_message_timestamp":10,"last_message_timestamp":30,"created_at":5,"consumer_groups":[{"group_name":"billing","cursor_sequence":2,"pending_count":1,"last_ack_timestamp":20}]}"#
+        );
     }
 }

@@ -29,7 +29,8 @@ Client commands (talk to a running broker):
                            [--browse] [--count N] [--json]
         prints one message per line (the payload, or JSON), acking as it prints
     sluice topics
-    sluice stats [TOPIC]...
+    sluice stats [TOPIC]... [--json]
+        one line per topic and per consumer group, or one JSON object per topic
     Each takes --addr HOST:PORT [SLUICE_ADDR] (default 127.0.0.1:50051).
 ";
 
@@ -348,10 +349,11 @@ fn topics(args: Vec<OsString>) -> Result<(), Failure> {
 fn stats(args: Vec<OsString>) -> Result<(), Failure> {
     use lexopt::prelude::*;
     let mut p = lexopt::Parser::from_args(args);
-    let (mut addr, mut topics) = (default_addr(), Vec::new());
+    let (mut addr, mut topics, mut json) = (default_addr(), Vec::new(), false);
     while let Some(arg) = p.next()? {
         match arg {
             Long("addr") => addr = text(p.value()?, "--addr")?,
+            Long("json") => json = true,
             Value(v) => topics.push(text(v, "TOPIC")?),
             other => return Err(other.unexpected().into()),
         }
@@ -362,6 +364,10 @@ fn stats(args: Vec<OsString>) -> Result<(), Failure> {
         &proto::GetTopicStatsRequest { topics },
     )?;
     for s in r.stats {
+        if json {
+            println!("{}", format::topic_stats_json(&s));
+            continue;
+        }
         println!(
             "{}\tmessages={}\tfirst={} ({})\tlast={} ({})\tcreated={}",
             s.topic,

@@ -1,4 +1,4 @@
-//! gRPC status codes and the `grpc-message` percent-encoding.
+//! gRPC status codes and the `grpc-message` percent-encoding (and its decoding).
 
 use std::fmt;
 
@@ -116,6 +116,29 @@ pub fn percent_encode(message: &str) -> String {
     out
 }
 
+/// Undoes percent-encoding: each `%XX` (two hex digits) becomes that byte;
+/// anything else, including a `%` not followed by two hex digits, is kept as
+/// it is. Bytes that are not UTF-8 become U+FFFD. The one decoder for
+/// `grpc-message` values (the CLI) and the `OTEL_*` key=value lists.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +148,20 @@ mod tests {
         assert_eq!(percent_encode("plain text: ok"), "plain text: ok");
         assert_eq!(percent_encode("100%\n"), "100%25%0A");
         assert_eq!(percent_encode("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn decodes_what_it_can_and_keeps_the_rest() {
+        assert_eq!(percent_decode("a%20b%2Cc"), "a b,c");
+        assert_eq!(percent_decode("%c3%A9"), "é");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        // Not a sign or other text from_str_radix would take.
+        assert_eq!(percent_decode("%+1"), "%+1");
+        assert_eq!(percent_decode("%é%"), "%é%");
+        assert_eq!(percent_decode("%FF"), "\u{fffd}");
+        let text = "100% sure:\n é, 日本";
+        assert_eq!(percent_decode(&percent_encode(text)), text);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use crate::grpc::status::percent_decode;
+
 pub const DEFAULT_EXPORT_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_SERVICE_NAME: &str = "sluice";
@@ -122,25 +124,6 @@ fn key_values(v: &str) -> Vec<(String, String)> {
             (!k.is_empty()).then(|| (k.to_string(), percent_decode(v.trim())))
         })
         .collect()
-}
-
-fn percent_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl TelemetryConfig {
@@ -412,12 +395,5 @@ pub(super) mod tests {
         .contains("OTEL_TRACES_SAMPLER_ARG"));
         assert!(err(ok, None, &[("OTEL_BSP_MAX_QUEUE_SIZE", "many")])
             .contains("OTEL_BSP_MAX_QUEUE_SIZE"));
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b%2Cc"), "a b,c");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
 }
