@@ -143,6 +143,7 @@ fn open_store(
                 retention_max_age: cfg.retention_max_age,
                 retention_max_messages: cfg.retention_max_messages,
                 retention_max_bytes: cfg.retention_max_bytes,
+                dedup_window: cfg.dedup_window,
             },
             wake,
             telemetry,

@@ -2,9 +2,10 @@
 //! window, its bound, SIGKILL inside it), poison-message protection
 //! (`max_deliveries` and dead-letter topics, counts across reconnects and
 //! restarts, retention and DeleteTopic) and ack deadlines (with credit
-//! exhausted, with acks, counted towards `max_deliveries`). On the
-//! JetStream store keys and `max_deliveries` are refused UNIMPLEMENTED (the
-//! README's difference table), which the last test checks.
+//! exhausted, with acks, counted towards `max_deliveries`). All run on both
+//! stores but the rows of the README's difference table: on JetStream
+//! delivery counts live in the gateway's memory, `--dedup-max-keys` does not
+//! apply and JetStream itself deduplicates a key for 30 s at least.
 
 mod common;
 
@@ -85,9 +86,6 @@ async fn browse_all(c: &mut Client, topic: &str) -> Vec<proto::MessageDelivery> 
 
 #[tokio::test]
 async fn a_repeated_key_returns_the_original_and_stores_nothing() {
-    if sqlite_only("idempotency keys") {
-        return;
-    }
     let server = Server::start();
     let mut c = server.client().await;
     let first = publish_key(&mut c, "orders", "one", "order-1")
@@ -145,18 +143,13 @@ async fn bad_keys_are_refused() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     // 128 printable bytes, spaces included, are fine.
-    if !store_is_nats() {
-        publish_key(&mut c, "t", "p", &format!("a b{}", "x".repeat(125)))
-            .await
-            .unwrap();
-    }
+    publish_key(&mut c, "t", "p", &format!("a b{}", "x".repeat(125)))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn batch_duplicates_are_answered_per_message_and_the_rest_is_stored() {
-    if sqlite_only("idempotency keys") {
-        return;
-    }
     let server = Server::start();
     let mut c = server.client().await;
     let earlier = publish_key(&mut c, "t", "c", "c").await.unwrap();
@@ -198,9 +191,6 @@ async fn batch_duplicates_are_answered_per_message_and_the_rest_is_stored() {
 
 #[tokio::test]
 async fn concurrent_publishes_of_one_key_store_it_once() {
-    if sqlite_only("idempotency keys") {
-        return;
-    }
     let server = Server::start();
     let url = server.url();
     let mut tasks = Vec::new();
@@ -226,9 +216,6 @@ async fn concurrent_publishes_of_one_key_store_it_once() {
 
 #[tokio::test]
 async fn keys_survive_a_sigkill_inside_the_window() {
-    if sqlite_only("idempotency keys") {
-        return;
-    }
     let mut server = Server::start();
     let mut c = server.client().await;
     let first = publish_key(&mut c, "t", "p", "k1").await.unwrap();
@@ -246,7 +233,7 @@ async fn keys_survive_a_sigkill_inside_the_window() {
 
 #[tokio::test]
 async fn keys_expire_after_the_window() {
-    if sqlite_only("idempotency keys") {
+    if sqlite_only("JetStream deduplicates a key for 30 s at least") {
         return;
     }
     let server = Server::start_with(&["--dedup-window", "1s"]);
@@ -261,7 +248,7 @@ async fn keys_expire_after_the_window() {
 
 #[tokio::test]
 async fn past_the_key_bound_the_oldest_keys_are_forgotten_first() {
-    if sqlite_only("idempotency keys") {
+    if sqlite_only("--dedup-max-keys bounds the SQLite store's keys") {
         return;
     }
     let server = Server::start_with(&["--dedup-max-keys", "3"]);
@@ -306,9 +293,6 @@ async fn crash_on_next(c: &mut Client, topic: &str, max: u32) -> Option<proto::M
 
 #[tokio::test]
 async fn a_crash_looping_consumer_moves_the_poison_message_to_the_dead_letter_topic() {
-    if sqlite_only("dead-letter topics") {
-        return;
-    }
     let server = Server::start();
     let mut c = server.client().await;
     let poison = c
@@ -355,7 +339,7 @@ async fn a_crash_looping_consumer_moves_the_poison_message_to_the_dead_letter_to
 
 #[tokio::test]
 async fn delivery_counts_of_a_group_with_max_deliveries_survive_a_broker_sigkill() {
-    if sqlite_only("dead-letter topics") {
+    if sqlite_only("delivery counts live in the gateway's memory") {
         return;
     }
     let mut server = Server::start();
@@ -384,9 +368,6 @@ async fn delivery_counts_of_a_group_with_max_deliveries_survive_a_broker_sigkill
 
 #[tokio::test]
 async fn nacks_count_towards_max_deliveries_and_a_custom_dead_letter_topic_is_used() {
-    if sqlite_only("dead-letter topics") {
-        return;
-    }
     let server = Server::start();
     let mut c = server.client().await;
     let poison = c.publish("t", b"poison").await.unwrap();
@@ -414,9 +395,6 @@ async fn nacks_count_towards_max_deliveries_and_a_custom_dead_letter_topic_is_us
 
 #[tokio::test]
 async fn a_dead_lettered_message_outlives_retention_and_delete_topic_of_its_source() {
-    if sqlite_only("dead-letter topics") {
-        return;
-    }
     let server = Server::start_with(&["--retention-max-messages", "2"]);
     let mut c = server.client().await;
     let poison = c.publish("src", b"poison").await.unwrap();
@@ -533,9 +511,6 @@ async fn an_unacked_delivery_comes_again_after_its_deadline_only_with_credit() {
 
 #[tokio::test]
 async fn deadline_redeliveries_count_towards_max_deliveries() {
-    if sqlite_only("dead-letter topics") {
-        return;
-    }
     let server = Server::start();
     let mut c = server.client().await;
     let poison = c.publish("t", b"slow").await.unwrap();
@@ -558,27 +533,4 @@ async fn deadline_redeliveries_count_towards_max_deliveries() {
     assert_eq!((d.sequence, d.delivery_count), (next.sequence, 1));
     s.send(ack(&d.message_id)).await;
     assert_eq!(browse_all(&mut c, "t.dead-letter").await.len(), 1);
-}
-
-// ---------------------------------------------------------------------------
-// The JetStream store (difference table)
-// ---------------------------------------------------------------------------
-
-#[tokio::test]
-async fn the_jetstream_store_refuses_keys_and_max_deliveries_unimplemented() {
-    if !store_is_nats() {
-        return;
-    }
-    let server = Server::start();
-    let mut c = server.client().await;
-    let e = publish_key(&mut c, "t", "p", "k").await.unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
-    let mut s = c
-        .subscribe_with(init_with("t", "g", 3, "", 0))
-        .await
-        .unwrap();
-    match s.next_within(WAIT).await {
-        Some(Err(e)) => assert_eq!(e.code(), Code::Unimplemented, "{e:?}"),
-        other => panic!("not refused: {other:?}"),
-    }
 }

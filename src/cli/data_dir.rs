@@ -180,6 +180,7 @@ fn parse_migrate(args: Vec<OsString>) -> Result<MigrateConfig, String> {
             retention_max_age: None,
             retention_max_messages: None,
             retention_max_bytes: None,
+            dedup_window: serve.dedup_window,
         },
     })
 }

@@ -118,8 +118,6 @@ pub struct Shared {
     /// The store is shared by several gateways: group consumers are claimed
     /// before they start and released when they end.
     pub claims_groups: bool,
-    /// The store keeps idempotency keys and dead-letters (see `StoreLinks`).
-    pub dead_letters: bool,
     /// Groups to release once their cursor writes are handed to the writer.
     pub releases: Vec<(Arc<str>, Arc<str>)>,
     /// Topics (group None) and groups deleted lately, here or through
@@ -431,7 +429,6 @@ impl Reactor {
                 cursors: HashMap::new(),
                 deliveries: HashMap::new(),
                 claims_groups: links.claims_groups,
-                dead_letters: links.dead_letters,
                 releases: Vec::new(),
                 claiming: HashMap::new(),
                 deleted: HashMap::new(),

@@ -61,16 +61,6 @@ fn key_of(key: String) -> Option<String> {
     (!key.is_empty()).then_some(key)
 }
 
-/// Refuses idempotency keys on a store that does not keep them.
-fn keys_supported(shared: &Shared, messages: &[NewMessage]) -> Result<(), Status> {
-    if !shared.dead_letters && messages.iter().any(|m| m.idempotency_key.is_some()) {
-        return Err(Status::unimplemented(
-            "idempotency keys are not supported on this store (JetStream) yet",
-        ));
-    }
-    Ok(())
-}
-
 impl Validate for proto::PublishRequest {
     fn validate(&self) -> Result<(), Status> {
         valid_topic(&self.topic)?;
@@ -222,7 +212,6 @@ fn dispatch(
                 attributes: req.attributes,
                 idempotency_key: key_of(req.idempotency_key),
             }];
-            keys_supported(shared, &messages)?;
             let topic: Arc<str> = req.topic.into();
             shared.admit_topic(&topic)?;
             *meta = Some(traced(shared, info, &topic, &mut messages, false));
@@ -252,7 +241,6 @@ fn dispatch(
                     idempotency_key: key_of(m.idempotency_key),
                 })
                 .collect();
-            keys_supported(shared, &messages)?;
             let topic: Arc<str> = req.topic.into();
             shared.admit_topic(&topic)?;
             *meta = Some(traced(shared, info, &topic, &mut messages, true));

@@ -421,12 +421,6 @@ impl SubscribeCall {
                     )));
                 }
             }
-            if request.policy.max_deliveries > 0 && !shared.dead_letters {
-                return Err(Status::unimplemented(
-                    "max_deliveries and dead-letter topics are not supported on this store \
-                     (JetStream) yet",
-                ));
-            }
             if shared.claims_groups && request.group.is_some() {
                 let topic: Arc<str> = request.topic.as_str().into();
                 shared.claim_started(&topic, &label);

@@ -351,10 +351,6 @@ pub struct StoreLinks {
     /// (`WriteRequest::ClaimGroup`) before it starts and released when it
     /// ends. False for a store only this process uses.
     pub claims_groups: bool,
-    /// The store keeps idempotency keys and dead-letters messages (SQLite);
-    /// when false the reactor refuses `idempotency_key` and
-    /// `max_deliveries` with UNIMPLEMENTED rather than ignore them.
-    pub dead_letters: bool,
 }
 
 /// A store's threads and whatever it holds for its whole life (such as a

@@ -93,6 +93,13 @@ impl Layout {
         format!("{}_gateways", self.prefix)
     }
 
+    /// Idempotency keys stored within the dedup window: key =
+    /// `idempotency_key`, value a `KeyValue` (the bucket's max age is the
+    /// window).
+    pub fn keys_bucket(&self) -> String {
+        format!("{}_keys", self.prefix)
+    }
+
     /// Which gateway serves each group's consumer (see `leases`).
     pub fn leases_bucket(&self) -> String {
         format!("{}_leases", self.prefix)
@@ -124,6 +131,25 @@ pub fn cursor_key(topic: &str, group: &str) -> Option<String> {
         encode_topic(topic).ok()?,
         encode_topic(group).ok()?
     ))
+}
+
+/// The KV key (and, prefixed, the `Nats-Msg-Id`) of a publish's
+/// idempotency key in a topic: the topic's token, then the key in hex (a
+/// key may hold any printable byte; the id must be one KV key).
+pub fn idempotency_key(topic: &str, key: &str) -> Option<String> {
+    let mut out = encode_topic(topic).ok()?;
+    out.push('.');
+    for b in key.bytes() {
+        out.push_str(&format!("{b:02x}"));
+    }
+    Some(out)
+}
+
+/// What the keys bucket holds for a key: the message stored under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub seq: u64,
+    pub ts: i64,
 }
 
 /// (topic, group) of a cursor key.

@@ -45,6 +45,8 @@ pub struct JetStreamStoreConfig {
     pub retention_max_age: Option<Duration>,
     pub retention_max_messages: Option<u64>,
     pub retention_max_bytes: Option<u64>,
+    /// How long an idempotency key is remembered (`--dedup-window`).
+    pub dedup_window: Duration,
 }
 
 /// The error for a failed JetStream call.
@@ -330,6 +332,10 @@ pub fn open(
         outcome_tx,
         wake.clone(),
     );
+    let keys = js
+        .kv_bucket_with_ttl(&layout.keys_bucket(), cfg.replicas, Some(cfg.dedup_window))
+        .map_err(|e| format!("bucket {} cannot be used: {e}", layout.keys_bucket()))?;
+    wait_for_leader(&js, keys.stream_name());
     let presence = js
         .kv_bucket_with_ttl(
             &layout.gateways_bucket(),
@@ -362,6 +368,8 @@ pub fn open(
             forgotten,
             leases: lease_tx,
             retention_counts: counts_rx,
+            keys: Some(keys),
+            dedup_window: cfg.dedup_window,
         },
         telemetry,
     );
@@ -418,7 +426,6 @@ pub fn open(
             pages_in: page_req_tx,
             pages_out: page_rx,
             claims_groups: true,
-            dead_letters: false,
         },
         state,
         threads,

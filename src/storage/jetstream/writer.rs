@@ -31,18 +31,23 @@ use crate::nats::jetstream::{JetStream, JetStreamError, PubAck, MSG_ID_HEADER};
 use crate::nats::kv_bucket::{KvBucket, ERR_WRONG_LAST_SEQUENCE};
 use crate::nats::publish_window::{OutgoingMessage, PubAckTicket};
 use crate::nats::stored_message::MessageSelector;
-use crate::storage::{Appended, StorageError, Wake, WakeOnExit, WriteOutcome, WriteRequest};
+use crate::storage::{
+    Appended, Duplicate, StorageError, Wake, WakeOnExit, WriteOutcome, WriteRequest,
+};
 
 /// Recent (sequence, ordinal) pairs kept per topic, so a cursor near the
 /// tail learns its ordinal without a lookup.
 const RECENT_PER_TOPIC: usize = 128;
 /// Most requests taken into one batch.
 const MAX_BATCH_REQUESTS: usize = 4096;
+/// How long a stored idempotency key is remembered in the writer's memory
+/// (its KV entry is read after that).
+const RECENT_KEYS_FOR: Duration = Duration::from_secs(2);
 /// Most publishes and cursor puts in flight at once (one BatchPublish may
 /// go past it: it is sent whole).
 const WINDOW: usize = 2048;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WriterConfig {
     /// How long a publish is retried (same msg id) before its call fails.
     pub retry_for: Duration,
@@ -56,6 +61,10 @@ pub struct WriterConfig {
     pub forgotten: super::announcer::Forgotten,
     /// Where group claims and releases go (after the cursor writes before them).
     pub leases: Sender<super::leases::LeaseRequest>,
+    /// The idempotency keys bucket (None in tests that use no keys).
+    pub keys: Option<KvBucket>,
+    /// How long a key is remembered (`--dedup-window`).
+    pub dedup_window: Duration,
 }
 
 /// What the writer knows of a topic.
@@ -94,6 +103,10 @@ struct Outgoing {
     payload: Bytes,
     ordinal: u64,
     attributes: HashMap<String, String>,
+    /// Its position in the call.
+    index: usize,
+    /// Its idempotency key's KV key, when it has one.
+    key: Option<String>,
 }
 
 struct PendingAppend {
@@ -105,6 +118,23 @@ struct PendingAppend {
     /// Set when the append failed before anything was sent.
     failed: Option<StorageError>,
     sent: Instant,
+    /// Messages not sent: their keys were stored within the window.
+    duplicates: Vec<Duplicate>,
+    /// (index, index of the earlier message of the call with its key).
+    repeats: Vec<(usize, usize)>,
+    /// (index, key) of messages whose key an earlier call of this writer
+    /// is storing: answered from `recent_keys` once that call is done.
+    waits: Vec<(usize, String)>,
+    /// This append moves a message to a dead-letter topic.
+    dead_letter: Option<DeadLetterOf>,
+}
+
+/// The message a dead-letter append moves (see `WriteRequest::DeadLetter`).
+struct DeadLetterOf {
+    topic: Arc<str>,
+    group: Arc<str>,
+    sequence: u64,
+    advance_cursor: bool,
 }
 
 struct PendingCursor {
@@ -165,6 +195,12 @@ pub struct JetStreamWriter {
     /// `Nats-Msg-Id` = this prefix (random per process) + a counter.
     msg_id_prefix: String,
     next_msg_id: u64,
+    /// Idempotency keys this writer sent lately: None while in flight,
+    /// then the message stored under it, until its KV entry surely shows
+    /// (`RECENT_KEYS_FOR`); so one gateway's concurrent publishes of a key
+    /// are answered here, without JetStream storing or numbering it twice.
+    recent_keys: HashMap<String, Option<(u64, i64)>>,
+    recent_order: VecDeque<(Instant, String)>,
 }
 
 impl JetStreamWriter {
@@ -193,6 +229,8 @@ impl JetStreamWriter {
             resync: HashSet::new(),
             msg_id_prefix: format!("{}-", uuid::Uuid::new_v4().simple()),
             next_msg_id: 0,
+            recent_keys: HashMap::new(),
+            recent_order: VecDeque::new(),
         }
     }
 
@@ -395,6 +433,7 @@ impl JetStreamWriter {
     /// Sends a batch of requests (publishes and cursor puts go out without
     /// waiting; deletes first wait for everything before them).
     fn admit(&mut self, batch: Vec<WriteRequest>, out: &mut Vec<WriteOutcome>) {
+        self.forget_recent_keys();
         let mut batch = batch;
         self.forget_deleted();
         if !self.carry.is_empty() {
@@ -524,26 +563,32 @@ impl JetStreamWriter {
                         log::warn!("writer: the group leases thread is gone");
                     }
                 }
-                // Not offered on this store yet (`StoreLinks::dead_letters` is
-                // false, so the reactor refuses max_deliveries before it
-                // gets here); delivery counts and settings are not kept.
                 WriteRequest::DeadLetter {
                     topic,
                     group,
                     sequence,
-                    ..
+                    ordinal: _,
+                    advance_cursor,
+                    dead_letter_topic,
+                    mut message,
                 } => {
-                    self.drain(out);
-                    out.push(WriteOutcome::DeadLettered {
+                    // A key of its own: the same message of the same group is
+                    // dead-lettered once within the dedup window, even
+                    // after a restart.
+                    message.idempotency_key = Some(format!("dl:{group}:{sequence}"));
+                    let mut p = self.start_append(0, dead_letter_topic, ts, vec![message]);
+                    p.dead_letter = Some(DeadLetterOf {
                         topic,
                         group,
                         sequence,
-                        advanced: false,
-                        result: Err(StorageError::new(
-                            "dead-letter topics are not supported on the JetStream store yet",
-                        )),
+                        advance_cursor,
                     });
+                    let p = Pending::Append(p);
+                    self.inflight_size += p.size();
+                    self.inflight.push_back(p);
                 }
+                // Delivery counts and settings live in the gateway's memory
+                // on this store (README difference table).
                 WriteRequest::SetDeliveries { .. } | WriteRequest::SetPolicy { .. } => {}
                 WriteRequest::DeleteTopic { token, topic } => {
                     self.drain(out);
@@ -649,6 +694,47 @@ impl JetStreamWriter {
         Ok(())
     }
 
+    /// Drops the keys stored more than `RECENT_KEYS_FOR` ago (their KV
+    /// entries answer from now on); keys still in flight stay.
+    fn forget_recent_keys(&mut self) {
+        while let Some((at, _)) = self.recent_order.front() {
+            if at.elapsed() < RECENT_KEYS_FOR {
+                break;
+            }
+            let Some((_, key)) = self.recent_order.pop_front() else {
+                break;
+            };
+            match self.recent_keys.get(&key) {
+                Some(None) => self.recent_order.push_back((Instant::now(), key)),
+                Some(Some(_)) => {
+                    self.recent_keys.remove(&key);
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// The message stored under an idempotency key within the window:
+    /// (sequence, timestamp).
+    fn stored_key(
+        &self,
+        topic: &str,
+        kv_key: &str,
+        now_ms: i64,
+    ) -> Result<Option<(u64, i64)>, StorageError> {
+        let Some(kv) = &self.cfg.keys else {
+            return Ok(None);
+        };
+        let entry = kv.get(kv_key).map_err(|e| {
+            storage_error(&format!("cannot read the idempotency keys of {topic}"), &e)
+        })?;
+        let cutoff = now_ms.saturating_sub(self.cfg.dedup_window.as_millis() as i64);
+        Ok(entry
+            .and_then(|e| serde_json::from_slice::<layout::KeyValue>(&e.value).ok())
+            .filter(|v| v.ts >= cutoff)
+            .map(|v| (v.seq, v.ts)))
+    }
+
     fn start_append(
         &mut self,
         token: u64,
@@ -664,6 +750,10 @@ impl JetStreamWriter {
             tickets: Vec::new(),
             failed: None,
             sent: Instant::now(),
+            duplicates: Vec::new(),
+            repeats: Vec::new(),
+            waits: Vec::new(),
+            dead_letter: None,
         };
         if let Some(why) = self.status.unavailable_reason() {
             p.failed = Some(StorageError {
@@ -680,26 +770,102 @@ impl JetStreamWriter {
             p.failed = Some(StorageError::new(format!("invalid topic name {topic:?}")));
             return p;
         };
+        // Keys first: a message whose key is stored (or repeats an earlier
+        // one of the call) is not sent and takes no ordinal.
+        let mut keys: Vec<Option<String>> = Vec::with_capacity(messages.len());
+        let mut first_of: HashMap<String, usize> = HashMap::new();
+        for (index, m) in messages.iter().enumerate() {
+            let Some(key) = m.idempotency_key.as_deref() else {
+                keys.push(None);
+                continue;
+            };
+            let Some(kv_key) = layout::idempotency_key(&topic, key) else {
+                p.failed = Some(StorageError::new(format!("invalid topic name {topic:?}")));
+                return p;
+            };
+            if let Some(&first) = first_of.get(&kv_key) {
+                p.repeats.push((index, first));
+                keys.push(None);
+                continue;
+            }
+            match self.recent_keys.get(&kv_key) {
+                Some(None) => {
+                    p.waits.push((index, kv_key));
+                    keys.push(None);
+                    continue;
+                }
+                Some(Some((sequence, timestamp_ms))) => {
+                    p.duplicates.push(Duplicate {
+                        index,
+                        sequence: *sequence,
+                        id: MessageId::new(*timestamp_ms, *sequence, &topic),
+                        timestamp_ms: *timestamp_ms,
+                    });
+                    keys.push(None);
+                    continue;
+                }
+                None => {}
+            }
+            match self.stored_key(&topic, &kv_key, ts) {
+                Ok(Some((sequence, timestamp_ms))) => {
+                    p.duplicates.push(Duplicate {
+                        index,
+                        sequence,
+                        id: MessageId::new(timestamp_ms, sequence, &topic),
+                        timestamp_ms,
+                    });
+                    keys.push(None);
+                }
+                Ok(None) => {
+                    first_of.insert(kv_key.clone(), index);
+                    self.recent_keys.insert(kv_key.clone(), None);
+                    self.recent_order
+                        .push_back((Instant::now(), kv_key.clone()));
+                    keys.push(Some(kv_key));
+                }
+                Err(e) => {
+                    p.failed = Some(e);
+                    return p;
+                }
+            }
+        }
+        let skipped: HashSet<usize> = p
+            .duplicates
+            .iter()
+            .map(|d| d.index)
+            .chain(p.repeats.iter().map(|r| r.0))
+            .chain(p.waits.iter().map(|w| w.0))
+            .collect();
         let Some(counters) = self.topics.get_mut(&topic) else {
             p.failed = Some(StorageError::new("topic vanished"));
             return p;
         };
-        for m in messages {
+        for ((index, m), key) in messages.into_iter().enumerate().zip(keys) {
+            if skipped.contains(&index) {
+                continue;
+            }
             counters.next_ordinal += 1;
             let ordinal = counters.next_ordinal;
             let mut headers = layout::message_headers(ts, ordinal, &m.attributes);
-            // Unique per publish: this process's random prefix and a counter.
-            self.next_msg_id += 1;
-            headers.insert(
-                MSG_ID_HEADER,
-                format!("{}{}", self.msg_id_prefix, self.next_msg_id),
-            );
+            let msg_id = match &key {
+                // JetStream itself deduplicates a key within its duplicate
+                // window (a concurrent publish on another gateway).
+                Some(k) => format!("k:{k}"),
+                // Unique per publish: this process's random prefix and a counter.
+                None => {
+                    self.next_msg_id += 1;
+                    format!("{}{}", self.msg_id_prefix, self.next_msg_id)
+                }
+            };
+            headers.insert(MSG_ID_HEADER, msg_id);
             p.messages.push(Outgoing {
                 subject: subject.clone(),
                 headers,
                 payload: m.payload,
                 ordinal,
                 attributes: m.attributes,
+                index,
+                key,
             });
         }
         for m in &p.messages {
@@ -712,9 +878,10 @@ impl JetStreamWriter {
     /// its outcome; true when a publish failed or had to be sent again.
     fn finish_one(&mut self, p: Pending, out: &mut Vec<WriteOutcome>) -> bool {
         match p {
-            Pending::Append(a) => {
+            Pending::Append(mut a) => {
                 let sent = a.sent;
                 let topic = a.topic.clone();
+                let dead_letter = a.dead_letter.take();
                 let (outcome, disturbed, orphans) = self.finish_append(a);
                 if disturbed {
                     self.resync.insert(topic);
@@ -737,7 +904,10 @@ impl JetStreamWriter {
                         messages: orphans,
                     });
                 }
-                out.push(outcome);
+                match dead_letter {
+                    Some(dl) => self.dead_lettered(dl, outcome, out),
+                    None => out.push(outcome),
+                }
                 disturbed
             }
             Pending::Cursor(c) => {
@@ -807,6 +977,10 @@ impl JetStreamWriter {
             tickets,
             failed,
             sent: started,
+            mut duplicates,
+            repeats,
+            waits,
+            dead_letter: _,
         } = a;
         if let Some(e) = failed {
             let outcome = WriteOutcome::Appended {
@@ -815,6 +989,25 @@ impl JetStreamWriter {
                 result: Err(e),
             };
             return (outcome, false, Vec::new());
+        }
+        // An earlier call stored these keys (or failed to: then so does this).
+        let mut error = None;
+        for (index, key) in waits {
+            match self.recent_keys.get(&key) {
+                Some(Some((sequence, timestamp_ms))) => duplicates.push(Duplicate {
+                    index,
+                    sequence: *sequence,
+                    id: MessageId::new(*timestamp_ms, *sequence, &topic),
+                    timestamp_ms: *timestamp_ms,
+                }),
+                _ => {
+                    error.get_or_insert_with(|| {
+                        JetStreamError::Decode(
+                            "a concurrent publish of the same idempotency key failed".into(),
+                        )
+                    });
+                }
+            }
         }
         let mut acks: Vec<Result<PubAck, JetStreamError>> = tickets
             .into_iter()
@@ -847,13 +1040,52 @@ impl JetStreamWriter {
                     .and_then(|t| t.wait());
             }
         }
-        let counters = self.topics.get_mut(&topic);
         let mut stored = Vec::with_capacity(messages.len());
-        let mut error = None;
+        // index in the call -> (sequence, timestamp), for repeated keys.
+        let mut placed: HashMap<usize, (u64, i64)> = HashMap::new();
         for (m, ack) in messages.into_iter().zip(acks) {
+            let ack = match ack {
+                Ok(ack) if ack.duplicate && m.key.is_some() => {
+                    // JetStream had the key: another gateway stored it just
+                    // before, or this is our own resend of the message.
+                    match self.original(&topic, &m, ack.seq, ts) {
+                        Ok(None) => Ok(ack),
+                        Ok(Some(original_ts)) => {
+                            if let Some(key) = &m.key {
+                                self.recent_keys
+                                    .insert(key.clone(), Some((ack.seq, original_ts)));
+                            }
+                            placed.insert(m.index, (ack.seq, original_ts));
+                            duplicates.push(Duplicate {
+                                index: m.index,
+                                sequence: ack.seq,
+                                id: MessageId::new(original_ts, ack.seq, &topic),
+                                timestamp_ms: original_ts,
+                            });
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                other => other,
+            };
             match ack {
                 Ok(ack) => {
                     self.status.acked(ack.seq);
+                    placed.insert(m.index, (ack.seq, ts));
+                    if let Some(key) = &m.key {
+                        self.recent_keys.insert(key.clone(), Some((ack.seq, ts)));
+                        if let Some(kv) = &self.cfg.keys {
+                            let value = serde_json::to_vec(&layout::KeyValue { seq: ack.seq, ts })
+                                .unwrap_or_default();
+                            if let Err(e) = kv.put_start(key, &value) {
+                                crate::log_limited!(
+                                    log::Level::Warn,
+                                    "cannot store an idempotency key of {topic}: {e}"
+                                );
+                            }
+                        }
+                    }
                     stored.push(Arc::new(StoredMessage {
                         sequence: ack.seq,
                         ordinal: m.ordinal,
@@ -864,13 +1096,27 @@ impl JetStreamWriter {
                     }));
                 }
                 Err(e) => {
+                    if let Some(key) = &m.key {
+                        self.recent_keys.remove(key);
+                    }
                     if error.is_none() {
                         error = Some(e);
                     }
                 }
             }
         }
-        let Some(counters) = counters else {
+        for (index, first) in repeats {
+            if let Some(&(sequence, timestamp_ms)) = placed.get(&first) {
+                duplicates.push(Duplicate {
+                    index,
+                    sequence,
+                    id: MessageId::new(timestamp_ms, sequence, &topic),
+                    timestamp_ms,
+                });
+            }
+        }
+        duplicates.sort_by_key(|d| d.index);
+        let Some(counters) = self.topics.get_mut(&topic) else {
             let outcome = WriteOutcome::Appended {
                 token,
                 topic,
@@ -917,10 +1163,69 @@ impl JetStreamWriter {
                 timestamp_ms: ts,
                 messages: stored,
                 announced: false,
-                duplicates: Vec::new(),
+                duplicates,
             }),
         };
         (outcome, disturbed, Vec::new())
+    }
+
+    /// Turns a dead-letter append's outcome into `DeadLettered`: its
+    /// message is announced first (`Committed`), then the group's cursor is
+    /// moved past the dead-lettered one when asked.
+    fn dead_lettered(
+        &mut self,
+        dl: DeadLetterOf,
+        outcome: WriteOutcome,
+        out: &mut Vec<WriteOutcome>,
+    ) {
+        let WriteOutcome::Appended { result, .. } = outcome else {
+            return;
+        };
+        let result = result.map(|mut a| {
+            if !a.messages.is_empty() {
+                out.push(WriteOutcome::Committed {
+                    topic: a.topic.clone(),
+                    created_at_ms: a.created_at_ms,
+                    messages: a.messages.clone(),
+                });
+            }
+            a.announced = true;
+            a
+        });
+        let advanced = result.is_ok()
+            && dl.advance_cursor
+            && self.store_cursor_now(&dl.topic, &dl.group, dl.sequence, crate::storage::wall_ms());
+        out.push(WriteOutcome::DeadLettered {
+            topic: dl.topic,
+            group: dl.group,
+            sequence: dl.sequence,
+            advanced,
+            result,
+        });
+    }
+
+    /// The timestamp of the message JetStream reported as already stored
+    /// under `m`'s key, or None when that message is `m` itself (a resend).
+    fn original(
+        &self,
+        topic: &str,
+        m: &Outgoing,
+        seq: u64,
+        ts: i64,
+    ) -> Result<Option<i64>, JetStreamError> {
+        let stored = self
+            .js
+            .get_message(self.layout.stream(), MessageSelector::Seq(seq))?
+            .ok_or_else(|| {
+                JetStreamError::Decode(format!(
+                    "the message {seq} stored under an idempotency key of {topic} is gone"
+                ))
+            })?;
+        let meta = layout::message_meta(stored.headers.as_ref()).map_err(JetStreamError::Decode)?;
+        if meta.timestamp_ms == ts && meta.ordinal == m.ordinal {
+            return Ok(None);
+        }
+        Ok(Some(meta.timestamp_ms))
     }
 
     /// Finds topics whose oldest messages JetStream removed (retention

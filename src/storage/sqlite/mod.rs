@@ -114,7 +114,6 @@ pub fn open(
         pages_in: readers.requests,
         pages_out: page_rx,
         claims_groups: false,
-        dead_letters: true,
     };
     let (writer_thread, reader_threads) = (writer.thread, readers.threads);
     // Once the reactor dropped its senders, the writer commits what it has

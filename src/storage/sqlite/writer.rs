@@ -903,35 +903,38 @@ impl GroupCommit {
                     messages,
                 } => {
                     let row_id = topic_row(&tx, &mut self.topics, topic, ts)?.id;
-                    let (fresh, duplicates) =
+                    // Message i of the call gets sequence base + i; a
+                    // duplicate leaves its sequence unused.
+                    let base = self.next_seq;
+                    let mut duplicates = Vec::new();
+                    let fresh: Vec<(u64, &NewMessage)> =
                         if messages.iter().any(|m| m.idempotency_key.is_some()) {
-                            self.deduplicate(&tx, row_id, topic, messages, ts)?
+                            let cutoff =
+                                ts.saturating_sub(self.config.dedup_window.as_millis() as i64);
+                            let (claimed, dups) =
+                                claim_keys(&tx, row_id, topic, messages, base, ts, cutoff)?;
+                            if let Some(last) = claimed {
+                                self.keys.stored(last.0, ts, last.1);
+                            }
+                            duplicates = dups;
+                            let mut d = duplicates.iter().map(|d| d.index).peekable();
+                            messages
+                                .iter()
+                                .enumerate()
+                                .filter(|(i, _)| d.next_if_eq(i).is_none())
+                                .map(|(i, m)| (base + i as u64, m))
+                                .collect()
                         } else {
-                            (messages.iter().collect(), Vec::new())
+                            messages
+                                .iter()
+                                .enumerate()
+                                .map(|(i, m)| (base + i as u64, m))
+                                .collect()
                         };
-                    let (created_at_ms, stored) = insert_messages(
-                        &tx,
-                        &mut self.topics,
-                        &mut self.next_seq,
-                        topic,
-                        ts,
-                        &fresh,
-                    )?;
-                    let mut keyed = 0;
-                    for (m, stored) in fresh.iter().zip(&stored) {
-                        if let Some(key) = &m.idempotency_key {
-                            tx.prepare_cached(
-                                "INSERT OR REPLACE INTO idempotency_keys (seq, topic_id, key, ts) VALUES (?1, ?2, ?3, ?4)",
-                            )?
-                            .execute(params![stored.sequence as i64, row_id, key, ts])?;
-                            keyed += 1;
-                        }
-                    }
-                    if keyed > 0 {
-                        if let Some(last) = stored.last() {
-                            self.keys.stored(keyed, ts, last.sequence);
-                        }
-                    }
+                    let (created_at_ms, stored) =
+                        insert_messages(&tx, &mut self.topics, topic, ts, &fresh)?;
+                    // Trailing duplicates give their sequences back.
+                    self.next_seq = fresh.last().map_or(base, |(seq, _)| seq + 1);
                     appended += stored.len() as u64;
                     out.push(WriteOutcome::Appended {
                         token: *token,
@@ -955,14 +958,15 @@ impl GroupCommit {
                     dead_letter_topic,
                     message,
                 } => {
+                    let seq = self.next_seq;
                     let (created_at_ms, stored) = insert_messages(
                         &tx,
                         &mut self.topics,
-                        &mut self.next_seq,
                         dead_letter_topic,
                         ts,
-                        &[message],
+                        &[(seq, message)],
                     )?;
+                    self.next_seq += 1;
                     appended += stored.len() as u64;
                     let mut advanced = false;
                     if let Some(row) = self.topics.get(topic) {
@@ -1182,54 +1186,6 @@ impl GroupCommit {
         tx.commit()?;
         Ok(appended)
     }
-
-    /// Splits an append's messages into those to store and those whose
-    /// idempotency key was stored within the window (by an earlier call,
-    /// or earlier in this one): the latter answered with the original.
-    fn deduplicate<'m>(
-        &self,
-        tx: &Connection,
-        topic_id: i64,
-        topic: &str,
-        messages: &'m [NewMessage],
-        ts: i64,
-    ) -> rusqlite::Result<(Vec<&'m NewMessage>, Vec<Duplicate>)> {
-        let cutoff = ts.saturating_sub(self.config.dedup_window.as_millis() as i64);
-        let mut fresh = Vec::with_capacity(messages.len());
-        let mut duplicates = Vec::new();
-        let mut in_call: HashMap<&str, u64> = HashMap::new();
-        let mut lookup = tx.prepare_cached(
-            "SELECT seq, ts FROM idempotency_keys WHERE topic_id = ?1 AND key = ?2",
-        )?;
-        for (index, m) in messages.iter().enumerate() {
-            let Some(key) = m.idempotency_key.as_deref() else {
-                fresh.push(m);
-                continue;
-            };
-            let original = match in_call.get(key) {
-                Some(&seq) => Some((seq, ts)),
-                None => lookup
-                    .query_row(params![topic_id, key], |r| {
-                        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)?))
-                    })
-                    .optional()?
-                    .filter(|&(_, stored)| stored >= cutoff),
-            };
-            match original {
-                Some((sequence, timestamp_ms)) => duplicates.push(Duplicate {
-                    index,
-                    sequence,
-                    id: MessageId::new(timestamp_ms, sequence, topic),
-                    timestamp_ms,
-                }),
-                None => {
-                    in_call.insert(key, self.next_seq + fresh.len() as u64);
-                    fresh.push(m);
-                }
-            }
-        }
-        Ok((fresh, duplicates))
-    }
 }
 
 impl KeyWindow {
@@ -1284,15 +1240,109 @@ impl KeyWindow {
     }
 }
 
-/// Inserts `messages` as the newest of `topic` (creating it), numbering them
-/// from `*next_seq`; returns the topic's creation time and what was stored.
+/// Claims the idempotency keys of an append's messages (message i would be
+/// stored as sequence `base + i`): a key not stored within the window is
+/// inserted (or its expired row taken over) and its message is fresh; else
+/// the message is a duplicate of the original, of an earlier call or of an
+/// earlier message of this one. Inserts go first, many rows per statement,
+/// and only conflicting keys are looked up. Returns how many keys were
+/// claimed and the highest sequence among them (None: none), and the
+/// duplicates by ascending index.
+fn claim_keys(
+    tx: &Connection,
+    topic_id: i64,
+    topic: &str,
+    messages: &[NewMessage],
+    base: u64,
+    ts: i64,
+    cutoff: i64,
+) -> rusqlite::Result<ClaimedKeys> {
+    let keyed: Vec<(u64, &str)> = messages
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| Some((base + i as u64, m.idempotency_key.as_deref()?)))
+        .collect();
+    let mut claimed = std::collections::HashSet::with_capacity(keyed.len());
+    for chunk in keyed.chunks(ROWS_PER_INSERT) {
+        let mut insert = tx.prepare_cached(claim_keys_sql(chunk.len()))?;
+        for (k, (seq, key)) in chunk.iter().enumerate() {
+            insert.raw_bind_parameter(k * 4 + 1, *seq as i64)?;
+            insert.raw_bind_parameter(k * 4 + 2, topic_id)?;
+            insert.raw_bind_parameter(k * 4 + 3, *key)?;
+            insert.raw_bind_parameter(k * 4 + 4, ts)?;
+        }
+        let mut rows = insert.raw_query();
+        while let Some(row) = rows.next()? {
+            claimed.insert(row.get::<_, i64>(0)? as u64);
+        }
+    }
+    let mut duplicates = Vec::new();
+    for (seq, key) in keyed {
+        if claimed.contains(&seq) {
+            continue;
+        }
+        let (original, stored_at): (i64, i64) = tx
+            .prepare_cached(
+                "SELECT seq, ts FROM idempotency_keys WHERE topic_id = ?1 AND key = ?2",
+            )?
+            .query_row(params![topic_id, key], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if stored_at < cutoff {
+            // Expired but not yet deleted: this message takes the key.
+            tx.prepare_cached(
+                "UPDATE idempotency_keys SET seq = ?3, ts = ?4 WHERE topic_id = ?1 AND key = ?2",
+            )?
+            .execute(params![topic_id, key, seq as i64, ts])?;
+            claimed.insert(seq);
+        } else {
+            duplicates.push(Duplicate {
+                index: (seq - base) as usize,
+                sequence: original as u64,
+                id: MessageId::new(stored_at, original as u64, topic),
+                timestamp_ms: stored_at,
+            });
+        }
+    }
+    let last = claimed.iter().max().map(|&max| (claimed.len() as u64, max));
+    Ok((last, duplicates))
+}
+
+/// What `claim_keys` found: (keys claimed, the highest sequence among
+/// them) when any were, and the duplicates by ascending index.
+type ClaimedKeys = (Option<(u64, u64)>, Vec<Duplicate>);
+
+/// `INSERT … VALUES (…), … ON CONFLICT DO NOTHING RETURNING seq` for `n`
+/// idempotency keys.
+fn claim_keys_sql(n: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        (0..=ROWS_PER_INSERT)
+            .map(|n| {
+                let rows: Vec<String> = (0..n)
+                    .map(|k| {
+                        let b = k * 4;
+                        format!("(?{}, ?{}, ?{}, ?{})", b + 1, b + 2, b + 3, b + 4)
+                    })
+                    .collect();
+                format!(
+                    "INSERT INTO idempotency_keys (seq, topic_id, key, ts) VALUES {} \
+                     ON CONFLICT (topic_id, key) DO NOTHING RETURNING seq",
+                    rows.join(", ")
+                )
+            })
+            .collect()
+    });
+    &all[n.min(ROWS_PER_INSERT)]
+}
+
+/// Inserts `messages` (each with its sequence, ascending) as the newest of
+/// `topic` (creating it); returns the topic's creation time and what was
+/// stored.
 fn insert_messages(
     tx: &Connection,
     topics: &mut HashMap<Arc<str>, TopicRow>,
-    next_seq: &mut u64,
     topic: &Arc<str>,
     ts: i64,
-    messages: &[&NewMessage],
+    messages: &[(u64, &NewMessage)],
 ) -> rusqlite::Result<(i64, Vec<Arc<StoredMessage>>)> {
     let row = topic_row(tx, topics, topic, ts)?;
     let mut stored = Vec::with_capacity(messages.len());
@@ -1306,8 +1356,7 @@ fn insert_messages(
             SINGLE_ROW_INSERT
         };
         let mut insert = tx.prepare_cached(sql)?;
-        for (k, m) in chunk.iter().enumerate() {
-            let seq = *next_seq;
+        for (k, &(seq, m)) in chunk.iter().enumerate() {
             let ordinal = row.last_ordinal + 1;
             let base = if whole { k * 6 } else { 0 };
             insert.raw_bind_parameter(base + 1, seq as i64)?;
@@ -1319,7 +1368,6 @@ fn insert_messages(
             if !whole {
                 insert.raw_execute()?;
             }
-            *next_seq += 1;
             row.last_ordinal = ordinal;
             row.bytes += m.payload.len() as u64;
             stored.push(Arc::new(StoredMessage {
