@@ -86,35 +86,51 @@ async fn read_everything(
     group: &str,
     expect: usize,
 ) -> Vec<proto::MessageDelivery> {
-    let mut sub = c
-        .subscribe(topic, group, proto::InitialPosition::Earliest)
-        .await;
-    sub.send(credit(1_000_000)).await;
     let mut out: Vec<proto::MessageDelivery> = Vec::new();
-    let mut last = Instant::now();
-    loop {
-        // Reads from a cluster that just lost a node can stall for seconds
-        // (nats-server 2.9.10 times out consumer creation and single reads
-        // while it recovers; the gateway retries): wait long enough.
-        let quiet = if out.len() >= expect {
-            Duration::from_secs(1)
-        } else {
-            Duration::from_secs(20)
-        };
-        let left = quiet.saturating_sub(last.elapsed());
-        match sub.next_within(left).await {
-            Some(Ok(proto::SubscribeDownstream {
-                response: Some(Down::Delivery(d)),
-            })) => {
-                out.push(d);
-                last = Instant::now();
-            }
-            Some(Ok(_)) => {} // heartbeats do not count as progress
-            other => {
-                if other.is_some() {
-                    eprintln!("reading {topic} ended: {other:?}");
+    let mut seen = std::collections::HashSet::new();
+    // A gateway that cannot read the group's cursor yet (its bucket is
+    // still electing a leader after a restart of the cluster) ends the
+    // stream UNAVAILABLE: subscribe again, as a client would; nothing is
+    // acked here, so the group starts from the beginning each time.
+    let mut attempts = 0;
+    'again: loop {
+        attempts += 1;
+        let mut sub = c
+            .subscribe(topic, group, proto::InitialPosition::Earliest)
+            .await;
+        sub.send(credit(1_000_000)).await;
+        let mut last = Instant::now();
+        loop {
+            // Reads from a cluster that just lost a node can stall for seconds
+            // (nats-server 2.9.10 times out consumer creation and single reads
+            // while it recovers; the gateway retries): wait long enough.
+            let quiet = if out.len() >= expect {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(20)
+            };
+            let left = quiet.saturating_sub(last.elapsed());
+            match sub.next_within(left).await {
+                Some(Ok(proto::SubscribeDownstream {
+                    response: Some(Down::Delivery(d)),
+                })) => {
+                    if seen.insert(d.sequence) {
+                        out.push(d);
+                    }
+                    last = Instant::now();
                 }
-                break;
+                Some(Ok(_)) => {} // heartbeats do not count as progress
+                Some(Err(e)) if e.code() == tonic::Code::Unavailable && attempts < 10 => {
+                    eprintln!("reading {topic} ended: {e:?}; subscribing again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue 'again;
+                }
+                other => {
+                    if other.is_some() {
+                        eprintln!("reading {topic} ended: {other:?}");
+                    }
+                    break 'again;
+                }
             }
         }
     }
