@@ -1,7 +1,8 @@
 # Sluice — build, run, test, benchmark, package.
 #   make run      build (release) and start the daemon with defaults
-#   make deps     test prerequisites: installs nats-server (Debian, as root) when missing,
-#                 and makes target/pyenv (grpcio) for the Python acceptance check
+#   make deps     test prerequisites: installs nats-server, python3-venv and nodejs/npm (Debian,
+#                 as root) when missing, makes target/pyenv (grpcio) for the Python checks and
+#                 examples, and runs npm ci in examples/node
 #   make test     deps, format check, clippy (warnings are errors), all tests
 #   make bench    benchmarks; results go to the terminal (record them in bench/RESULTS.md)
 #   make sim SEEDS=N / make fuzz CASES=N / make crash-loop ROUNDS=N   longer proof runs
@@ -35,9 +36,13 @@ lint:
 # The NATS tests (tests/nats_client.rs, tests/jetstream_api.rs, tests/jetstream_store.rs,
 # tests/migrate.rs and the suites run with SLUICE_TEST_STORE=nats) start real nats-server processes.
 # NATS_SERVER=/path/to/nats-server overrides the lookup (PATH, /usr/sbin, /usr/bin).
-# The Python client the acceptance check (tests/acceptance_gateways.rs) runs, in a local venv.
+# The Python client the acceptance check (tests/acceptance_gateways.rs) and the Python examples
+# (tests/examples.rs) run, in a local venv.
 PYENV = target/pyenv
 GRPCIO_VERSION = 1.68.1
+# The Node examples (tests/examples.rs): their packages, exactly as package-lock.json pins them,
+# from the npm registry into examples/node/node_modules (install scripts off; none is needed).
+NODE_EXAMPLES = examples/node
 
 deps:
 	@if [ -n "$$NATS_SERVER" ] || command -v nats-server >/dev/null 2>&1 \
@@ -66,6 +71,23 @@ deps:
 	  rm -rf $(PYENV) && python3 -m venv $(PYENV) \
 	    && $(PYENV)/bin/pip install -q grpcio==$(GRPCIO_VERSION) grpcio-tools==$(GRPCIO_VERSION) \
 	    || { echo "deps: cannot install grpcio into $(PYENV) (network?)"; exit 1; }; \
+	fi
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "deps: installing nodejs and npm (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; \
+	else \
+	  echo "deps: missing node and npm (needed by tests/examples.rs for $(NODE_EXAMPLES))."; \
+	  echo "      Install Node.js 18 or newer with npm (Debian: sudo apt-get install nodejs npm)."; \
+	  exit 1; \
+	fi
+	@node -e 'process.exit(+process.versions.node.split(".")[0] >= 18 ? 0 : 1)' \
+	  || { echo "deps: node $$(node --version) is too old for $(NODE_EXAMPLES) (18 or newer)"; exit 1; }
+	@if [ $(NODE_EXAMPLES)/node_modules/.package-lock.json -nt $(NODE_EXAMPLES)/package-lock.json ]; then :; \
+	else \
+	  echo "deps: npm ci in $(NODE_EXAMPLES) (packages from the npm registry)"; \
+	  (cd $(NODE_EXAMPLES) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error) \
+	    || { echo "deps: npm ci failed in $(NODE_EXAMPLES) (network?)"; exit 1; }; \
 	fi
 
 # The black-box suites run twice: on SQLite, and on the JetStream store (each

@@ -1,0 +1,91 @@
+// Checks of the consumer's bookkeeping (no broker needed): npm test.
+
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+
+import { AckTracker, Backoff, CreditWindow } from '../lib/flow.js';
+
+test('the credit window is topped up in grants of half the window, never stalling', () => {
+  const w = new CreditWindow(8);
+  assert.equal(w.openingGrant(), 8);
+  assert.deepEqual(Array.from({ length: 8 }, () => w.handled()), [0, 0, 0, 4, 0, 0, 0, 4]);
+  // Credit not yet spent stays within 1..8 however many are handled.
+  let [granted, handled] = [16, 8];
+  for (let i = 0; i < 100; i++) {
+    handled += 1;
+    granted += w.handled();
+    assert.ok(granted - handled >= 1 && granted - handled <= 8, `${granted - handled} unspent`);
+  }
+  const one = new CreditWindow(1);
+  assert.equal(one.openingGrant(), 1);
+  assert.deepEqual([one.handled(), one.handled()], [1, 1]);
+  w.handled();
+  assert.equal(w.openingGrant(), 8, 'a new stream starts with the whole window');
+  assert.throws(() => new CreditWindow(0), RangeError);
+});
+
+test('acks never pass a message that failed and was nacked', () => {
+  const t = new AckTracker();
+  t.started(1n, 'a');
+  t.finish(1n, 'a');
+  t.started(2n, 'b'); // fails: nacked, stays unfinished
+  for (const s of [3n, 4n]) {
+    t.started(s, String(s));
+    t.finish(s, String(s));
+  }
+  let taken = t.takeAckable();
+  assert.deepEqual(taken, [[1n, 'a']]);
+  t.acked(taken);
+  assert.deepEqual(t.takeAckable(), [], '3 and 4 wait for 2');
+  assert.equal(t.isDuplicate(2n), false, 'its redelivery is processed');
+  t.finish(2n, 'b');
+  taken = t.takeAckable();
+  assert.deepEqual(taken.map(([s]) => s), [2n, 3n, 4n]);
+  t.acked(taken);
+  assert.equal(t.ackedUpTo, 4n);
+  assert.equal(t.pendingAcks(), 0);
+});
+
+test('after a reconnect, duplicates are recognised and acked only in order', () => {
+  const t = new AckTracker();
+  for (const s of [1n, 2n, 3n]) t.started(s, String(s));
+  t.finish(1n, '1');
+  t.acked(t.takeAckable());
+  t.finish(3n, '3'); // 2 failed; 3 is finished but cannot be acked yet
+  t.newStream(); // the broker delivers 2 and 3 again
+  assert.deepEqual(t.takeAckable(), []);
+  assert.equal(t.isDuplicate(1n), true);
+  assert.equal(t.isDuplicate(2n), false);
+  assert.equal(t.isDuplicate(3n), true);
+  t.started(2n, '2');
+  t.finish(2n, '2');
+  t.finish(3n, '3'); // the duplicate, handled without processing
+  const taken = t.takeAckable();
+  assert.deepEqual(taken.map(([s]) => s), [2n, 3n]);
+  t.acked(taken);
+  assert.equal(t.doneEarlier.size, 0);
+});
+
+test('sequences compare as numbers, not as text', () => {
+  const t = new AckTracker();
+  for (const s of [9n, 10n, 100n]) {
+    t.started(s, String(s));
+    t.finish(s, String(s));
+  }
+  assert.deepEqual(t.takeAckable().map(([s]) => s), [9n, 10n, 100n]);
+  t.started(2n ** 63n, 'big');
+  t.finish(2n ** 63n, 'big');
+  t.acked(t.takeAckable());
+  assert.equal(t.ackedUpTo, 2n ** 63n);
+});
+
+test('backoff doubles up to the cap, with jitter in the upper half', () => {
+  const low = new Backoff({ baseMs: 100, capMs: 2000, random: () => 0 });
+  const high = new Backoff({ baseMs: 100, capMs: 2000, random: () => 0.999999 });
+  const lows = Array.from({ length: 8 }, () => Math.round(low.nextDelayMs()));
+  const highs = Array.from({ length: 8 }, () => Math.round(high.nextDelayMs()));
+  assert.deepEqual(lows, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+  assert.deepEqual(highs, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+  low.reset();
+  assert.equal(Math.round(low.nextDelayMs()), 50);
+});
