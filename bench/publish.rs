@@ -32,27 +32,38 @@ fn same(body: Bytes) -> BodyFn {
     Arc::new(move |_| body.clone())
 }
 
-/// A unary Publish of 256 B with a fresh idempotency key per call.
-fn keyed_publish() -> BodyFn {
-    Arc::new(|n| {
+/// A unary Publish of 256 B built for each call, with a fresh idempotency
+/// key when `keyed` (the rows with and without keys then cost the load
+/// generator the same).
+fn built_publish(keyed: bool) -> BodyFn {
+    Arc::new(move |n| {
         frame(&proto::PublishRequest {
             topic: "bench".into(),
             payload: vec![b'x'; 256].into(),
-            idempotency_key: format!("key-{n}"),
+            idempotency_key: if keyed {
+                format!("key-{n}")
+            } else {
+                String::new()
+            },
             ..Default::default()
         })
     })
 }
 
-/// A BatchPublish of 100 × 256 B, each message with a fresh key.
-fn keyed_batch() -> BodyFn {
-    Arc::new(|n| {
+/// A BatchPublish of 100 × 256 B built for each call, each message with a
+/// fresh key when `keyed`.
+fn built_batch(keyed: bool) -> BodyFn {
+    Arc::new(move |n| {
         frame(&proto::BatchPublishRequest {
             topic: "bench-batch".into(),
             messages: (0..100)
                 .map(|i| proto::BatchMessage {
                     payload: vec![b'y'; 256].into(),
-                    idempotency_key: format!("key-{n}-{i}"),
+                    idempotency_key: if keyed {
+                        format!("key-{n}-{i}")
+                    } else {
+                        String::new()
+                    },
                     ..Default::default()
                 })
                 .collect(),
@@ -157,7 +168,8 @@ enum Load {
         conns: usize,
         per_conn: usize,
         batch: bool,
-        keyed: bool,
+        /// None: one prebuilt body; Some(keyed): built per call.
+        keyed: Option<bool>,
     },
     Open {
         rate: u64,
@@ -195,7 +207,7 @@ fn main() {
                 conns: 1,
                 per_conn: 1,
                 batch: false,
-                keyed: false,
+                keyed: None,
             },
         ),
         (
@@ -204,7 +216,7 @@ fn main() {
                 conns: 1,
                 per_conn: 16,
                 batch: false,
-                keyed: false,
+                keyed: None,
             },
         ),
         (
@@ -213,7 +225,7 @@ fn main() {
                 conns: 4,
                 per_conn: 16,
                 batch: false,
-                keyed: false,
+                keyed: None,
             },
         ),
         (
@@ -222,16 +234,25 @@ fn main() {
                 conns: 4,
                 per_conn: 64,
                 batch: false,
-                keyed: false,
+                keyed: None,
             },
         ),
         (
-            "unary 256 B, 64 in flight (4 conns), a fresh idempotency key each",
+            "unary 256 B, 64 in flight (4 conns), built per call, no key",
             Load::Closed {
                 conns: 4,
                 per_conn: 16,
                 batch: false,
-                keyed: true,
+                keyed: Some(false),
+            },
+        ),
+        (
+            "unary 256 B, 64 in flight (4 conns), built per call, a fresh idempotency key each",
+            Load::Closed {
+                conns: 4,
+                per_conn: 16,
+                batch: false,
+                keyed: Some(true),
             },
         ),
         ("unary 256 B, open loop 5,000/s", Load::Open { rate: 5_000 }),
@@ -241,7 +262,7 @@ fn main() {
                 conns: 1,
                 per_conn: 1,
                 batch: true,
-                keyed: false,
+                keyed: None,
             },
         ),
         (
@@ -250,16 +271,25 @@ fn main() {
                 conns: 2,
                 per_conn: 4,
                 batch: true,
-                keyed: false,
+                keyed: None,
             },
         ),
         (
-            "BatchPublish 100 × 256 B, 8 in flight, a fresh idempotency key each",
+            "BatchPublish 100 × 256 B, 8 in flight, built per call, no key",
             Load::Closed {
                 conns: 2,
                 per_conn: 4,
                 batch: true,
-                keyed: true,
+                keyed: Some(false),
+            },
+        ),
+        (
+            "BatchPublish 100 × 256 B, 8 in flight, built per call, a fresh idempotency key each",
+            Load::Closed {
+                conns: 2,
+                per_conn: 4,
+                batch: true,
+                keyed: Some(true),
             },
         ),
     ];
@@ -280,10 +310,9 @@ fn main() {
                     batch: false,
                     keyed,
                 } => {
-                    let body = if keyed {
-                        keyed_publish()
-                    } else {
-                        same(publish_body(256))
+                    let body = match keyed {
+                        Some(keyed) => built_publish(keyed),
+                        None => same(publish_body(256)),
                     };
                     closed_loop(port, conns, per_conn, "Publish", body, 1).await
                 }
@@ -293,10 +322,9 @@ fn main() {
                     batch: true,
                     keyed,
                 } => {
-                    let body = if keyed {
-                        keyed_batch()
-                    } else {
-                        same(batch.clone())
+                    let body = match keyed {
+                        Some(keyed) => built_batch(keyed),
+                        None => same(batch.clone()),
                     };
                     closed_loop(port, conns, per_conn, "BatchPublish", body, 100).await
                 }

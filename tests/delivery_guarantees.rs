@@ -534,3 +534,28 @@ async fn deadline_redeliveries_count_towards_max_deliveries() {
     s.send(ack(&d.message_id)).await;
     assert_eq!(browse_all(&mut c, "t.dead-letter").await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_topic_deleted_and_created_again_does_not_know_the_old_keys() {
+    let server = Server::start();
+    let mut c = server.client().await;
+    let first = publish_key(&mut c, "t", "old", "k").await.unwrap();
+    let r: proto::DeleteTopicResponse = c
+        .unary(
+            "DeleteTopic",
+            proto::DeleteTopicRequest { topic: "t".into() },
+        )
+        .await
+        .unwrap();
+    assert!(r.deleted);
+    let again = publish_key(&mut c, "t", "new", "k").await.unwrap();
+    assert!(!again.duplicate, "{again:?}");
+    assert!(again.sequence > first.sequence);
+    assert!(
+        publish_key(&mut c, "t", "new", "k")
+            .await
+            .unwrap()
+            .duplicate
+    );
+    assert_eq!(total(&mut c, "t").await, 1);
+}

@@ -184,17 +184,25 @@ impl Shared {
         }
     }
 
-    /// The coalesced cursor and delivery-count writes, taken out.
-    fn coalesced(&mut self) -> Vec<WriteRequest> {
-        let mut out = Vec::with_capacity(self.cursors.len() + self.deliveries.len());
-        for ((topic, group), (delivered_max, counts)) in self.deliveries.drain() {
-            out.push(WriteRequest::SetDeliveries {
-                topic,
-                group,
-                delivered_max,
-                counts: counts.into_iter().collect(),
+    /// Hands the group's coalesced cursor write to the writer now (before
+    /// a write that must follow it).
+    fn submit_cursor_now(&mut self, topic: &Arc<str>, group: &Arc<str>) {
+        let key = (topic.clone(), group.clone());
+        if let Some((sequence, acked_at_ms)) = self.cursors.remove(&key) {
+            self.submit(WriteRequest::SetCursor {
+                token: None,
+                topic: key.0,
+                group: key.1,
+                sequence,
+                acked_at_ms,
             });
         }
+    }
+
+    /// The coalesced cursor and delivery-count writes, taken out.
+    fn coalesced(&mut self) -> Vec<WriteRequest> {
+        // Cursors first: a new group's row must exist for its counts.
+        let mut out = Vec::with_capacity(self.cursors.len() + self.deliveries.len());
         for ((topic, group), (sequence, acked_at_ms)) in self.cursors.drain() {
             out.push(WriteRequest::SetCursor {
                 token: None,
@@ -202,6 +210,14 @@ impl Shared {
                 group,
                 sequence,
                 acked_at_ms,
+            });
+        }
+        for ((topic, group), (delivered_max, counts)) in self.deliveries.drain() {
+            out.push(WriteRequest::SetDeliveries {
+                topic,
+                group,
+                delivered_max,
+                counts: counts.into_iter().collect(),
             });
         }
         out
@@ -1203,16 +1219,7 @@ impl Reactor {
                 Action::DeadLetter(d) => {
                     // The group's older coalesced cursor goes first, so it
                     // cannot land after (and below) the one this moves.
-                    let key = (d.topic.clone(), d.group.clone());
-                    if let Some((sequence, acked_at_ms)) = self.shared.cursors.remove(&key) {
-                        self.shared.submit(WriteRequest::SetCursor {
-                            token: None,
-                            topic: key.0,
-                            group: key.1,
-                            sequence,
-                            acked_at_ms,
-                        });
-                    }
+                    self.shared.submit_cursor_now(&d.topic, &d.group);
                     let message = NewMessage {
                         payload: d.message.payload.clone(),
                         attributes: d.attributes(),
@@ -1245,12 +1252,16 @@ impl Reactor {
                     group,
                     max_deliveries,
                     dead_letter_topic,
-                } => self.shared.submit(WriteRequest::SetPolicy {
-                    topic,
-                    group,
-                    max_deliveries,
-                    dead_letter_topic,
-                }),
+                } => {
+                    // A new group's first cursor write creates its row.
+                    self.shared.submit_cursor_now(&topic, &group);
+                    self.shared.submit(WriteRequest::SetPolicy {
+                        topic,
+                        group,
+                        max_deliveries,
+                        dead_letter_topic,
+                    })
+                }
             }
         }
     }

@@ -166,7 +166,7 @@ impl Broker {
             let message = if let Some(m) = s.redeliver_due.pop_front() {
                 s.redeliver_pending.remove(&m.sequence);
                 m
-            } else if s.ack_deadline_ms > 0 && s.unacked.len() >= cap {
+            } else if s.ack_deadline_ms > 0 && s.unacked.len() + s.redeliver_pending.len() >= cap {
                 // New deliveries wait for acks (redeliveries above do not).
                 return None;
             } else if let Some(m) = s.page.pop_front() {

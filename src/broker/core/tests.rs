@@ -1084,3 +1084,22 @@ fn with_an_ack_deadline_unacked_deliveries_are_bounded() {
     b.ack(1, &msg("t", 2).id.to_string(), 0);
     assert_eq!(drain(&mut b, 1, 0).len(), 2);
 }
+
+#[test]
+fn deadline_redeliveries_waiting_for_credit_count_towards_the_unacked_bound() {
+    let mut b = Broker::new(BrokerConfig {
+        max_unacked: 3,
+        ..BrokerConfig::default()
+    });
+    publish(&mut b, "t", 1..=10);
+    b.subscribe(1, with_policy("t", "g", 0, 100), 0, 0).unwrap();
+    b.grant(1, 3);
+    assert_eq!(drain(&mut b, 1, 0).len(), 3);
+    // All three deadlines pass: they wait for credit as redeliveries, and
+    // still count, so new credit brings them back, not new messages.
+    b.tick(100);
+    b.grant(1, 3);
+    assert_eq!(drain(&mut b, 1, 100), vec![(1, 2), (2, 2), (3, 2)]);
+    b.grant(1, 3);
+    assert!(drain(&mut b, 1, 100).is_empty(), "still three unacked");
+}

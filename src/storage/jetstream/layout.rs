@@ -134,11 +134,13 @@ pub fn cursor_key(topic: &str, group: &str) -> Option<String> {
 }
 
 /// The KV key (and, prefixed, the `Nats-Msg-Id`) of a publish's
-/// idempotency key in a topic: the topic's token, then the key in hex (a
-/// key may hold any printable byte; the id must be one KV key).
-pub fn idempotency_key(topic: &str, key: &str) -> Option<String> {
+/// idempotency key in a topic: the topic's token, its creation time (a
+/// topic deleted and created again does not know the old one's keys), then
+/// the key in hex (a key may hold any printable byte; the id must be one
+/// KV key).
+pub fn idempotency_key(topic: &str, created_at_ms: i64, key: &str) -> Option<String> {
     let mut out = encode_topic(topic).ok()?;
-    out.push('.');
+    out.push_str(&format!(".{}.", created_at_ms.max(0)));
     for b in key.bytes() {
         out.push_str(&format!("{b:02x}"));
     }

@@ -134,7 +134,6 @@ struct DeadLetterOf {
     topic: Arc<str>,
     group: Arc<str>,
     sequence: u64,
-    advance_cursor: bool,
 }
 
 struct PendingCursor {
@@ -568,7 +567,7 @@ impl JetStreamWriter {
                     group,
                     sequence,
                     ordinal: _,
-                    advance_cursor,
+                    advance_cursor: _,
                     dead_letter_topic,
                     mut message,
                 } => {
@@ -581,7 +580,6 @@ impl JetStreamWriter {
                         topic,
                         group,
                         sequence,
-                        advance_cursor,
                     });
                     let p = Pending::Append(p);
                     self.inflight_size += p.size();
@@ -774,12 +772,13 @@ impl JetStreamWriter {
         // one of the call) is not sent and takes no ordinal.
         let mut keys: Vec<Option<String>> = Vec::with_capacity(messages.len());
         let mut first_of: HashMap<String, usize> = HashMap::new();
+        let created_at_ms = self.topics.get(&topic).map_or(0, |t| t.created_at_ms);
         for (index, m) in messages.iter().enumerate() {
             let Some(key) = m.idempotency_key.as_deref() else {
                 keys.push(None);
                 continue;
             };
-            let Some(kv_key) = layout::idempotency_key(&topic, key) else {
+            let Some(kv_key) = layout::idempotency_key(&topic, created_at_ms, key) else {
                 p.failed = Some(StorageError::new(format!("invalid topic name {topic:?}")));
                 return p;
             };
@@ -1170,8 +1169,10 @@ impl JetStreamWriter {
     }
 
     /// Turns a dead-letter append's outcome into `DeadLettered`: its
-    /// message is announced first (`Committed`), then the group's cursor is
-    /// moved past the dead-lettered one when asked.
+    /// message is announced first (`Committed`). The cursor is not moved
+    /// here (a KV put now could land after, and below, a newer one already
+    /// sent): `advanced` is false, so the broker moves it past the message
+    /// and persists it as any ack, in order.
     fn dead_lettered(
         &mut self,
         dl: DeadLetterOf,
@@ -1192,14 +1193,11 @@ impl JetStreamWriter {
             a.announced = true;
             a
         });
-        let advanced = result.is_ok()
-            && dl.advance_cursor
-            && self.store_cursor_now(&dl.topic, &dl.group, dl.sequence, crate::storage::wall_ms());
         out.push(WriteOutcome::DeadLettered {
             topic: dl.topic,
             group: dl.group,
             sequence: dl.sequence,
-            advanced,
+            advanced: false,
             result,
         });
     }

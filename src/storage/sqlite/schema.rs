@@ -43,8 +43,9 @@ const MIGRATIONS: &[&str] = &[
     // 2: deleted topics whose messages are still being purged in chunks.
     "CREATE TABLE doomed_topics (id INTEGER PRIMARY KEY);",
     // 3: idempotency keys (seq = the message stored under the key; rows go
-    // oldest first), dead-letter settings and delivery counts of groups,
-    // and the dead-lettered messages above a group's cursor.
+    // oldest first), dead-letter
+    // settings and delivery counts of groups, and the dead-lettered
+    // messages above a group's cursor.
     "CREATE TABLE idempotency_keys (
         seq INTEGER PRIMARY KEY,
         topic_id INTEGER NOT NULL,
@@ -69,6 +70,9 @@ const MIGRATIONS: &[&str] = &[
         ordinal INTEGER NOT NULL,
         PRIMARY KEY (topic_id, grp, seq)
      ) WITHOUT ROWID;",
+    // 4: the writer indexes idempotency keys in memory (a hash of topic and
+    // key); the table is only appended to and read back at start-up.
+    "DROP INDEX IF EXISTS idempotency_keys_by_key;",
 ];
 
 pub const DB_FILE: &str = "sluice.db";

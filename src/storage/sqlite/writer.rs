@@ -106,15 +106,30 @@ impl WriteRequest {
     }
 }
 
-/// The idempotency keys the writer keeps: how many rows, and which rows
-/// expire when (their stored time rises with their sequence, so the
-/// expired ones are always the oldest).
+/// The idempotency keys within the window. Their rows (`idempotency_keys`,
+/// appended in sequence order, no index) make them durable; this in-memory
+/// index finds them: a 64-bit hash of (topic, key) -> the sequence of the
+/// message stored under it, checked against the row on a hit. 16 bytes a
+/// key plus the hash table's slack (20–40 bytes in all), so at most about
+/// `--dedup-max-keys` × 40 bytes. Rows expire oldest first (their stored
+/// time rises with their sequence); their index entries go with them.
 #[derive(Debug, Default)]
 struct KeyWindow {
+    index: HashMap<u64, u64>,
+    /// Rows in the table.
     count: u64,
     /// (stored at, highest sequence stored then), oldest first, one per
     /// second with keys.
     marks: VecDeque<(i64, u64)>,
+}
+
+/// The index's hash of a key in a topic.
+fn key_hash(topic_id: i64, key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    topic_id.hash(&mut h);
+    key.hash(&mut h);
+    h.finish()
 }
 
 /// Batch limits: a batch takes what is queued, up to these.
@@ -340,19 +355,23 @@ impl GroupCommit {
         drop(stmt);
         // Keys stored before now expire one window from now at the latest
         // (a lookup also checks each key's own time).
-        let (count, newest): (i64, i64) = self.conn.query_row(
-            "SELECT count(*), coalesce(max(seq), 0) FROM idempotency_keys",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        self.keys = KeyWindow {
-            count: count as u64,
-            marks: VecDeque::new(),
-        };
-        if count > 0 {
+        self.keys = KeyWindow::default();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, topic_id, key FROM idempotency_keys ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        let mut newest = None;
+        while let Some(r) = rows.next()? {
+            let seq = r.get::<_, i64>(0)? as u64;
+            let h = key_hash(r.get(1)?, r.get_ref(2)?.as_str().unwrap_or(""));
+            self.keys.index.insert(h, seq);
+            self.keys.count += 1;
+            newest = Some(seq);
+        }
+        if let Some(newest) = newest {
             self.keys
                 .marks
-                .push_back((crate::storage::wall_ms(), newest as u64));
+                .push_back((crate::storage::wall_ms(), newest));
         }
         Ok(())
     }
@@ -911,8 +930,14 @@ impl GroupCommit {
                         if messages.iter().any(|m| m.idempotency_key.is_some()) {
                             let cutoff =
                                 ts.saturating_sub(self.config.dedup_window.as_millis() as i64);
-                            let (claimed, dups) =
-                                claim_keys(&tx, row_id, topic, messages, base, ts, cutoff)?;
+                            let (claimed, dups) = claim_keys(
+                                &tx,
+                                &mut self.keys,
+                                (row_id, topic),
+                                messages,
+                                base,
+                                (ts, cutoff),
+                            )?;
                             if let Some(last) = claimed {
                                 self.keys.stored(last.0, ts, last.1);
                             }
@@ -1130,6 +1155,8 @@ impl GroupCommit {
                                 .execute([row.id])?;
                             tx.prepare_cached("DELETE FROM delivery_counts WHERE topic_id = ?1")?
                                 .execute([row.id])?;
+                            // Its id may be given to a new topic once purged.
+                            self.keys.forget_topic(&tx, row.id)?;
                             tx.prepare_cached("DELETE FROM dead_letters WHERE topic_id = ?1")?
                                 .execute([row.id])?;
                             tx.prepare_cached(
@@ -1189,11 +1216,15 @@ impl GroupCommit {
 }
 
 impl KeyWindow {
-    /// Notes `n` keys stored at `ts`, the last with sequence `last`.
-    fn stored(&mut self, n: u64, ts: i64, last: u64) {
-        self.count += n;
+    /// Notes `n` keys stored at `ts`, the last with sequence `last` (the
+    /// index already has them).
+    fn stored(&mut self, _n: u64, ts: i64, last: u64) {
         match self.marks.back_mut() {
-            Some((at, seq)) if *at / 1000 == ts / 1000 => *seq = last,
+            Some((at, seq)) if *at / 1000 == ts / 1000 => {
+                // The mark's time is its newest key's: none expires early.
+                *at = ts;
+                *seq = last;
+            }
             _ => self.marks.push_back((ts, last)),
         }
     }
@@ -1216,19 +1247,18 @@ impl KeyWindow {
             self.marks.pop_front();
         }
         if let Some(seq) = upto {
-            let n = tx
-                .prepare_cached("DELETE FROM idempotency_keys WHERE seq <= ?1")?
-                .execute([seq as i64])?;
-            self.count = self.count.saturating_sub(n as u64);
+            self.forget_through(tx, seq)?;
         }
         if self.count > config.dedup_max_keys {
-            let over = self.count - config.dedup_max_keys;
-            let n = tx
-                .prepare_cached(
-                    "DELETE FROM idempotency_keys WHERE seq IN (SELECT seq FROM idempotency_keys ORDER BY seq LIMIT ?1)",
-                )?
-                .execute([over as i64])?;
-            self.count = self.count.saturating_sub(n as u64);
+            let n = self.count - config.dedup_max_keys;
+            let upto: Option<i64> = tx
+                .prepare_cached("SELECT seq FROM idempotency_keys ORDER BY seq LIMIT 1 OFFSET ?1")?
+                .query_row([n as i64 - 1], |r| r.get(0))
+                .optional()?;
+            let Some(upto) = upto else {
+                return Ok(());
+            };
+            self.forget_through(tx, upto as u64)?;
             crate::log_limited!(
                 log::Level::Warn,
                 "writer: more than --dedup-max-keys={} idempotency keys within the window: \
@@ -1238,32 +1268,106 @@ impl KeyWindow {
         }
         Ok(())
     }
+
+    /// Deletes a deleted topic's keys, rows and index entries.
+    fn forget_topic(&mut self, tx: &Connection, topic_id: i64) -> rusqlite::Result<()> {
+        let mut rows =
+            tx.prepare_cached("SELECT seq, key FROM idempotency_keys WHERE topic_id = ?1")?;
+        let mut found = rows.query([topic_id])?;
+        while let Some(r) = found.next()? {
+            let s = r.get::<_, i64>(0)? as u64;
+            let h = key_hash(topic_id, r.get_ref(1)?.as_str().unwrap_or(""));
+            if self.index.get(&h) == Some(&s) {
+                self.index.remove(&h);
+            }
+        }
+        let n = tx
+            .prepare_cached("DELETE FROM idempotency_keys WHERE topic_id = ?1")?
+            .execute([topic_id])?;
+        self.count = self.count.saturating_sub(n as u64);
+        Ok(())
+    }
+
+    /// Deletes the keys stored at or below `seq`, rows and index entries.
+    fn forget_through(&mut self, tx: &Connection, seq: u64) -> rusqlite::Result<()> {
+        let mut rows =
+            tx.prepare_cached("SELECT seq, topic_id, key FROM idempotency_keys WHERE seq <= ?1")?;
+        let mut found = rows.query([seq as i64])?;
+        while let Some(r) = found.next()? {
+            let s = r.get::<_, i64>(0)? as u64;
+            let h = key_hash(r.get(1)?, r.get_ref(2)?.as_str().unwrap_or(""));
+            if self.index.get(&h) == Some(&s) {
+                self.index.remove(&h);
+            }
+        }
+        let n = tx
+            .prepare_cached("DELETE FROM idempotency_keys WHERE seq <= ?1")?
+            .execute([seq as i64])?;
+        self.count = self.count.saturating_sub(n as u64);
+        Ok(())
+    }
 }
 
 /// Claims the idempotency keys of an append's messages (message i would be
-/// stored as sequence `base + i`): a key not stored within the window is
-/// inserted (or its expired row taken over) and its message is fresh; else
-/// the message is a duplicate of the original, of an earlier call or of an
-/// earlier message of this one. Inserts go first, many rows per statement,
-/// and only conflicting keys are looked up. Returns how many keys were
-/// claimed and the highest sequence among them (None: none), and the
-/// duplicates by ascending index.
+/// stored as sequence `base + i`): a key not stored within the window
+/// (`ts`, `cutoff`) gets a row, in this transaction, and its message is
+/// fresh; else the message is a duplicate of the original, of an earlier
+/// call or of an earlier message of this one. Lookups go to the in-memory
+/// index (a hit is checked against its row); rows go in many per
+/// statement. On a failed commit the writer rebuilds the index from the
+/// table. Returns how many keys were claimed and the highest sequence
+/// among them (None: none), and the duplicates by ascending index.
 fn claim_keys(
     tx: &Connection,
-    topic_id: i64,
-    topic: &str,
+    keys: &mut KeyWindow,
+    (topic_id, topic): (i64, &str),
     messages: &[NewMessage],
     base: u64,
-    ts: i64,
-    cutoff: i64,
+    (ts, cutoff): (i64, i64),
 ) -> rusqlite::Result<ClaimedKeys> {
-    let keyed: Vec<(u64, &str)> = messages
-        .iter()
-        .enumerate()
-        .filter_map(|(i, m)| Some((base + i as u64, m.idempotency_key.as_deref()?)))
-        .collect();
-    let mut claimed = std::collections::HashSet::with_capacity(keyed.len());
-    for chunk in keyed.chunks(ROWS_PER_INSERT) {
+    let mut fresh: Vec<(u64, &str)> = Vec::new();
+    let mut in_call: HashMap<&str, u64> = HashMap::new();
+    let mut duplicates = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        let Some(key) = m.idempotency_key.as_deref() else {
+            continue;
+        };
+        let seq = base + i as u64;
+        // An earlier message of this call (its row is not written yet).
+        if let Some(&first) = in_call.get(key) {
+            duplicates.push(Duplicate {
+                index: i,
+                sequence: first,
+                id: MessageId::new(ts, first, topic),
+                timestamp_ms: ts,
+            });
+            continue;
+        }
+        let h = key_hash(topic_id, key);
+        if let Some(&original) = keys.index.get(&h) {
+            // This transaction's own rows are visible to it.
+            let row: Option<(i64, String, i64)> = tx
+                .prepare_cached("SELECT topic_id, key, ts FROM idempotency_keys WHERE seq = ?1")?
+                .query_row([original as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            if let Some((t, k, stored_at)) = row {
+                if t == topic_id && k == key && stored_at >= cutoff {
+                    duplicates.push(Duplicate {
+                        index: i,
+                        sequence: original,
+                        id: MessageId::new(stored_at, original, topic),
+                        timestamp_ms: stored_at,
+                    });
+                    continue;
+                }
+            }
+        }
+        keys.index.insert(h, seq);
+        keys.count += 1;
+        in_call.insert(key, seq);
+        fresh.push((seq, key));
+    }
+    for chunk in fresh.chunks(ROWS_PER_INSERT) {
         let mut insert = tx.prepare_cached(claim_keys_sql(chunk.len()))?;
         for (k, (seq, key)) in chunk.iter().enumerate() {
             insert.raw_bind_parameter(k * 4 + 1, *seq as i64)?;
@@ -1271,38 +1375,9 @@ fn claim_keys(
             insert.raw_bind_parameter(k * 4 + 3, *key)?;
             insert.raw_bind_parameter(k * 4 + 4, ts)?;
         }
-        let mut rows = insert.raw_query();
-        while let Some(row) = rows.next()? {
-            claimed.insert(row.get::<_, i64>(0)? as u64);
-        }
+        insert.raw_execute()?;
     }
-    let mut duplicates = Vec::new();
-    for (seq, key) in keyed {
-        if claimed.contains(&seq) {
-            continue;
-        }
-        let (original, stored_at): (i64, i64) = tx
-            .prepare_cached(
-                "SELECT seq, ts FROM idempotency_keys WHERE topic_id = ?1 AND key = ?2",
-            )?
-            .query_row(params![topic_id, key], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        if stored_at < cutoff {
-            // Expired but not yet deleted: this message takes the key.
-            tx.prepare_cached(
-                "UPDATE idempotency_keys SET seq = ?3, ts = ?4 WHERE topic_id = ?1 AND key = ?2",
-            )?
-            .execute(params![topic_id, key, seq as i64, ts])?;
-            claimed.insert(seq);
-        } else {
-            duplicates.push(Duplicate {
-                index: (seq - base) as usize,
-                sequence: original as u64,
-                id: MessageId::new(stored_at, original as u64, topic),
-                timestamp_ms: stored_at,
-            });
-        }
-    }
-    let last = claimed.iter().max().map(|&max| (claimed.len() as u64, max));
+    let last = fresh.last().map(|&(seq, _)| (fresh.len() as u64, seq));
     Ok((last, duplicates))
 }
 
@@ -1310,8 +1385,7 @@ fn claim_keys(
 /// them) when any were, and the duplicates by ascending index.
 type ClaimedKeys = (Option<(u64, u64)>, Vec<Duplicate>);
 
-/// `INSERT … VALUES (…), … ON CONFLICT DO NOTHING RETURNING seq` for `n`
-/// idempotency keys.
+/// `INSERT … VALUES (…), …` for `n` idempotency keys.
 fn claim_keys_sql(n: usize) -> &'static str {
     static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let all = SQL.get_or_init(|| {
@@ -1324,8 +1398,7 @@ fn claim_keys_sql(n: usize) -> &'static str {
                     })
                     .collect();
                 format!(
-                    "INSERT INTO idempotency_keys (seq, topic_id, key, ts) VALUES {} \
-                     ON CONFLICT (topic_id, key) DO NOTHING RETURNING seq",
+                    "INSERT INTO idempotency_keys (seq, topic_id, key, ts) VALUES {}",
                     rows.join(", ")
                 )
             })
