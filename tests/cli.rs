@@ -123,6 +123,35 @@ fn publish_data_argument_and_whole_stdin() {
 }
 
 #[test]
+fn publish_with_an_idempotency_key_prints_duplicate_for_a_repeat() {
+    let server = Server::start();
+    let first = sluice(
+        &server,
+        &["publish", "t", "one", "--idempotency-key", "k1"],
+        b"",
+    );
+    assert!(first.status.success(), "{first:?}");
+    let first = stdout(&first);
+    assert!(!first.contains("duplicate"), "{first}");
+    let again = sluice(
+        &server,
+        &["publish", "t", "two", "--idempotency-key", "k1"],
+        b"",
+    );
+    assert!(again.status.success());
+    let again = stdout(&again);
+    // Same sequence and id as the first, marked duplicate.
+    assert_eq!(again.trim(), format!("{} duplicate", first.trim()));
+    // A key names one message: lines from stdin are refused (usage, exit 2).
+    let lines = sluice(
+        &server,
+        &["publish", "t", "--idempotency-key", "k2"],
+        b"a\nb\n",
+    );
+    assert_eq!(lines.status.code(), Some(2));
+}
+
+#[test]
 fn topics_and_stats() {
     let server = Server::start();
     sluice(&server, &["publish", "beta", "x"], b"");
