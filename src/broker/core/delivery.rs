@@ -186,8 +186,12 @@ impl Broker {
                 None => None,
             };
             if let Some(g) = group {
-                if g.dead.contains_key(&message.sequence) {
-                    continue; // dead-lettered
+                // Dead-lettered, or passed by the cursor (acked, or moved
+                // past as dead-lettered) since it was queued: skipped, so
+                // nothing acked is sent again (an ack of it would be ignored
+                // and an ack deadline would send it forever).
+                if g.dead.contains_key(&message.sequence) || message.sequence <= g.cursor {
+                    continue;
                 }
                 let count = g.ledger.next_count(message.sequence);
                 let max = g.policy.max_deliveries;
@@ -265,7 +269,9 @@ impl Broker {
             return;
         };
         let seq = message.sequence;
-        s.redeliver_pending.remove(&seq);
+        if let Some(at) = s.redeliver_pending.remove(&seq) {
+            self.timers.remove(&(at, Timer::Redeliver { sub, seq }));
+        }
         if let Some(at) = s.unacked.remove(&seq) {
             self.timers.remove(&(at, Timer::AckDeadline { sub, seq }));
         }
@@ -329,8 +335,12 @@ impl Broker {
             if g.dead.remove(&sequence).is_some() {
                 if let Some(sub) = g.active {
                     if let Some(s) = self.subs.get_mut(&sub) {
+                        // Unless a redelivery of it is pending already.
                         let due = now_ms + DEAD_LETTER_RETRY_MS;
-                        if s.redeliver_pending.insert(sequence, due).is_none() {
+                        if let std::collections::btree_map::Entry::Vacant(e) =
+                            s.redeliver_pending.entry(sequence)
+                        {
+                            e.insert(due);
                             self.timers
                                 .insert((due, Timer::Redeliver { sub, seq: sequence }));
                         }

@@ -103,6 +103,15 @@ impl Broker {
         if s.redeliver_pending.contains_key(&seq) {
             return;
         }
+        let acked = s.group.as_ref().is_some_and(|g| {
+            self.topics
+                .get(&s.topic)
+                .and_then(|t| t.groups.get(g))
+                .is_some_and(|g| seq <= g.cursor)
+        });
+        if acked {
+            return;
+        }
         s.redeliver_pending.insert(seq, at);
         self.redeliver(sub, seq);
     }
