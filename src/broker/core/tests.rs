@@ -1084,3 +1084,169 @@ fn with_an_ack_deadline_unacked_deliveries_are_bounded() {
     b.ack(1, &msg("t", 2).id.to_string(), 0);
     assert_eq!(drain(&mut b, 1, 0).len(), 2);
 }
+
+/// Found by the seeded simulation (`sim.rs`, once it played dead-letter
+/// moves): when a dead-letter commit moves the cursor past a message
+/// (`advanced`, or `skip_dead`), the group forgets it (`g.dead` drops
+/// entries at or below the cursor), but the active stream may still hold
+/// it: here it subscribed between the move and its commit, so its position
+/// is the message; a nack of it waiting for redelivery does the same. `next_delivery` then sends it, since it neither is in
+/// `g.dead` nor lies above the cursor (the test that would dead-letter it).
+/// Ignored until the core is fixed.
+#[test]
+#[ignore = "core bug: a dead-lettered message passed by the cursor is delivered again"]
+fn a_message_dead_lettered_while_a_consumer_reconnects_is_not_delivered_again() {
+    let mut b = Broker::new(BrokerConfig::default());
+    publish(&mut b, "t", 1..=1);
+    b.subscribe(1, with_policy("t", "g", 1, 0), 0, 0).unwrap();
+    b.grant(1, 1);
+    assert_eq!(drain(&mut b, 1, 0), vec![(1, 1)]);
+    b.unsubscribe(1);
+    // The second delivery would pass max_deliveries 1: dead-lettered.
+    b.subscribe(2, with_policy("t", "g", 1, 0), 0, 0).unwrap();
+    b.grant(2, 1);
+    assert!(drain(&mut b, 2, 0).is_empty());
+    let dead = dead_letters(&actions(&mut b));
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].advance_cursor);
+    // The consumer reconnects before the move commits: it starts at 1.
+    b.unsubscribe(2);
+    b.subscribe(3, with_policy("t", "g", 1, 0), 0, 0).unwrap();
+    b.on_dead_lettered("t", "g", 1, true, true, 0);
+    assert_eq!(b.group_cursor("t", "g"), Some(1));
+    b.grant(3, 1);
+    assert_eq!(
+        drain(&mut b, 3, 0),
+        vec![],
+        "1 is in the dead-letter topic and the cursor is past it"
+    );
+}
+
+/// Found by the seeded simulation: `Subscription::unacked` is documented as
+/// holding at most `max_unacked` deliveries, and new deliveries do pause
+/// there, but redeliveries (a due nack, a passed ack deadline) are sent
+/// regardless and wait for acks too, so the bound does not hold. Either the
+/// bound or the documentation needs changing. Ignored until decided.
+#[test]
+#[ignore = "core issue: redeliveries take a stream past max_unacked"]
+fn unacked_deliveries_stay_within_max_unacked() {
+    let mut b = Broker::new(BrokerConfig {
+        max_unacked: 1,
+        ..BrokerConfig::default()
+    });
+    publish(&mut b, "t", 1..=2);
+    b.subscribe(1, with_policy("t", "g", 0, 60_000), 0, 0)
+        .unwrap();
+    b.grant(1, 10);
+    assert_eq!(drain(&mut b, 1, 0), vec![(1, 1)]);
+    // The nack frees the only place: 2 goes, then 1 is redelivered.
+    b.nack(1, &msg("t", 1).id.to_string(), 10, 0);
+    assert_eq!(drain(&mut b, 1, 0), vec![(2, 1)]);
+    b.tick(10);
+    drain(&mut b, 1, 10);
+    assert!(b.subs[&1].unacked.len() <= 1, "{:?}", b.subs[&1].unacked);
+}
+
+/// Found by the seeded simulation, the same hole as the test above from
+/// another side: a stream still sends what its group's cursor passed
+/// (here: a reconnected consumer acks, late, what the previous stream got),
+/// and with an ack deadline such a delivery can never be acked (acks at or
+/// below the cursor are ignored): its deadline redelivers it again and
+/// again, and at `max_unacked` it stalls the stream. Ignored until fixed.
+#[test]
+#[ignore = "core bug: deliveries at or below the cursor are redelivered forever"]
+fn what_the_cursor_passed_is_not_redelivered_forever() {
+    let mut b = Broker::new(BrokerConfig::default());
+    publish(&mut b, "t", 1..=3);
+    b.subscribe(1, with_policy("t", "g", 0, 100), 0, 0).unwrap();
+    b.grant(1, 3);
+    assert_eq!(drain(&mut b, 1, 0).len(), 3);
+    b.unsubscribe(1);
+    b.subscribe(2, with_policy("t", "g", 0, 100), 0, 0).unwrap();
+    b.grant(2, 1);
+    assert_eq!(drain(&mut b, 2, 0), vec![(1, 2)]);
+    // The consumer acks 3, which the first stream sent.
+    b.ack(2, &msg("t", 3).id.to_string(), 0);
+    assert_eq!(b.group_cursor("t", "g"), Some(3));
+    b.grant(2, 100);
+    let mut sent = drain(&mut b, 2, 0);
+    for now in [1_000, 2_000, 3_000] {
+        b.ack(2, &msg("t", 3).id.to_string(), 0);
+        b.tick(now);
+        sent.extend(drain(&mut b, 2, now));
+    }
+    assert_eq!(sent, vec![], "1..=3 are acked");
+}
+
+/// Found by the seeded simulation: a failed dead-letter move is retried on
+/// the group's active stream (a redelivery and its timer); when that
+/// stream's in-order pass reaches the message first and dead-letters it
+/// again, `dead_letter` drops the pending redelivery but not its timer. The
+/// timer outlives it (also the stream), and if the message is pending
+/// again by then (the move failed again) it fires that retry early.
+/// Ignored until fixed.
+#[test]
+#[ignore = "core bug: dead-lettering leaves a pending redelivery's timer behind"]
+fn dead_lettering_a_message_pending_redelivery_drops_its_timer() {
+    let mut b = Broker::new(BrokerConfig::default());
+    publish(&mut b, "t", 1..=1);
+    b.subscribe(1, with_policy("t", "g", 1, 0), 0, 0).unwrap();
+    b.grant(1, 1);
+    assert_eq!(drain(&mut b, 1, 0), vec![(1, 1)]);
+    b.unsubscribe(1);
+    b.subscribe(2, with_policy("t", "g", 1, 0), 0, 0).unwrap();
+    b.grant(2, 1);
+    assert!(drain(&mut b, 2, 0).is_empty());
+    assert_eq!(dead_letters(&actions(&mut b)).len(), 1);
+    // A new stream, then the move fails: its retry waits on the new stream.
+    b.unsubscribe(2);
+    b.subscribe(3, with_policy("t", "g", 1, 0), 0, 0).unwrap();
+    b.on_dead_lettered("t", "g", 1, false, false, 0);
+    // Its in-order pass reaches 1 first and dead-letters it again.
+    b.grant(3, 1);
+    assert!(drain(&mut b, 3, 0).is_empty());
+    assert_eq!(dead_letters(&actions(&mut b)).len(), 1);
+    b.unsubscribe(3);
+    assert!(
+        b.timers.is_empty(),
+        "no stream is left, yet timers remain: {:?}",
+        b.timers
+    );
+}
+
+/// Found by the seeded simulation: a failed dead-letter move of a message
+/// the stream has nacked meanwhile (its redelivery pending, with a timer)
+/// replaces the pending redelivery's due time (`insert`) without arming a
+/// timer for it, so the pending entry and its timer disagree: the retry
+/// fires at the nack's time, and removing it (an ack) leaves that timer
+/// behind. Ignored until fixed.
+#[test]
+#[ignore = "core bug: a failed dead-letter move puts a pending redelivery out of step with its timer"]
+fn a_failed_dead_letter_move_of_a_nacked_message_keeps_one_timer() {
+    let mut b = Broker::new(BrokerConfig::default());
+    publish(&mut b, "t", 1..=1);
+    b.subscribe(1, with_policy("t", "g", 1, 0), 0, 0).unwrap();
+    b.grant(1, 5);
+    assert_eq!(drain(&mut b, 1, 0), vec![(1, 1)]);
+    let id = msg("t", 1).id.to_string();
+    b.nack(1, &id, 0, 0);
+    b.tick(0);
+    assert!(drain(&mut b, 1, 0).is_empty());
+    assert_eq!(dead_letters(&actions(&mut b)).len(), 1);
+    // The consumer nacks 1 again (its move is not committed yet)...
+    b.nack(1, &id, 5_000, 0);
+    // ...and the move fails.
+    b.on_dead_lettered("t", "g", 1, false, false, 10);
+    let pending: Vec<_> = b.subs[&1]
+        .redeliver_pending
+        .iter()
+        .map(|(&seq, &due)| (due, Timer::Redeliver { sub: 1, seq }))
+        .collect();
+    let timers: Vec<_> = b
+        .timers
+        .iter()
+        .filter(|(_, t)| matches!(t, Timer::Redeliver { .. }))
+        .copied()
+        .collect();
+    assert_eq!(timers, pending);
+}
