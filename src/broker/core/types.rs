@@ -27,7 +27,8 @@ pub struct BrokerConfig {
     /// Consumer groups one topic may have (`--max-groups-per-topic`).
     pub max_groups_per_topic: usize,
     /// Delivered messages a subscription with an ack deadline may have
-    /// waiting for acks; new deliveries pause past it.
+    /// waiting for acks, pending redeliveries included; new deliveries
+    /// pause at it (retries of failed dead-letter moves may pass it).
     pub max_unacked: usize,
 }
 
