@@ -39,6 +39,9 @@ const RETENTION_CHUNK: i64 = 500;
 
 /// Rows per multi-row INSERT.
 const ROWS_PER_INSERT: usize = 16;
+/// Idempotency key rows deleted per commit once expired or forgotten:
+/// more than a commit inserts, so the table keeps up.
+const KEY_PURGE_CHUNK: i64 = 4_096;
 
 /// How long the writer keeps polling for the next request after answering a
 /// small batch, before it sleeps. Waking a sleeping thread costs ≈ 25 µs on
@@ -107,17 +110,25 @@ impl WriteRequest {
 }
 
 /// The idempotency keys within the window. Their rows (`idempotency_keys`,
-/// appended in sequence order, no index) make them durable; this in-memory
+/// appended in sequence order, no index) make them durable; an in-memory
 /// index finds them: a 64-bit hash of (topic, key) -> the sequence of the
-/// message stored under it, checked against the row on a hit. 16 bytes a
-/// key plus the hash table's slack (20–40 bytes in all), so at most about
-/// `--dedup-max-keys` × 40 bytes. Rows expire oldest first (their stored
-/// time rises with their sequence); their index entries go with them.
+/// message stored under it, checked against the row on a hit (so an entry
+/// whose row is gone is harmless). The index is two generations: keys go
+/// into the current one; when it holds half of `--dedup-max-keys` it
+/// becomes the previous one and the previous one is dropped, the oldest
+/// keys first, in one step (no per-key bookkeeping); its rows are deleted a
+/// chunk per commit. Rows whose window passed are deleted as it passes
+/// (`marks`). At most `--dedup-max-keys` entries, about 20–40 bytes each.
 #[derive(Debug, Default)]
 struct KeyWindow {
-    index: HashMap<u64, u64>,
-    /// Rows in the table.
-    count: u64,
+    current: HashMap<u64, u64>,
+    previous: HashMap<u64, u64>,
+    /// The highest sequence in `current` and in `previous`.
+    current_last: u64,
+    previous_last: u64,
+    /// Rows at or below this belong to a dropped generation: deleted a
+    /// chunk per commit.
+    purge_upto: u64,
     /// (stored at, highest sequence stored then), oldest first, one per
     /// second with keys.
     marks: VecDeque<(i64, u64)>,
@@ -364,8 +375,7 @@ impl GroupCommit {
         while let Some(r) = rows.next()? {
             let seq = r.get::<_, i64>(0)? as u64;
             let h = key_hash(r.get(1)?, r.get_ref(2)?.as_str().unwrap_or(""));
-            self.keys.index.insert(h, seq);
-            self.keys.count += 1;
+            self.keys.insert(h, seq);
             newest = Some(seq);
         }
         if let Some(newest) = newest {
@@ -1216,6 +1226,18 @@ impl GroupCommit {
 }
 
 impl KeyWindow {
+    fn get(&self, h: u64) -> Option<u64> {
+        self.current
+            .get(&h)
+            .or_else(|| self.previous.get(&h))
+            .copied()
+    }
+
+    fn insert(&mut self, h: u64, seq: u64) {
+        self.current.insert(h, seq);
+        self.current_last = self.current_last.max(seq);
+    }
+
     /// Notes `n` keys stored at `ts`, the last with sequence `last` (the
     /// index already has them).
     fn stored(&mut self, _n: u64, ts: i64, last: u64) {
@@ -1229,8 +1251,10 @@ impl KeyWindow {
         }
     }
 
-    /// Deletes the keys whose window has passed, then the oldest beyond
-    /// `dedup_max_keys` (those are forgotten before their window ends).
+    /// Deletes the keys whose window has passed; when the current
+    /// generation is full, drops the previous one (the oldest keys, which
+    /// are then forgotten before their window ends, with a warning) and
+    /// deletes its rows a chunk per commit.
     fn expire(
         &mut self,
         tx: &Connection,
@@ -1247,63 +1271,49 @@ impl KeyWindow {
             self.marks.pop_front();
         }
         if let Some(seq) = upto {
-            self.forget_through(tx, seq)?;
+            self.purge_upto = self.purge_upto.max(seq);
+            // Generations whose keys all expired go too (memory).
+            if self.previous_last <= seq {
+                self.previous = HashMap::new();
+            }
+            if self.current_last <= seq {
+                self.current = HashMap::new();
+            }
         }
-        if self.count > config.dedup_max_keys {
-            let n = self.count - config.dedup_max_keys;
-            let upto: Option<i64> = tx
-                .prepare_cached("SELECT seq FROM idempotency_keys ORDER BY seq LIMIT 1 OFFSET ?1")?
-                .query_row([n as i64 - 1], |r| r.get(0))
-                .optional()?;
-            let Some(upto) = upto else {
-                return Ok(());
-            };
-            self.forget_through(tx, upto as u64)?;
-            crate::log_limited!(
-                log::Level::Warn,
-                "writer: more than --dedup-max-keys={} idempotency keys within the window: \
-                 the oldest {n} were forgotten early",
-                config.dedup_max_keys
-            );
+        let half = (config.dedup_max_keys / 2).max(1) as usize;
+        if self.current.len() >= half {
+            let dropped = std::mem::take(&mut self.previous).len();
+            self.previous = std::mem::take(&mut self.current);
+            if dropped > 0 {
+                self.purge_upto = self.purge_upto.max(self.previous_last);
+                crate::log_limited!(
+                    log::Level::Warn,
+                    "writer: more than --dedup-max-keys={} idempotency keys within the \
+                     window: the oldest {dropped} were forgotten early",
+                    config.dedup_max_keys
+                );
+            }
+            self.previous_last = self.current_last;
+        }
+        if self.purge_upto > 0 {
+            let n = tx
+                .prepare_cached(
+                    "DELETE FROM idempotency_keys WHERE seq IN \
+                     (SELECT seq FROM idempotency_keys WHERE seq <= ?1 ORDER BY seq LIMIT ?2)",
+                )?
+                .execute(params![self.purge_upto as i64, KEY_PURGE_CHUNK])?;
+            if (n as i64) < KEY_PURGE_CHUNK {
+                self.purge_upto = 0;
+            }
         }
         Ok(())
     }
 
-    /// Deletes a deleted topic's keys, rows and index entries.
+    /// Deletes a deleted topic's key rows (its id may be given to a new
+    /// topic; their index entries then find no row).
     fn forget_topic(&mut self, tx: &Connection, topic_id: i64) -> rusqlite::Result<()> {
-        let mut rows =
-            tx.prepare_cached("SELECT seq, key FROM idempotency_keys WHERE topic_id = ?1")?;
-        let mut found = rows.query([topic_id])?;
-        while let Some(r) = found.next()? {
-            let s = r.get::<_, i64>(0)? as u64;
-            let h = key_hash(topic_id, r.get_ref(1)?.as_str().unwrap_or(""));
-            if self.index.get(&h) == Some(&s) {
-                self.index.remove(&h);
-            }
-        }
-        let n = tx
-            .prepare_cached("DELETE FROM idempotency_keys WHERE topic_id = ?1")?
+        tx.prepare_cached("DELETE FROM idempotency_keys WHERE topic_id = ?1")?
             .execute([topic_id])?;
-        self.count = self.count.saturating_sub(n as u64);
-        Ok(())
-    }
-
-    /// Deletes the keys stored at or below `seq`, rows and index entries.
-    fn forget_through(&mut self, tx: &Connection, seq: u64) -> rusqlite::Result<()> {
-        let mut rows =
-            tx.prepare_cached("SELECT seq, topic_id, key FROM idempotency_keys WHERE seq <= ?1")?;
-        let mut found = rows.query([seq as i64])?;
-        while let Some(r) = found.next()? {
-            let s = r.get::<_, i64>(0)? as u64;
-            let h = key_hash(r.get(1)?, r.get_ref(2)?.as_str().unwrap_or(""));
-            if self.index.get(&h) == Some(&s) {
-                self.index.remove(&h);
-            }
-        }
-        let n = tx
-            .prepare_cached("DELETE FROM idempotency_keys WHERE seq <= ?1")?
-            .execute([seq as i64])?;
-        self.count = self.count.saturating_sub(n as u64);
         Ok(())
     }
 }
@@ -1344,7 +1354,7 @@ fn claim_keys(
             continue;
         }
         let h = key_hash(topic_id, key);
-        if let Some(&original) = keys.index.get(&h) {
+        if let Some(original) = keys.get(h) {
             // This transaction's own rows are visible to it.
             let row: Option<(i64, String, i64)> = tx
                 .prepare_cached("SELECT topic_id, key, ts FROM idempotency_keys WHERE seq = ?1")?
@@ -1362,8 +1372,7 @@ fn claim_keys(
                 }
             }
         }
-        keys.index.insert(h, seq);
-        keys.count += 1;
+        keys.insert(h, seq);
         in_call.insert(key, seq);
         fresh.push((seq, key));
     }
