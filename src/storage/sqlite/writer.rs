@@ -118,7 +118,8 @@ impl WriteRequest {
 /// becomes the previous one and the previous one is dropped, the oldest
 /// keys first, in one step (no per-key bookkeeping); its rows are deleted a
 /// chunk per commit. Rows whose window passed are deleted as it passes
-/// (`marks`). At most `--dedup-max-keys` entries, about 20–40 bytes each.
+/// (`marks`). At most `--dedup-max-keys` entries, about 50 bytes each with
+/// the hash tables' slack (measured: 1,000,000 keys, 51 MB).
 #[derive(Debug, Default)]
 struct KeyWindow {
     current: HashMap<u64, u64>,
