@@ -4,8 +4,8 @@
 //! restarts, retention and DeleteTopic) and ack deadlines (with credit
 //! exhausted, with acks, counted towards `max_deliveries`). All run on both
 //! stores but the rows of the README's difference table: on JetStream
-//! delivery counts live in the gateway's memory, `--dedup-max-keys` does not
-//! apply and JetStream itself deduplicates a key for 30 s at least.
+//! `--dedup-max-keys` does not apply and JetStream itself deduplicates a key
+//! for 30 s at least.
 
 mod common;
 
@@ -340,9 +340,6 @@ async fn a_crash_looping_consumer_moves_the_poison_message_to_the_dead_letter_to
 
 #[tokio::test]
 async fn delivery_counts_of_a_group_with_max_deliveries_survive_a_broker_sigkill() {
-    if sqlite_only("delivery counts live in the gateway's memory") {
-        return;
-    }
     let mut server = Server::start();
     let mut c = server.client().await;
     let poison = c.publish("jobs", b"poison").await.unwrap();

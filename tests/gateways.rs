@@ -547,3 +547,52 @@ async fn a_gateway_cut_off_from_nats_gives_its_groups_up_unavailable() {
     assert_eq!(ended.unwrap_err(), "Unavailable", "after {took:?}");
     assert!(took < Duration::from_secs(3), "gave up after {took:?}");
 }
+
+/// A consumer that crashes on one message every time, reconnecting to
+/// gateway A and B in turn (as behind a load balancer): the group's
+/// delivery counts follow it from gateway to gateway, so the message
+/// reaches the dead-letter topic after `max_deliveries` in all, once.
+#[tokio::test]
+async fn delivery_counts_follow_a_group_across_gateways_to_the_dead_letter_topic() {
+    let _heavy = serial().await;
+    let cluster = Cluster::start("deadletter");
+    let (a, b) = (gateway(&cluster), gateway(&cluster));
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let poison = ca.publish("jobs", b"poison").await.unwrap();
+    let next = ca.publish("jobs", b"fine").await.unwrap();
+    let init = || proto::SubscribeUpstream {
+        request: Some(proto::subscribe_upstream::Request::Init(
+            proto::SubscriptionInit {
+                topic: "jobs".into(),
+                consumer_group: "g".into(),
+                initial_position: proto::InitialPosition::Earliest as i32,
+                max_deliveries: 4,
+                ..Default::default()
+            },
+        )),
+    };
+    let mut seen = Vec::new();
+    for round in 0..5 {
+        let c = if round % 2 == 0 { &mut ca } else { &mut cb };
+        let mut s = c.subscribe_with(init()).await.unwrap();
+        s.send(credit(1)).await;
+        let d = next_event(&mut s, WAIT).await.unwrap();
+        seen.push((d.sequence, d.delivery_count));
+        drop(s);
+        // Let the gateway let go of the group before the next one claims it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let p = poison.sequence;
+    assert_eq!(
+        seen,
+        vec![(p, 1), (p, 2), (p, 3), (p, 4), (next.sequence, 1)],
+        "counted across both gateways, then dead-lettered"
+    );
+    let mut dead = cb
+        .browse("jobs.dead-letter", proto::InitialPosition::Earliest)
+        .await;
+    dead.send(credit(10)).await;
+    let copies = dead.deliveries_until_quiet(Duration::from_secs(2)).await;
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert_eq!(copies[0].attributes["sluice-dead-letter-delivery-count"], "4");
+}

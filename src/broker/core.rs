@@ -202,8 +202,9 @@ impl Broker {
         }
     }
 
-    /// Restores a loaded group's dead-letter settings, persisted delivery
-    /// counts and dead-lettered messages (after `load_group`).
+    /// Restores a group's dead-letter settings, persisted delivery counts
+    /// and dead-lettered messages (after `load_group` at start-up, or when
+    /// a group is claimed from another gateway); counts only go up.
     pub fn load_group_deliveries(&mut self, topic: &str, group: &str, d: GroupDeliveries) {
         let _core = AbortOnUnwind;
         let Some(g) = self
@@ -217,20 +218,15 @@ impl Broker {
         g.policy.dead_letter_topic = d.dead_letter_topic;
         g.ledger.restore(d.delivered_max, &d.counts);
         g.ledger.forget_through(g.cursor);
-        g.dead = d
-            .dead
-            .into_iter()
-            .filter(|(seq, _)| *seq > g.cursor)
-            .map(|(seq, ordinal)| {
-                (
-                    seq,
-                    DeadEntry {
-                        ordinal,
-                        committed: true,
-                    },
-                )
-            })
-            .collect();
+        // Added to what it knows (a group claimed from another gateway
+        // keeps what this broker learnt of it).
+        let cursor = g.cursor;
+        for (seq, ordinal) in d.dead.into_iter().filter(|(seq, _)| *seq > cursor) {
+            g.dead.entry(seq).or_insert(DeadEntry {
+                ordinal,
+                committed: true,
+            });
+        }
     }
 
     pub fn set_last_sequence(&mut self, seq: u64) {

@@ -960,12 +960,13 @@ impl Reactor {
                     topic,
                     group,
                     result,
+                    deliveries,
                 } => {
                     self.shared.claim_done(&topic, &group);
-                    let mut claimed = Some(result);
+                    let mut claimed = Some((result, deliveries));
                     self.with_subscription(token, |call, shared| {
-                        if let Some(result) = claimed.take() {
-                            call.claimed(token, result, shared);
+                        if let Some((result, deliveries)) = claimed.take() {
+                            call.claimed(token, result, deliveries, shared);
                         }
                     });
                     if claimed.is_some() {

@@ -312,6 +312,7 @@ impl SubscribeCall {
         &mut self,
         uid: u64,
         result: Result<Option<(u64, i64)>, ClaimError>,
+        deliveries: Option<crate::broker::GroupDeliveries>,
         shared: &mut Shared,
     ) {
         let Some((request, group, consumer)) = self.claim.take() else {
@@ -325,6 +326,9 @@ impl SubscribeCall {
                     shared
                         .broker
                         .adopt_cursor(&topic, &group, cursor, acked_at_ms, wall);
+                }
+                if let Some(d) = deliveries {
+                    shared.broker.load_group_deliveries(&topic, &group, d);
                 }
                 self.start(uid, request, group.clone(), &consumer, shared)
             }

@@ -239,6 +239,9 @@ pub enum WriteOutcome {
         topic: Arc<str>,
         group: Arc<str>,
         result: Result<Option<(u64, i64)>, ClaimError>,
+        /// The group's persisted delivery counts and settings (a group with
+        /// `max_deliveries` served elsewhere before), to carry on counting.
+        deliveries: Option<GroupDeliveries>,
     },
     /// Another gateway claimed a group this one serves (`taken`: end its
     /// consumer `ABORTED`, as a takeover), or this one could not renew its

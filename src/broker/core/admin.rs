@@ -254,11 +254,18 @@ impl Broker {
         };
         match t.groups.get_mut(group) {
             Some(g) if g.active.is_some() => {}
+            // Unchanged (this gateway served it last, before a restart):
+            // its delivery counts stand.
+            Some(g) if g.cursor == sequence => g.last_ack_ms = acked_at_ms,
             Some(g) => {
                 g.cursor = sequence;
                 g.cursor_ordinal = cursor_ordinal;
                 g.last_ack_ms = acked_at_ms;
-                g.ledger.reset();
+                // Counts above the new cursor stay: they are what this
+                // gateway knows of those messages (the other gateway may
+                // have sent them more often).
+                g.ledger.forget_through(sequence);
+                g.dead = g.dead.split_off(&sequence.saturating_add(1));
             }
             None => {
                 t.groups.insert(

@@ -93,6 +93,12 @@ impl Layout {
         format!("{}_gateways", self.prefix)
     }
 
+    /// Delivery counts and dead-letter settings of groups with
+    /// `max_deliveries`: key = `cursor_key`, value a `DeliveriesValue`.
+    pub fn deliveries_bucket(&self) -> String {
+        format!("{}_deliveries", self.prefix)
+    }
+
     /// Idempotency keys stored within the dedup window: key =
     /// `idempotency_key`, value a `KeyValue` (the bucket's max age is the
     /// window).
@@ -145,6 +151,21 @@ pub fn idempotency_key(topic: &str, created_at_ms: i64, key: &str) -> Option<Str
         out.push_str(&format!("{b:02x}"));
     }
     Some(out)
+}
+
+/// What the deliveries bucket holds for a group.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveriesValue {
+    #[serde(default)]
+    pub max_deliveries: u32,
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    #[serde(default)]
+    pub delivered_max: u64,
+    /// (sequence, count) of messages delivered more than once, above the
+    /// group's cursor.
+    #[serde(default)]
+    pub counts: Vec<(u64, u32)>,
 }
 
 /// What the keys bucket holds for a key: the message stored under it.

@@ -86,6 +86,8 @@ pub struct GroupLeases {
     js: JetStream,
     kv: KvBucket,
     cursors_kv: KvBucket,
+    /// Delivery counts of groups with `max_deliveries` (None in tests).
+    pub deliveries_kv: Option<KvBucket>,
     gateway: String,
     /// Our inbox for releases.
     inbox: String,
@@ -115,6 +117,7 @@ impl GroupLeases {
             js,
             kv,
             cursors_kv,
+            deliveries_kv: None,
             gateway,
             inbox,
             held: HashMap::new(),
@@ -228,11 +231,23 @@ impl GroupLeases {
         group: Arc<str>,
         result: Result<Option<(u64, i64)>, ClaimError>,
     ) {
+        self.answer_with(token, topic, group, result, None);
+    }
+
+    fn answer_with(
+        &self,
+        token: u64,
+        topic: Arc<str>,
+        group: Arc<str>,
+        result: Result<Option<(u64, i64)>, ClaimError>,
+        deliveries: Option<crate::broker::GroupDeliveries>,
+    ) {
         let claimed = WriteOutcome::GroupClaimed {
             token,
             topic,
             group,
             result,
+            deliveries,
         };
         if send_waking(&self.out, &self.wake, claimed) {
             (self.wake)();
@@ -362,7 +377,20 @@ impl GroupLeases {
                 return self.answer(w.token, w.topic, w.group, Err(ClaimError::Store(e)));
             }
         };
-        self.answer(w.token, w.topic, w.group, Ok(cursor));
+        // The delivery counts of a group with max_deliveries carry on here.
+        let deliveries = self
+            .deliveries_kv
+            .as_ref()
+            .and_then(|kv| kv.get(key).ok().flatten())
+            .and_then(|e| serde_json::from_slice::<layout::DeliveriesValue>(&e.value).ok())
+            .map(|d| crate::broker::GroupDeliveries {
+                max_deliveries: d.max_deliveries,
+                dead_letter_topic: d.dead_letter_topic.as_deref().map(Arc::from),
+                delivered_max: d.delivered_max,
+                counts: d.counts,
+                dead: Vec::new(),
+            });
+        self.answer_with(w.token, w.topic, w.group, Ok(cursor), deliveries);
     }
 
     /// A put on the bucket: if it names another gateway on a lease we

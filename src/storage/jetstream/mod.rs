@@ -269,8 +269,26 @@ pub fn open(
     let js = JetStream::new(client.clone(), API_TIMEOUT);
     let layout = Layout::new(&cfg.prefix);
     let (topics_kv, cursors_kv) = prepare(&js, cfg, &layout)?;
-    let (state, counters) = state::load(&js, &layout, &topics_kv, &cursors_kv)
+    let (mut state, counters) = state::load(&js, &layout, &topics_kv, &cursors_kv)
         .map_err(|e| format!("cannot load state from JetStream: {e}"))?;
+    let deliveries_kv = js
+        .kv_bucket(&layout.deliveries_bucket(), cfg.replicas)
+        .map_err(|e| format!("bucket {} cannot be used: {e}", layout.deliveries_bucket()))?;
+    wait_for_leader(&js, deliveries_kv.stream_name());
+    let deliveries = state::load_deliveries(&deliveries_kv)?;
+    for ((topic, group), d) in &deliveries {
+        state.deliveries.push((
+            topic.to_string(),
+            group.clone(),
+            crate::broker::GroupDeliveries {
+                max_deliveries: d.max_deliveries,
+                dead_letter_topic: d.dead_letter_topic.as_deref().map(Arc::from),
+                delivered_max: d.delivered_max,
+                counts: d.counts.clone(),
+                dead: Vec::new(),
+            },
+        ));
+    }
     log::info!(
         "JetStream store on {}: {} topics, {} consumer groups, last sequence {}",
         cfg.cluster,
@@ -303,7 +321,7 @@ pub fn open(
         .map_err(|e| format!("bucket {} cannot be used: {e}", layout.leases_bucket()))?;
     wait_for_leader(&js, leases_kv.stream_name());
     let (lease_tx, lease_rx) = crossbeam_channel::bounded(cfg.writer_queue.max(1024));
-    let leases = leases::GroupLeases::new(
+    let mut leases = leases::GroupLeases::new(
         cfg.lease,
         js.clone(),
         leases_kv.clone(),
@@ -312,6 +330,7 @@ pub fn open(
         outcome_tx.clone(),
         wake.clone(),
     );
+    leases.deliveries_kv = Some(deliveries_kv.clone());
     let leases_bucket = leases_kv.name().to_string();
     let leases_thread = std::thread::Builder::new()
         .name("sluice-js-leases".into())
@@ -369,6 +388,7 @@ pub fn open(
             leases: lease_tx,
             retention_counts: counts_rx,
             keys: Some(keys),
+            deliveries: Some((deliveries_kv, deliveries)),
             dedup_window: cfg.dedup_window,
         },
         telemetry,

@@ -181,3 +181,32 @@ pub fn load(
     }
     Ok((state, counters))
 }
+
+/// The delivery counts and dead-letter settings the deliveries bucket
+/// holds, per (topic, group).
+pub fn load_deliveries(
+    kv: &KvBucket,
+) -> Result<super::writer::GroupDeliveriesMap, String> {
+    let mut out = HashMap::new();
+    for key in kv
+        .keys("", MAX_KEYS)
+        .map_err(|e| format!("cannot list the delivery counts: {e}"))?
+    {
+        let Some((topic, group)) = layout::parse_cursor_key(&key) else {
+            continue;
+        };
+        let Some(entry) = kv
+            .get(&key)
+            .map_err(|e| format!("cannot read delivery counts: {e}"))?
+        else {
+            continue;
+        };
+        match serde_json::from_slice::<layout::DeliveriesValue>(&entry.value) {
+            Ok(v) => {
+                out.insert((topic.into(), group.into()), v);
+            }
+            Err(e) => log::warn!("ignoring delivery counts {key:?}: {e}"),
+        }
+    }
+    Ok(out)
+}

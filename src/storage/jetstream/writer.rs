@@ -40,6 +40,10 @@ use crate::storage::{
 const RECENT_PER_TOPIC: usize = 128;
 /// Most requests taken into one batch.
 const MAX_BATCH_REQUESTS: usize = 4096;
+/// Delivery counts and settings per (topic, group), as the deliveries
+/// bucket holds them.
+pub type GroupDeliveriesMap = HashMap<(Arc<str>, Arc<str>), layout::DeliveriesValue>;
+
 /// How long a stored idempotency key is remembered in the writer's memory
 /// (its KV entry is read after that).
 const RECENT_KEYS_FOR: Duration = Duration::from_secs(2);
@@ -63,6 +67,9 @@ pub struct WriterConfig {
     pub leases: Sender<super::leases::LeaseRequest>,
     /// The idempotency keys bucket (None in tests that use no keys).
     pub keys: Option<KvBucket>,
+    /// The delivery counts bucket and what it held at start-up (None in
+    /// tests).
+    pub deliveries: Option<(KvBucket, GroupDeliveriesMap)>,
     /// How long a key is remembered (`--dedup-window`).
     pub dedup_window: Duration,
 }
@@ -200,6 +207,9 @@ pub struct JetStreamWriter {
     /// are answered here, without JetStream storing or numbering it twice.
     recent_keys: HashMap<String, Option<(u64, i64)>>,
     recent_order: VecDeque<(Instant, String)>,
+    /// Delivery counts and settings of groups with `max_deliveries`, as
+    /// last put in the deliveries bucket.
+    deliveries: GroupDeliveriesMap,
 }
 
 impl JetStreamWriter {
@@ -212,6 +222,12 @@ impl JetStreamWriter {
         cfg: WriterConfig,
         telemetry: Arc<crate::telemetry::Telemetry>,
     ) -> Self {
+        let mut cfg = cfg;
+        let deliveries = cfg
+            .deliveries
+            .as_mut()
+            .map(|(_, loaded)| std::mem::take(loaded))
+            .unwrap_or_default();
         JetStreamWriter {
             js,
             layout,
@@ -230,6 +246,7 @@ impl JetStreamWriter {
             next_msg_id: 0,
             recent_keys: HashMap::new(),
             recent_order: VecDeque::new(),
+            deliveries,
         }
     }
 
@@ -483,6 +500,7 @@ impl JetStreamWriter {
                     if superseded.contains(&i) {
                         continue;
                     }
+                    self.cursor_moved(&topic, &group, sequence, token.is_some());
                     if !self.knows_topic(&topic) {
                         // A cursor never re-creates a topic deleted meanwhile.
                         if let Some(token) = token {
@@ -544,10 +562,14 @@ impl JetStreamWriter {
                                     "too many consumer groups are being claimed; try again",
                                 )
                             })),
+                            deliveries: None,
                         });
                     }
                 }
                 WriteRequest::ReleaseGroup { topic, group } => {
+                    // Another gateway may count its deliveries next: read
+                    // them back from the bucket if it comes here again.
+                    self.deliveries.remove(&(topic.clone(), group.clone()));
                     // The group's cursor writes before it are stored first,
                     // a failed one included: the next gateway starts there.
                     self.drain(out);
@@ -585,12 +607,52 @@ impl JetStreamWriter {
                     self.inflight_size += p.size();
                     self.inflight.push_back(p);
                 }
-                // Delivery counts and settings live in the gateway's memory
-                // on this store (README difference table).
-                WriteRequest::SetDeliveries { .. } | WriteRequest::SetPolicy { .. } => {}
+                WriteRequest::SetDeliveries {
+                    topic,
+                    group,
+                    delivered_max,
+                    counts,
+                } => {
+                    if self.knows_topic(&topic) {
+                        self.seed_deliveries(&topic, &group);
+                        let d = self.deliveries.entry((topic.clone(), group.clone())).or_default();
+                        d.delivered_max = d.delivered_max.max(delivered_max);
+                        let mut merged: std::collections::BTreeMap<u64, u32> =
+                            d.counts.iter().copied().collect();
+                        for (seq, count) in counts {
+                            let c = merged.entry(seq).or_insert(0);
+                            *c = (*c).max(count);
+                        }
+                        d.counts = merged.into_iter().collect();
+                        self.put_deliveries(&topic, &group);
+                    }
+                }
+                WriteRequest::SetPolicy {
+                    topic,
+                    group,
+                    max_deliveries,
+                    dead_letter_topic,
+                } => {
+                    if self.knows_topic(&topic) {
+                        self.seed_deliveries(&topic, &group);
+                        let d = self.deliveries.entry((topic.clone(), group.clone())).or_default();
+                        d.max_deliveries = max_deliveries;
+                        d.dead_letter_topic = dead_letter_topic.map(|t| t.to_string());
+                        self.put_deliveries(&topic, &group);
+                    }
+                }
                 WriteRequest::DeleteTopic { token, topic } => {
                     self.drain(out);
                     let result = self.delete_topic(&topic);
+                    let gone: Vec<_> = self
+                        .deliveries
+                        .keys()
+                        .filter(|(t, _)| *t == topic)
+                        .cloned()
+                        .collect();
+                    for (t, g) in gone {
+                        self.forget_deliveries(&t, &g);
+                    }
                     if result.is_ok() {
                         self.publish_admin(AdminChange::TopicDeleted {
                             topic: topic.to_string(),
@@ -609,6 +671,7 @@ impl JetStreamWriter {
                 } => {
                     self.drain(out);
                     let result = self.delete_group(&topic, &group);
+                    self.forget_deliveries(&topic, &group);
                     if result.is_ok() {
                         self.publish_admin(AdminChange::GroupDeleted {
                             topic: topic.to_string(),
@@ -708,6 +771,80 @@ impl JetStreamWriter {
                     self.recent_keys.remove(&key);
                 }
                 None => {}
+            }
+        }
+    }
+
+    /// Puts a group's delivery counts and settings in the deliveries bucket
+    /// (without waiting: a later put of the group lands after it).
+    fn put_deliveries(&self, topic: &str, group: &str) {
+        let (Some((kv, _)), Some(key), Some(value)) = (
+            &self.cfg.deliveries,
+            layout::cursor_key(topic, group),
+            self.deliveries.get(&(Arc::from(topic), Arc::from(group))),
+        ) else {
+            return;
+        };
+        let value = serde_json::to_vec(value).unwrap_or_default();
+        if let Err(e) = kv.put_start(&key, &value) {
+            crate::log_limited!(
+                log::Level::Warn,
+                "cannot store the delivery counts of {topic}/{group}: {e}"
+            );
+        }
+    }
+
+    /// Reads a group's counts from the bucket the first time this writer
+    /// writes them (another gateway may have counted before), so a put
+    /// never drops what it stored.
+    fn seed_deliveries(&mut self, topic: &Arc<str>, group: &Arc<str>) {
+        let k = (topic.clone(), group.clone());
+        if self.deliveries.contains_key(&k) {
+            return;
+        }
+        let (Some((kv, _)), Some(key)) = (&self.cfg.deliveries, layout::cursor_key(topic, group))
+        else {
+            return;
+        };
+        let stored = kv
+            .get(&key)
+            .ok()
+            .flatten()
+            .and_then(|e| serde_json::from_slice::<layout::DeliveriesValue>(&e.value).ok());
+        self.deliveries.insert(k, stored.unwrap_or_default());
+    }
+
+    /// A group's cursor moved: its counts at or below it are forgotten (a
+    /// reset forgets them all).
+    fn cursor_moved(&mut self, topic: &Arc<str>, group: &Arc<str>, seq: u64, reset: bool) {
+        let Some(d) = self.deliveries.get_mut(&(topic.clone(), group.clone())) else {
+            return;
+        };
+        let before = d.counts.len();
+        if reset {
+            d.counts.clear();
+            d.delivered_max = 0;
+        } else {
+            d.counts.retain(|&(s, _)| s > seq);
+            if d.counts.len() == before {
+                return;
+            }
+        }
+        self.put_deliveries(topic, group);
+    }
+
+    /// A deleted group's (or topic's) counts go from memory and the bucket.
+    fn forget_deliveries(&mut self, topic: &Arc<str>, group: &Arc<str>) {
+        if self
+            .deliveries
+            .remove(&(topic.clone(), group.clone()))
+            .is_none()
+        {
+            return;
+        }
+        if let (Some((kv, _)), Some(key)) = (&self.cfg.deliveries, layout::cursor_key(topic, group)) {
+            if let Err(e) = kv.delete(&key) {
+                log::warn!("cannot delete the delivery counts of {topic}/{group}: {e}");
             }
         }
     }

@@ -1097,6 +1097,7 @@ impl GroupCommit {
                     topic: topic.clone(),
                     group: group.clone(),
                     result: Ok(None),
+                    deliveries: None,
                 }),
                 WriteRequest::ReleaseGroup { .. } => {}
                 WriteRequest::SetCursor {
