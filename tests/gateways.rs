@@ -594,5 +594,8 @@ async fn delivery_counts_follow_a_group_across_gateways_to_the_dead_letter_topic
     dead.send(credit(10)).await;
     let copies = dead.deliveries_until_quiet(Duration::from_secs(2)).await;
     assert_eq!(copies.len(), 1, "{copies:?}");
-    assert_eq!(copies[0].attributes["sluice-dead-letter-delivery-count"], "4");
+    assert_eq!(
+        copies[0].attributes["sluice-dead-letter-delivery-count"],
+        "4"
+    );
 }

@@ -894,6 +894,50 @@ async fn daemon_exports_metrics_and_publish_spans() {
     assert!(c.problems().is_empty(), "{:?}", c.problems());
 }
 
+/// A message moved to the dead-letter topic counts in
+/// `sluice_messages_dead_lettered` for its topic and group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_counts_dead_lettered_messages() {
+    let c = Collector::start(Mode::Answer);
+    let s = otel_server(&c.url(), &[]);
+    let mut client = s.client().await;
+    let topic = "tel-jobs";
+    client.publish(topic, b"poison").await.unwrap();
+    let init = || proto::SubscribeUpstream {
+        request: Some(proto::subscribe_upstream::Request::Init(
+            proto::SubscriptionInit {
+                topic: topic.into(),
+                consumer_group: "workers".into(),
+                initial_position: proto::InitialPosition::Earliest as i32,
+                max_deliveries: 1,
+                ..Default::default()
+            },
+        )),
+    };
+    // Delivered once, not acked; the next consumer's delivery would be the
+    // second: dead-lettered instead.
+    let first = client.subscribe_with(init()).await.unwrap();
+    first.send(credit(1)).await;
+    let mut first = first;
+    first.delivery(WAIT).await;
+    drop(first);
+    let second = client.subscribe_with(init()).await.unwrap();
+    second.send(credit(1)).await;
+    let pair = [("topic", topic), ("consumer_group", "workers")];
+    let _export = tokio::task::block_in_place(|| {
+        wait_for_metrics(&c, EXPORT_WAIT, |r| {
+            let mut e = Expect(Vec::new());
+            e.eq(
+                "dead-lettered workers",
+                number(r, "sluice_messages_dead_lettered", &pair),
+                1.0,
+            );
+            e.done()
+        })
+    });
+    drop(second);
+}
+
 /// Without an endpoint there is no span, but a client's `traceparent` is
 /// still stored on the message unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -184,9 +184,7 @@ pub fn load(
 
 /// The delivery counts and dead-letter settings the deliveries bucket
 /// holds, per (topic, group).
-pub fn load_deliveries(
-    kv: &KvBucket,
-) -> Result<super::writer::GroupDeliveriesMap, String> {
+pub fn load_deliveries(kv: &KvBucket) -> Result<super::writer::GroupDeliveriesMap, String> {
     let mut out = HashMap::new();
     for key in kv
         .keys("", MAX_KEYS)

@@ -615,7 +615,10 @@ impl JetStreamWriter {
                 } => {
                     if self.knows_topic(&topic) {
                         self.seed_deliveries(&topic, &group);
-                        let d = self.deliveries.entry((topic.clone(), group.clone())).or_default();
+                        let d = self
+                            .deliveries
+                            .entry((topic.clone(), group.clone()))
+                            .or_default();
                         d.delivered_max = d.delivered_max.max(delivered_max);
                         let mut merged: std::collections::BTreeMap<u64, u32> =
                             d.counts.iter().copied().collect();
@@ -635,7 +638,10 @@ impl JetStreamWriter {
                 } => {
                     if self.knows_topic(&topic) {
                         self.seed_deliveries(&topic, &group);
-                        let d = self.deliveries.entry((topic.clone(), group.clone())).or_default();
+                        let d = self
+                            .deliveries
+                            .entry((topic.clone(), group.clone()))
+                            .or_default();
                         d.max_deliveries = max_deliveries;
                         d.dead_letter_topic = dead_letter_topic.map(|t| t.to_string());
                         self.put_deliveries(&topic, &group);
@@ -842,7 +848,8 @@ impl JetStreamWriter {
         {
             return;
         }
-        if let (Some((kv, _)), Some(key)) = (&self.cfg.deliveries, layout::cursor_key(topic, group)) {
+        if let (Some((kv, _)), Some(key)) = (&self.cfg.deliveries, layout::cursor_key(topic, group))
+        {
             if let Err(e) = kv.delete(&key) {
                 log::warn!("cannot delete the delivery counts of {topic}/{group}: {e}");
             }
