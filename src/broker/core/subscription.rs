@@ -44,6 +44,19 @@ impl Broker {
                 request.topic, self.config.max_topics
             )));
         }
+        // A dead-letter topic that does not exist yet is created by the
+        // first message moved there: it must fit under the limit too.
+        if let (Some(_), Some(dlq)) = (&request.group, &request.policy.dead_letter_topic) {
+            let new = 1 + usize::from(!known && *dlq.as_ref() != *request.topic);
+            if !self.topics.contains_key(&**dlq) && self.topics.len() + new > self.config.max_topics
+            {
+                return Err(SubscribeError::LimitReached(format!(
+                    "cannot create dead-letter topic {dlq:?}: the limit of {} topics is reached \
+                     (--max-topics)",
+                    self.config.max_topics
+                )));
+            }
+        }
         if let (Some(g), Some(t)) = (&request.group, self.topics.get(request.topic.as_str())) {
             let name = if g.is_empty() { "default" } else { g.as_str() };
             if !t.groups.contains_key(name) && t.groups.len() >= self.config.max_groups_per_topic {

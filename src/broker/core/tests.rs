@@ -1264,3 +1264,22 @@ fn a_failed_dead_letter_move_of_a_nacked_message_keeps_one_timer() {
         .collect();
     assert_eq!(timers, pending);
 }
+
+#[test]
+fn a_dead_letter_topic_to_create_counts_against_the_topic_limit() {
+    let mut b = Broker::new(BrokerConfig {
+        max_topics: 2,
+        ..BrokerConfig::default()
+    });
+    publish(&mut b, "t", 1..=1);
+    // t exists; t.dead-letter would be the second topic: fine.
+    b.subscribe(1, with_policy("t", "g", 3, 0), 0, 0).unwrap();
+    publish(&mut b, "u", 2..=2);
+    // Two topics exist: u's dead-letter topic would be a third.
+    let e = b
+        .subscribe(2, with_policy("u", "g", 3, 0), 0, 0)
+        .unwrap_err();
+    assert!(matches!(e, SubscribeError::LimitReached(_)), "{e:?}");
+    // Without max_deliveries there is nothing to create.
+    b.subscribe(3, with_policy("u", "g", 0, 0), 0, 0).unwrap();
+}
