@@ -4,6 +4,11 @@
 //!
 //! - `publish` stores what it says, with its attributes and a W3C
 //!   `traceparent` per call in one trace, through Publish and BatchPublish;
+//! - `publish` is exactly-once: run again with the same key prefix it stores
+//!   nothing again and reports the first run's ids as duplicates; through a
+//!   broker that is down when it starts, then SIGKILLed and restarted, then
+//!   stopped (SIGSTOP) past its deadlines, it retries with the same keys and
+//!   every message is stored once;
 //! - `consume` processes every message once, nacks and redelivers the ones
 //!   whose processing failed, and leaves the group's cursor at the last one;
 //!   Ctrl-C leaves the cursor exactly at the last message it printed; a
@@ -274,15 +279,25 @@ fn run_ok(cmd: Command) -> (Vec<String>, String) {
     (lines, err)
 }
 
-/// `SEQUENCE MESSAGE_ID` lines of publish.
+/// `SEQUENCE MESSAGE_ID` lines of publish (those it marks ` duplicate`
+/// too).
 fn published(lines: &[String]) -> Vec<(u64, String)> {
     lines
         .iter()
         .map(|l| {
-            let (seq, id) = l.split_once(' ').unwrap_or_else(|| panic!("line {l:?}"));
-            (seq.parse().unwrap(), id.to_string())
+            let f: Vec<&str> = l.split(' ').collect();
+            assert!(
+                f.len() == 2 || (f.len() == 3 && f[2] == "duplicate"),
+                "line {l:?}"
+            );
+            (f[0].parse().unwrap(), f[1].to_string())
         })
         .collect()
+}
+
+/// Which lines of publish say `duplicate`.
+fn duplicate_flags(lines: &[String]) -> Vec<bool> {
+    lines.iter().map(|l| l.ends_with(" duplicate")).collect()
 }
 
 /// A processed message as consume prints it.
@@ -392,6 +407,10 @@ fn publish_consume_and_stats(lang: Lang) {
         ],
     ));
     let single = published(&lines);
+    assert!(
+        !duplicate_flags(&lines).contains(&true),
+        "a new run has new keys"
+    );
     let single_trace = trace_id(&err);
     let (lines, err) = run_ok(lang.program(
         "publish",
@@ -658,6 +677,168 @@ fn consumer_survives_a_sigkill_of_the_broker(lang: Lang) {
     );
 }
 
+/// The (sequence, id, payload) of everything in `topic`.
+fn stored(rt: &tokio::runtime::Runtime, c: &mut Client, topic: &str) -> Vec<(u64, String, String)> {
+    browse_all(rt, c, topic)
+        .into_iter()
+        .map(|d| {
+            let payload = String::from_utf8(d.payload.to_vec()).unwrap();
+            (d.sequence, d.message_id, payload)
+        })
+        .collect()
+}
+
+fn total_messages(rt: &tokio::runtime::Runtime, c: &mut Client, topic: &str) -> u64 {
+    rt.block_on(c.topic_stats(&[topic])).expect("GetTopicStats")[0].total_messages
+}
+
+fn publish_twice_stores_once(lang: Lang) {
+    let started = Instant::now();
+    let server = Server::start();
+    let port = server.port;
+    let rt = runtime();
+    let mut c = rt.block_on(server.client());
+    let topic = "once";
+    let publish = |count: &str, batch: &str| {
+        let args = [
+            "--topic",
+            topic,
+            "--count",
+            count,
+            "--batch",
+            batch,
+            "--key-prefix",
+            "order-7/",
+        ];
+        let (lines, err) = run_ok(lang.program("publish", port, &args));
+        (published(&lines), duplicate_flags(&lines), err)
+    };
+
+    let (first, dups, err) = publish("12", "0");
+    assert_eq!((first.len(), dups.contains(&true)), (12, false), "{err}");
+    assert!(err.contains("12 stored, 0 duplicates"), "{err}");
+    // The same run again: nothing new, the first run's ids, each a duplicate.
+    let (again, dups, err) = publish("12", "0");
+    assert_eq!(again, first, "the stored messages' ids and sequences");
+    assert_eq!(dups, vec![true; 12]);
+    assert!(err.contains("0 stored, 12 duplicates"), "{err}");
+    assert_eq!(total_messages(&rt, &mut c, topic), 12);
+    // Three more, in BatchPublish calls of 5 (one call mixes old and new
+    // keys): the keys name messages, whatever the call that carries them.
+    let (more, dups, err) = publish("15", "5");
+    assert_eq!(&more[..12], &first[..]);
+    assert_eq!(dups, [vec![true; 12], vec![false; 3]].concat(), "{err}");
+    assert_eq!(total_messages(&rt, &mut c, topic), 15);
+    let want: Vec<(u64, String, String)> = more
+        .iter()
+        .enumerate()
+        .map(|(i, (seq, id))| (*seq, id.clone(), format!("message-{}", i + 1)))
+        .collect();
+    assert_eq!(
+        stored(&rt, &mut c, topic),
+        want,
+        "each message once, in order"
+    );
+    eprintln!(
+        "{lang:?}: publish twice, once stored, in {:?}",
+        started.elapsed()
+    );
+}
+
+fn publish_survives_an_unavailable_broker(lang: Lang) {
+    const N: usize = 300;
+    let started = Instant::now();
+    let mut server = Server::start();
+    let port = server.port;
+    let rt = runtime();
+    let topic = "outage";
+    // Down before the publisher starts: its first calls cannot reach it.
+    server.kill9();
+    let count = N.to_string();
+    let mut publisher = Running::start(lang.program(
+        "publish",
+        port,
+        &[
+            "--topic",
+            topic,
+            "--count",
+            &count,
+            "--key-prefix",
+            "outage/",
+            "--timeout",
+            "0.5",
+            "--max-backoff",
+            "0.4",
+            "--attempts",
+            "40",
+        ],
+    ));
+    std::thread::sleep(Duration::from_millis(800));
+    server.spawn(port);
+    // SIGKILLed mid-run: the call in flight may or may not have been stored.
+    publisher.wait_lines(60, RUN_LIMIT);
+    server.kill9();
+    let at_kill = publisher.lines().len();
+    std::thread::sleep(Duration::from_millis(700));
+    server.spawn(port);
+    // Stopped past the calls' deadlines: attempts of one key pile up in the
+    // stopped broker and all reach it when it continues.
+    publisher.wait_lines(at_kill + 60, RUN_LIMIT);
+    server.signal(libc::SIGSTOP);
+    let at_stop = publisher.lines().len();
+    std::thread::sleep(Duration::from_millis(1200));
+    server.signal(libc::SIGCONT);
+    let (status, lines, err) = publisher.finish(RUN_LIMIT);
+    assert!(
+        status.success(),
+        "publish failed ({status}); stderr:\n{err}"
+    );
+    assert!(
+        at_kill < N && at_stop < N,
+        "the broker failed mid-run ({at_kill}, {at_stop} published)"
+    );
+    // Calls in flight while the broker was stopped for longer than their
+    // deadline ended in DEADLINE_EXCEEDED and were retried. (UNAVAILABLE
+    // comes from the SIGKILL, or from the outage at the start with Node,
+    // whose calls do not wait for the channel to be ready.)
+    assert!(
+        err.contains("DEADLINE_EXCEEDED") && err.contains("retrying in"),
+        "it retried: {err}"
+    );
+    let got = published(&lines);
+    assert_eq!(got.len(), N, "a line per message; stderr:\n{err}");
+    let mut c = rt.block_on(server.client());
+    let want: Vec<(u64, String, String)> = got
+        .iter()
+        .enumerate()
+        .map(|(i, (seq, id))| (*seq, id.clone(), format!("message-{}", i + 1)))
+        .collect();
+    let have = stored(&rt, &mut c, topic);
+    if have != want {
+        let extra: Vec<_> = have.iter().filter(|h| !want.contains(h)).collect();
+        let missing: Vec<_> = want.iter().filter(|w| !have.contains(w)).collect();
+        panic!(
+            "every message stored once, in order, under the ids publish printed: {} stored, \
+             {} printed; stored but not printed: {extra:?}; printed but not stored: \
+             {missing:?}; stderr:\n{err}",
+            have.len(),
+            want.len()
+        );
+    }
+    assert_eq!(total_messages(&rt, &mut c, topic), N as u64, "{err}");
+    // The stopped broker went on with the attempt that timed out, so the
+    // retry met a stored key: the case a retry without keys stores twice.
+    let dups = duplicate_flags(&lines).iter().filter(|d| **d).count();
+    assert!(dups >= 1, "a retry was answered as a duplicate: {err}");
+    eprintln!(
+        "{lang:?}: publish through down/SIGKILL at {at_kill}/SIGSTOP at {at_stop} of {N}: \
+         {} retries ({} UNAVAILABLE), {dups} replies were duplicates; done in {:?}",
+        err.matches("retrying in").count(),
+        err.matches("UNAVAILABLE").count(),
+        started.elapsed()
+    );
+}
+
 #[test]
 fn python_examples_publish_consume_and_report_stats() {
     publish_consume_and_stats(Lang::Python);
@@ -676,6 +857,26 @@ fn python_consumer_survives_a_sigkill_of_the_broker() {
 #[test]
 fn node_consumer_survives_a_sigkill_of_the_broker() {
     consumer_survives_a_sigkill_of_the_broker(Lang::Node);
+}
+
+#[test]
+fn python_publish_twice_stores_once() {
+    publish_twice_stores_once(Lang::Python);
+}
+
+#[test]
+fn node_publish_twice_stores_once() {
+    publish_twice_stores_once(Lang::Node);
+}
+
+#[test]
+fn python_publish_survives_an_unavailable_broker() {
+    publish_survives_an_unavailable_broker(Lang::Python);
+}
+
+#[test]
+fn node_publish_survives_an_unavailable_broker() {
+    publish_survives_an_unavailable_broker(Lang::Node);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 """What the three examples share: sluice.v1 stubs generated from proto/ when
-a program starts, one channel setup, W3C traceparent values, and the
-consumer's bookkeeping (credit window, acks, backoff). The bookkeeping
-classes are plain Python with no gRPC in them; test_flow.py checks them.
+a program starts, one channel setup, W3C traceparent values, the consumer's
+bookkeeping (credit window, acks, backoff) and the publisher's retry loop.
+The bookkeeping is plain Python with no gRPC in it; test_flow.py checks it.
 """
 
 import atexit
@@ -11,6 +11,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PROTO = os.environ.get("SLUICE_PROTO") or os.path.normpath(
@@ -88,6 +89,33 @@ class Backoff:
 
     def reset(self):
         self.attempt = 0
+
+
+# A call that failed with one of these may or may not have been carried out:
+# the broker was unreachable or the deadline passed before the reply came.
+# Retrying is safe only when the retry cannot store a message twice, which is
+# what idempotency keys are for. Any other code is an answer: retrying cannot
+# change it.
+RETRY_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+
+
+def retry(call, code_of, backoff, attempts, on_retry=None, sleep=time.sleep):
+    """Returns call(), calling it again after a backoff delay while it raises
+    an error whose status name (code_of(error); None: not a gRPC error) is in
+    RETRY_CODES, at most `attempts` times in all; then raises the last error.
+    on_retry(error, code, attempt, delay) is told of each retry."""
+    backoff.reset()
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as e:
+            code = code_of(e)
+            if code not in RETRY_CODES or attempt == attempts:
+                raise
+            delay = backoff.next_delay()
+            if on_retry:
+                on_retry(e, code, attempt, delay)
+            sleep(delay)
 
 
 class CreditWindow:

@@ -1,4 +1,5 @@
-"""Checks of the consumer's bookkeeping (no broker needed):
+"""Checks of the consumer's bookkeeping and the publisher's retries (no
+broker needed):
 
     python -m unittest test_flow
 """
@@ -6,7 +7,8 @@
 import re
 import unittest
 
-from sluice_client import AckTracker, Backoff, CreditWindow, new_trace_id, traceparent
+from sluice_client import (RETRY_CODES, AckTracker, Backoff, CreditWindow, new_trace_id, retry,
+                           traceparent)
 
 
 class CreditWindowTest(unittest.TestCase):
@@ -98,6 +100,54 @@ class BackoffTest(unittest.TestCase):
         self.assertEqual(highs, [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0])
         low.reset()
         self.assertEqual(round(low.next_delay(), 3), 0.05)
+
+
+class Failed(Exception):
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+class RetryTest(unittest.TestCase):
+    def run_retry(self, outcomes, attempts=5):
+        """retry() over a call that raises Failed(code) or returns each of
+        `outcomes` in turn: (result or error, calls made, delays slept)."""
+        calls, slept, told = [], [], []
+
+        def call():
+            calls.append(1)
+            o = outcomes[len(calls) - 1]
+            if isinstance(o, Exception):
+                raise o
+            return o
+
+        backoff = Backoff(base=0.1, cap=0.4, rng=lambda: 0.999999)
+        backoff.next_delay()  # left over from an earlier call: retry() starts afresh
+        try:
+            result = retry(call, code_of=lambda e: getattr(e, "code", None), backoff=backoff,
+                           attempts=attempts, sleep=slept.append,
+                           on_retry=lambda e, code, n, d: told.append((code, n)))
+        except Exception as e:  # the test looks at it
+            result = e
+        self.assertEqual(len(told), len(slept))
+        return result, len(calls), [round(d, 3) for d in slept]
+
+    def test_retries_only_when_the_outcome_is_unknown(self):
+        self.assertEqual(RETRY_CODES, {"UNAVAILABLE", "DEADLINE_EXCEEDED"})
+        result, calls, slept = self.run_retry(
+            [Failed("UNAVAILABLE"), Failed("DEADLINE_EXCEEDED"), Failed("UNAVAILABLE"), "ok"])
+        self.assertEqual((result, calls, slept), ("ok", 4, [0.1, 0.2, 0.4]))
+        for answer in ("INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "INTERNAL"):
+            result, calls, slept = self.run_retry([Failed(answer), "ok"])
+            self.assertEqual((result.code, calls, slept), (answer, 1, []))
+        result, calls, _ = self.run_retry([ValueError("not gRPC"), "ok"])
+        self.assertIsInstance(result, ValueError)
+        self.assertEqual(calls, 1)
+
+    def test_gives_up_after_the_last_attempt_with_capped_delays(self):
+        result, calls, slept = self.run_retry([Failed("UNAVAILABLE")] * 6, attempts=6)
+        self.assertEqual((result.code, calls), ("UNAVAILABLE", 6))
+        self.assertEqual(slept, [0.1, 0.2, 0.4, 0.4, 0.4])
 
 
 class TraceparentTest(unittest.TestCase):

@@ -1,5 +1,8 @@
-// The consumer's bookkeeping: credit window, safe acks, backoff. Plain
-// JavaScript without gRPC; test/flow.test.js checks it.
+// The consumer's bookkeeping (credit window, safe acks, backoff) and the
+// publisher's retry loop. Plain JavaScript without gRPC; test/flow.test.js
+// checks it.
+
+import { setTimeout as sleepMs } from 'node:timers/promises';
 
 /**
  * Keeps about `window` deliveries in flight. A stream starts with no credit:
@@ -122,5 +125,36 @@ export class Backoff {
 
   reset() {
     this.attempt = 0;
+  }
+}
+
+/**
+ * A call that failed with one of these (status names) may or may not have
+ * been carried out: the broker was unreachable or the deadline passed before
+ * the reply came. Retrying is safe only when the retry cannot store a message
+ * twice, which is what idempotency keys are for. Any other code is an answer:
+ * retrying cannot change it.
+ */
+export const RETRY_CODES = new Set(['UNAVAILABLE', 'DEADLINE_EXCEEDED']);
+
+/**
+ * Resolves with `await call()`, calling it again after a backoff delay while
+ * it rejects with an error whose status name (`codeOf(err)`; undefined: not a
+ * gRPC error) is in RETRY_CODES, at most `attempts` times in all; then
+ * rejects with the last error. `onRetry(err, code, attempt, delayMs)` is told
+ * of each retry.
+ */
+export async function retry(call, { codeOf, backoff, attempts, onRetry = () => {}, sleep = sleepMs }) {
+  backoff.reset();
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await call();
+    } catch (err) {
+      const code = codeOf(err);
+      if (!RETRY_CODES.has(code) || attempt >= attempts) throw err;
+      const delay = backoff.nextDelayMs();
+      onRetry(err, code, attempt, delay);
+      await sleep(delay);
+    }
   }
 }

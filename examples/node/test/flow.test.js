@@ -1,9 +1,10 @@
-// Checks of the consumer's bookkeeping (no broker needed): npm test.
+// Checks of the consumer's bookkeeping and the publisher's retries (no broker
+// needed): npm test.
 
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
-import { AckTracker, Backoff, CreditWindow } from '../lib/flow.js';
+import { AckTracker, Backoff, CreditWindow, retry, RETRY_CODES } from '../lib/flow.js';
 
 test('the credit window is topped up in grants of half the window, never stalling', () => {
   const w = new CreditWindow(8);
@@ -88,4 +89,54 @@ test('backoff doubles up to the cap, with jitter in the upper half', () => {
   assert.deepEqual(highs, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
   low.reset();
   assert.equal(Math.round(low.nextDelayMs()), 50);
+});
+
+// retry() over a call that rejects with { code } or resolves with each of
+// `outcomes` in turn: [result or error, calls made, delays slept].
+async function runRetry(outcomes, attempts = 5) {
+  let calls = 0;
+  const slept = [];
+  const told = [];
+  const backoff = new Backoff({ baseMs: 100, capMs: 400, random: () => 0.999999 });
+  backoff.nextDelayMs(); // left over from an earlier call: retry() starts afresh
+  const call = async () => {
+    const o = outcomes[calls++];
+    if (o instanceof Error) throw o;
+    return o;
+  };
+  let result;
+  try {
+    result = await retry(call, {
+      codeOf: (err) => err.code,
+      backoff,
+      attempts,
+      onRetry: (err, code, attempt) => told.push([code, attempt]),
+      sleep: async (ms) => slept.push(Math.round(ms)),
+    });
+  } catch (err) {
+    result = err;
+  }
+  assert.equal(told.length, slept.length);
+  return [result, calls, slept];
+}
+
+const failed = (code) => Object.assign(new Error(code), { code });
+
+test('publishes are retried only when the outcome is unknown', async () => {
+  assert.deepEqual([...RETRY_CODES].sort(), ['DEADLINE_EXCEEDED', 'UNAVAILABLE']);
+  assert.deepEqual(
+    await runRetry([failed('UNAVAILABLE'), failed('DEADLINE_EXCEEDED'), failed('UNAVAILABLE'), 'ok']),
+    ['ok', 4, [100, 200, 400]],
+  );
+  for (const answer of ['INVALID_ARGUMENT', 'NOT_FOUND', 'RESOURCE_EXHAUSTED', 'INTERNAL']) {
+    const [err, calls, slept] = await runRetry([failed(answer), 'ok']);
+    assert.deepEqual([err.code, calls, slept], [answer, 1, []]);
+  }
+  const [err, calls] = await runRetry([new TypeError('not gRPC'), 'ok']);
+  assert.deepEqual([err.message, calls], ['not gRPC', 1], 'thrown at once');
+});
+
+test('a publish retry gives up after the last attempt, with capped delays', async () => {
+  const [err, calls, slept] = await runRetry(Array(6).fill(failed('UNAVAILABLE')), 6);
+  assert.deepEqual([err.code, calls, slept], ['UNAVAILABLE', 6, [100, 200, 400, 400, 400]]);
 });

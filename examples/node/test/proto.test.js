@@ -36,6 +36,28 @@ test('upstream messages encode from plain objects, oneof by field name', () => {
   assert.equal(nack.nack.redeliveryDelayMs, 500);
 });
 
+test('idempotency keys encode, and duplicate flags decode, per message', () => {
+  const one = methods.Publish.requestDeserialize(
+    methods.Publish.requestSerialize({ topic: 't', payload: Buffer.from('x'), idempotencyKey: 'run-1/1' }),
+  );
+  assert.equal(one.idempotencyKey, 'run-1/1');
+  const batch = methods.BatchPublish.requestDeserialize(
+    methods.BatchPublish.requestSerialize({
+      topic: 't',
+      messages: [{ payload: Buffer.from('a'), idempotencyKey: 'k/1' }, { payload: Buffer.from('b'), idempotencyKey: 'k/2' }],
+    }),
+  );
+  assert.deepEqual(batch.messages.map((m) => m.idempotencyKey), ['k/1', 'k/2']);
+  const reply = methods.Publish.responseDeserialize(
+    methods.Publish.responseSerialize({ messageId: 'id', sequence: '7', duplicate: true }),
+  );
+  assert.deepEqual([reply.sequence, reply.duplicate], ['7', true]);
+  const results = methods.BatchPublish.responseDeserialize(
+    methods.BatchPublish.responseSerialize({ results: [{ sequence: '1', duplicate: true }, { sequence: '2' }] }),
+  ).results;
+  assert.deepEqual(results.map((r) => r.duplicate), [true, false], 'defaults: false when unset');
+});
+
 test('a delivery decodes with uint64 sequences as exact decimal strings and bytes as Buffer', () => {
   const { responseSerialize, responseDeserialize } = methods.Subscribe;
   const wire = responseSerialize({
