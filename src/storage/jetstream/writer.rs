@@ -1156,7 +1156,7 @@ impl JetStreamWriter {
             .into_iter()
             .map(|t| t.and_then(|t| t.wait()))
             .collect();
-        let disturbed = acks.iter().any(Result::is_err);
+        let mut disturbed = acks.iter().any(Result::is_err);
         // Retry, in order and with the same msg ids, what may have failed
         // only for now.
         for (i, ack) in acks.iter_mut().enumerate() {
@@ -1194,6 +1194,10 @@ impl JetStreamWriter {
                     match self.original(&topic, &m, ack.seq, ts) {
                         Ok(None) => Ok(ack),
                         Ok(Some(original_ts)) => {
+                            // Its ordinal was taken but nothing stored under
+                            // it: the topic's numbering is read back before
+                            // the next message takes one (else a gap counts).
+                            disturbed = true;
                             if let Some(key) = &m.key {
                                 self.recent_keys
                                     .insert(key.clone(), Some((ack.seq, original_ts)));
