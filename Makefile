@@ -92,7 +92,7 @@ deps:
 
 # The black-box suites run twice: on SQLite, and on the JetStream store (each
 # test daemon then gets its own nats-server; see tests/common/mod.rs).
-NATS_SUITES = --test publish --test subscribe --test admin --test backpressure --test robustness --test telemetry --test delivery_guarantees
+NATS_SUITES = --test publish --test subscribe --test admin --test backpressure --test robustness --test telemetry --test delivery_guarantees --test examples
 
 test: deps lint
 	$(CARGO) test --locked
