@@ -13,6 +13,8 @@ DESTDIR ?=
 BINDIR  = $(DESTDIR)$(PREFIX)/bin
 UNITDIR ?= $(DESTDIR)/etc/systemd/system
 TARGET ?= $(shell rustc -vV | sed -n 's/^host: //p')
+# Cargo's output directory: CARGO_TARGET_DIR when set, as cargo itself does.
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 ARGS   ?=
 
 .PHONY: all build run deps test lint bench release install install-files clean sim fuzz crash-loop
@@ -109,14 +111,14 @@ crash-loop:
 	SLUICE_CRASH_ROUNDS=$(ROUNDS) $(CARGO) test --locked --test crash_loop -- --nocapture
 
 bench: release
-	SLUICE_BIN=$(CURDIR)/target/$(TARGET)/release/sluice $(CARGO) bench --locked
-	SLUICE_BIN=$(CURDIR)/target/$(TARGET)/release/sluice bench/h2load.sh
+	SLUICE_BIN=$(TARGET_DIR)/$(TARGET)/release/sluice $(CARGO) bench --locked
+	SLUICE_BIN=$(TARGET_DIR)/$(TARGET)/release/sluice bench/h2load.sh
 
 # A stripped, statically linked binary (glibc crt-static) in target/$(TARGET)/release.
 release:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked --target $(TARGET)
-	strip target/$(TARGET)/release/sluice
-	@ls -l target/$(TARGET)/release/sluice
+	strip $(TARGET_DIR)/$(TARGET)/release/sluice
+	@ls -l $(TARGET_DIR)/$(TARGET)/release/sluice
 
 BIN ?= target/release/sluice
 
