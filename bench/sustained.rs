@@ -13,7 +13,8 @@
 //!             the data dir's size per second
 //!   fill      fills SLUICE_BENCH_DATA_DIR with SLUICE_BENCH_FILL_MESSAGES
 //!             (topic `fill`) for the large-store runs; no CSV
-//! No scenario named: batch, unary, openloop.
+//! No scenario named (as in a plain `cargo bench`, i.e. `make bench`): nothing
+//! runs.
 //!
 //! Environment:
 //!   SLUICE_BENCH_OUT                 where CSV and JSON go (default target/bench-sustained)
@@ -990,12 +991,17 @@ fn run_fill(rt: &tokio::runtime::Runtime) {
 
 fn main() {
     // `cargo bench` passes `--bench` itself: skip flags.
-    let mut chosen: Vec<String> = std::env::args()
+    let chosen: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
     if chosen.is_empty() {
-        chosen = ["batch", "unary", "openloop"].map(String::from).to_vec();
+        // A plain `cargo bench` (`make bench`) runs every bench target: these
+        // runs take minutes, so they go only when named.
+        println!(
+            "sustained: no scenario named, nothing run (`cargo bench --bench sustained -- batch|unary|openloop|fill`, or `make bench-sustained`)"
+        );
+        return;
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
