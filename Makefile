@@ -5,6 +5,8 @@
 #                 examples, and runs npm ci in examples/node
 #   make test     deps, format check, clippy (warnings are errors), all tests
 #   make bench    benchmarks; results go to the terminal (record them in bench/RESULTS.md)
+#   make bench-sustained [SCENARIOS="batch unary openloop"]   minutes-long runs: per-second CSV
+#                 and a PNG per scenario in target/bench-sustained/ (SLUICE_BENCH_OUT)
 #   make sim SEEDS=N / make fuzz CASES=N / make crash-loop ROUNDS=N   longer proof runs
 
 CARGO  ?= cargo
@@ -13,9 +15,11 @@ DESTDIR ?=
 BINDIR  = $(DESTDIR)$(PREFIX)/bin
 UNITDIR ?= $(DESTDIR)/etc/systemd/system
 TARGET ?= $(shell rustc -vV | sed -n 's/^host: //p')
+# Cargo's output directory: CARGO_TARGET_DIR when set, as cargo itself does.
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
 ARGS   ?=
 
-.PHONY: all build run deps test lint bench release install install-files clean sim fuzz crash-loop
+.PHONY: all build run deps test lint bench bench-sustained release install install-files clean sim fuzz crash-loop
 
 SEEDS  ?= 2000
 CASES  ?= 100000
@@ -109,14 +113,47 @@ crash-loop:
 	SLUICE_CRASH_ROUNDS=$(ROUNDS) $(CARGO) test --locked --test crash_loop -- --nocapture
 
 bench: release
-	SLUICE_BIN=$(CURDIR)/target/$(TARGET)/release/sluice $(CARGO) bench --locked
-	SLUICE_BIN=$(CURDIR)/target/$(TARGET)/release/sluice bench/h2load.sh
+	SLUICE_BIN=$(TARGET_DIR)/$(TARGET)/release/sluice $(CARGO) bench --locked
+	SLUICE_BIN=$(TARGET_DIR)/$(TARGET)/release/sluice bench/h2load.sh
+
+# Sustained load (issue 15): bench/sustained.rs writes <scenario>.csv (one row per second) into
+# SLUICE_BENCH_OUT, then bench/plot_sustained.py draws <scenario>.png beside it with matplotlib
+# from a local venv (PyPI, pinned). Lengths: SLUICE_BENCH_SUSTAINED_SECS (batch, unary; default
+# 60) and SLUICE_BENCH_OPENLOOP_SECS (default 600). SLUICE_BENCH_DATA_DIR runs batch and unary on
+# a (pre-filled) data dir instead of a fresh one; the other settings are in bench/sustained.rs.
+SCENARIOS ?= batch unary openloop
+SLUICE_BENCH_OUT ?= $(CURDIR)/target/bench-sustained
+PLOTENV = target/plotenv
+MATPLOTLIB_VERSION = 3.10.9
+
+bench-sustained: release $(PLOTENV)/.matplotlib-$(MATPLOTLIB_VERSION)
+	@mkdir -p $(SLUICE_BENCH_OUT)
+	@for s in $(SCENARIOS); do \
+	  SLUICE_BIN=$(TARGET_DIR)/$(TARGET)/release/sluice SLUICE_BENCH_OUT=$(SLUICE_BENCH_OUT) \
+	    $(CARGO) bench --locked --bench sustained -- $$s || exit 1; \
+	  [ $$s = fill ] || $(PLOTENV)/bin/python bench/plot_sustained.py $(SLUICE_BENCH_OUT)/$$s.csv || exit 1; \
+	done
+
+$(PLOTENV)/.matplotlib-$(MATPLOTLIB_VERSION):
+	@if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "bench-sustained: installing python3-venv (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv >/dev/null; \
+	  else \
+	    echo "bench-sustained: missing python3 with venv (Debian: sudo apt-get install python3-venv)"; \
+	    exit 1; \
+	  fi; \
+	fi
+	@echo "bench-sustained: making $(PLOTENV) (matplotlib $(MATPLOTLIB_VERSION) from PyPI)"
+	rm -rf $(PLOTENV) && python3 -m venv $(PLOTENV) \
+	  && $(PLOTENV)/bin/pip install -q matplotlib==$(MATPLOTLIB_VERSION) \
+	  && touch $@
 
 # A stripped, statically linked binary (glibc crt-static) in target/$(TARGET)/release.
 release:
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked --target $(TARGET)
-	strip target/$(TARGET)/release/sluice
-	@ls -l target/$(TARGET)/release/sluice
+	strip $(TARGET_DIR)/$(TARGET)/release/sluice
+	@ls -l $(TARGET_DIR)/$(TARGET)/release/sluice
 
 BIN ?= target/release/sluice
 

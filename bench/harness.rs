@@ -18,12 +18,25 @@ pub struct Daemon {
     pub child: Child,
     pub port: u16,
     pub dir: PathBuf,
+    /// The data dir is the caller's (`start_in`): left in place on drop.
+    keep: bool,
 }
 
 impl Daemon {
+    /// A daemon on a fresh data dir, removed again when it is dropped.
     pub fn start(name: &str, extra: &[&str]) -> Daemon {
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
+        Daemon::spawn(dir, false, extra)
+    }
+
+    /// A daemon on an existing (e.g. pre-filled) data dir, created if
+    /// missing and kept when the daemon is dropped.
+    pub fn start_in(dir: PathBuf, extra: &[&str]) -> Daemon {
+        Daemon::spawn(dir, true, extra)
+    }
+
+    fn spawn(dir: PathBuf, keep: bool, extra: &[&str]) -> Daemon {
         std::fs::create_dir_all(&dir).expect("bench data dir");
         // `make bench` points SLUICE_BIN at the static release binary (what
         // ships); plain `cargo bench` uses the bench profile's build.
@@ -71,15 +84,21 @@ impl Daemon {
                 }
             }
         });
+        // A large pre-filled store (start_in) may take a while to open.
         let addr = rx
-            .recv_timeout(Duration::from_secs(20))
+            .recv_timeout(Duration::from_secs(if keep { 600 } else { 20 }))
             .expect("sluice started");
         let port = addr
             .rsplit(':')
             .next()
             .and_then(|p| p.parse().ok())
             .expect("port");
-        Daemon { child, port, dir }
+        Daemon {
+            child,
+            port,
+            dir,
+            keep,
+        }
     }
 
     fn status_kb(&self, field: &str) -> u64 {
@@ -135,7 +154,9 @@ impl Drop for Daemon {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
