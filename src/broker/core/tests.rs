@@ -1104,21 +1104,29 @@ fn deadline_redeliveries_waiting_for_credit_count_towards_the_unacked_bound() {
     assert!(drain(&mut b, 1, 100).is_empty(), "still three unacked");
 }
 
-/// Found by the seeded simulation (`sim.rs`, once it played dead-letter
-/// moves): when a dead-letter commit moves the cursor past a message
-/// (`advanced`, or `skip_dead`), the group forgets it (`g.dead` drops
-/// entries at or below the cursor), but the active stream may still hold
-/// it: here it subscribed between the move and its commit, so its position
-/// is the message; a nack of it waiting for redelivery does the same. `next_delivery` then sends it, since it neither is in
-/// `g.dead` nor lies above the cursor (the test that would dead-letter it).
-#[test]
-fn a_message_dead_lettered_while_a_consumer_reconnects_is_not_delivered_again() {
+/// Message 1 of `t`, delivered once to group `g` (max_deliveries 1), whose
+/// consumer left: the next consumer (sub 2) dead-letters it instead.
+fn delivered_once_with_max_one() -> Broker {
     let mut b = Broker::new(BrokerConfig::default());
     publish(&mut b, "t", 1..=1);
     b.subscribe(1, with_policy("t", "g", 1, 0), 0, 0).unwrap();
     b.grant(1, 1);
     assert_eq!(drain(&mut b, 1, 0), vec![(1, 1)]);
     b.unsubscribe(1);
+    b
+}
+
+/// Found by the seeded simulation (`sim.rs`, once it played dead-letter
+/// moves): when a dead-letter commit moves the cursor past a message
+/// (`advanced`, or `skip_dead`), the group forgets it (`g.dead` drops
+/// entries at or below the cursor), but the active stream may still hold
+/// it: here it subscribed between the move and its commit, so its position
+/// is the message; a nack of it waiting for redelivery does the same.
+/// `next_delivery` sent it, since it was neither in `g.dead` nor above the
+/// cursor; it now skips what the cursor passed.
+#[test]
+fn a_message_dead_lettered_while_a_consumer_reconnects_is_not_delivered_again() {
+    let mut b = delivered_once_with_max_one();
     // The second delivery would pass max_deliveries 1: dead-lettered.
     b.subscribe(2, with_policy("t", "g", 1, 0), 0, 0).unwrap();
     b.grant(2, 1);
@@ -1139,12 +1147,10 @@ fn a_message_dead_lettered_while_a_consumer_reconnects_is_not_delivered_again() 
     );
 }
 
-/// Found by the seeded simulation: `Subscription::unacked` is documented as
-/// holding at most `max_unacked` deliveries, and new deliveries do pause
-/// there, but redeliveries (a due nack, a passed ack deadline) are sent
-/// regardless and wait for acks too, so the bound does not hold. Either the
-/// bound or the documentation needs changing. Fixed: pending redeliveries
-/// count towards the bound, so new messages wait.
+/// Found by the seeded simulation: new deliveries paused at `max_unacked`,
+/// but a nack freed its message's place while its redelivery was still to
+/// come, so a new message took the place and the redelivery then went past
+/// the bound. Pending redeliveries now count towards it.
 #[test]
 fn unacked_deliveries_stay_within_max_unacked() {
     let mut b = Broker::new(BrokerConfig {
@@ -1203,12 +1209,7 @@ fn what_the_cursor_passed_is_not_redelivered_forever() {
 /// again by then (the move failed again) it fires that retry early.
 #[test]
 fn dead_lettering_a_message_pending_redelivery_drops_its_timer() {
-    let mut b = Broker::new(BrokerConfig::default());
-    publish(&mut b, "t", 1..=1);
-    b.subscribe(1, with_policy("t", "g", 1, 0), 0, 0).unwrap();
-    b.grant(1, 1);
-    assert_eq!(drain(&mut b, 1, 0), vec![(1, 1)]);
-    b.unsubscribe(1);
+    let mut b = delivered_once_with_max_one();
     b.subscribe(2, with_policy("t", "g", 1, 0), 0, 0).unwrap();
     b.grant(2, 1);
     assert!(drain(&mut b, 2, 0).is_empty());

@@ -613,12 +613,7 @@ impl JetStreamWriter {
                     delivered_max,
                     counts,
                 } => {
-                    if self.knows_topic(&topic) {
-                        self.seed_deliveries(&topic, &group);
-                        let d = self
-                            .deliveries
-                            .entry((topic.clone(), group.clone()))
-                            .or_default();
+                    self.update_deliveries(&topic, &group, |d| {
                         d.delivered_max = d.delivered_max.max(delivered_max);
                         let mut merged: std::collections::BTreeMap<u64, u32> =
                             d.counts.iter().copied().collect();
@@ -627,8 +622,7 @@ impl JetStreamWriter {
                             *c = (*c).max(count);
                         }
                         d.counts = merged.into_iter().collect();
-                        self.put_deliveries(&topic, &group);
-                    }
+                    });
                 }
                 WriteRequest::SetPolicy {
                     topic,
@@ -636,16 +630,10 @@ impl JetStreamWriter {
                     max_deliveries,
                     dead_letter_topic,
                 } => {
-                    if self.knows_topic(&topic) {
-                        self.seed_deliveries(&topic, &group);
-                        let d = self
-                            .deliveries
-                            .entry((topic.clone(), group.clone()))
-                            .or_default();
+                    self.update_deliveries(&topic, &group, |d| {
                         d.max_deliveries = max_deliveries;
                         d.dead_letter_topic = dead_letter_topic.map(|t| t.to_string());
-                        self.put_deliveries(&topic, &group);
-                    }
+                    });
                 }
                 WriteRequest::DeleteTopic { token, topic } => {
                     self.drain(out);
@@ -798,6 +786,26 @@ impl JetStreamWriter {
                 "cannot store the delivery counts of {topic}/{group}: {e}"
             );
         }
+    }
+
+    /// Changes a group's counts or settings (read back from the bucket the
+    /// first time) and puts them; nothing for a topic that is gone.
+    fn update_deliveries(
+        &mut self,
+        topic: &Arc<str>,
+        group: &Arc<str>,
+        change: impl FnOnce(&mut layout::DeliveriesValue),
+    ) {
+        if !self.knows_topic(topic) {
+            return;
+        }
+        self.seed_deliveries(topic, group);
+        change(
+            self.deliveries
+                .entry((topic.clone(), group.clone()))
+                .or_default(),
+        );
+        self.put_deliveries(topic, group);
     }
 
     /// Reads a group's counts from the bucket the first time this writer
