@@ -56,20 +56,13 @@ fn init_with(
     dead_letter_topic: &str,
     ack_deadline_ms: u32,
 ) -> proto::SubscribeUpstream {
-    proto::SubscribeUpstream {
-        request: Some(proto::subscribe_upstream::Request::Init(
-            proto::SubscriptionInit {
-                topic: topic.into(),
-                consumer_group: group.into(),
-                consumer_id: "test".into(),
-                initial_position: proto::InitialPosition::Earliest as i32,
-                max_deliveries,
-                dead_letter_topic: dead_letter_topic.into(),
-                ack_deadline_ms,
-                ..Default::default()
-            },
-        )),
+    let mut up = init(topic, group, proto::InitialPosition::Earliest);
+    if let Some(proto::subscribe_upstream::Request::Init(i)) = up.request.as_mut() {
+        i.max_deliveries = max_deliveries;
+        i.dead_letter_topic = dead_letter_topic.into();
+        i.ack_deadline_ms = ack_deadline_ms;
     }
+    up
 }
 
 /// Everything a BROWSE stream of `topic` holds, read until quiet.
