@@ -161,8 +161,12 @@ struct SubModel {
     /// Its ack deadline (0: none).
     ack_deadline_ms: u64,
     /// Sent sequences waiting for an ack -> when their deadline passes, and
-    /// whether that delivery was a redelivery.
+    /// whether the message was sent as the retry of a failed dead-letter
+    /// move (such messages may take the stream past `max_unacked`, and stay
+    /// past it through their later redeliveries).
     unacked: BTreeMap<u64, (u64, bool)>,
+    /// Sequences this stream sent as retries of failed dead-letter moves.
+    retried: BTreeSet<u64>,
     /// BROWSE mode: highest sequence sent (its own ledger).
     own_delivered_max: u64,
     /// Last delivery or heartbeat (or the subscribe), in `now_ms`.
@@ -1042,7 +1046,9 @@ impl Sim {
                                 cursor: start_next - 1,
                                 delivered_max: 0,
                                 active: Some(sub),
-                                ahead_of_store: false,
+                                // An offset past what is stored: as a reset
+                                // there, its ordinal is fixed now.
+                                ahead_of_store: start_next - 1 > self.store_seq,
                                 policy: group_policy,
                                 counts: BTreeMap::new(),
                                 dead: BTreeMap::new(),
@@ -1072,6 +1078,7 @@ impl Sim {
                     0
                 },
                 unacked: BTreeMap::new(),
+                retried: BTreeSet::new(),
                 own_delivered_max: 0,
                 last_activity_ms: self.now,
             },
@@ -1294,7 +1301,10 @@ impl Sim {
             let Some(redo) = s.redo.remove(&seq) else {
                 return Err("redelivered though nothing asked for it".into());
             };
-            retry = matches!(redo, Redo::Retry { .. });
+            if matches!(redo, Redo::Retry { .. }) {
+                s.retried.insert(seq);
+            }
+            retry = s.retried.contains(&seq);
             if now < redo.due() {
                 return Err(format!("redelivered before its time: {redo:?}"));
             }

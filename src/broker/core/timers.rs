@@ -100,16 +100,16 @@ impl Broker {
             return;
         }
         s.unacked.remove(&seq);
-        if s.redeliver_pending.contains_key(&seq) {
-            return;
-        }
         let acked = s.group.as_ref().is_some_and(|g| {
             self.topics
                 .get(&s.topic)
                 .and_then(|t| t.groups.get(g))
                 .is_some_and(|g| seq <= g.cursor)
         });
-        if acked {
+        if acked || s.redeliver_pending.contains_key(&seq) {
+            // Nothing to send again, but a place below `max_unacked` may
+            // have come free.
+            self.poke(sub);
             return;
         }
         s.redeliver_pending.insert(seq, at);
