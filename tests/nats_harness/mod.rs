@@ -198,8 +198,21 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts the nodes and waits until an R3 stream can be created (the
-    /// JetStream meta group has a leader and every peer is known).
+    /// JetStream meta group has a leader and every peer is known). The
+    /// free ports are picked before the nodes bind them, so another process
+    /// can take one meanwhile and leave a node out: a cluster that does not
+    /// form in time is started again on new ports (three tries).
     pub fn start(cluster_name: &str) -> Cluster {
+        for attempt in 1..=3 {
+            if let Some(cluster) = Self::try_start(cluster_name) {
+                return cluster;
+            }
+            eprintln!("cluster {cluster_name} did not form (try {attempt}); starting it again");
+        }
+        panic!("cluster {cluster_name} did not form in three tries: no R3 stream creatable");
+    }
+
+    fn try_start(cluster_name: &str) -> Option<Cluster> {
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let nodes: Vec<Node> = (0..3)
@@ -221,12 +234,14 @@ impl Cluster {
         let client = connect_ready(&cluster.url(), Duration::from_secs(15));
         let js = JetStream::new(client, Duration::from_secs(2));
         let probe = StreamConfig::new("READY_PROBE", vec!["ready.probe".into()]).replicas(3);
-        wait_for(
-            Duration::from_secs(20),
-            "an R3 stream to be creatable",
-            || js.create_or_verify_stream(&probe).ok(),
-        );
-        cluster
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if js.create_or_verify_stream(&probe).is_ok() {
+                return Some(cluster);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Every live node's URL, as one server list.
