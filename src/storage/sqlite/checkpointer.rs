@@ -8,6 +8,8 @@
 //! beginning again, reusing the file in place). Only past `restart_pages`
 //! does it force a RESTART checkpoint, which blocks the writer while it
 //! runs: a last resort against unbounded disk use.
+//! After each pass it lets `CacheRelease` hand older database pages' cache
+//! back to the kernel.
 //! Owns its own connection; shares only the `wal_wrap` flag with the writer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rusqlite::Connection;
+
+use super::cache_release::CacheRelease;
 
 /// WAL size, in pages, past which the writer is asked to finish a checkpoint.
 pub const WAL_WRAP_PAGES: i64 = 4096;
@@ -32,11 +36,12 @@ pub fn spawn(
     every: Duration,
     restart_pages: i64,
     wrap_wanted: Arc<AtomicBool>,
+    release: Option<CacheRelease>,
 ) -> std::io::Result<Checkpointer> {
     let (stop, rx) = crossbeam_channel::bounded::<()>(1);
     let thread = std::thread::Builder::new()
         .name("sluice-checkpoint".into())
-        .spawn(move || run(conn, rx, every, restart_pages, wrap_wanted))?;
+        .spawn(move || run(conn, rx, every, restart_pages, wrap_wanted, release))?;
     Ok(Checkpointer { stop, thread })
 }
 
@@ -79,6 +84,7 @@ fn run(
     every: Duration,
     restart_pages: i64,
     wrap_wanted: Arc<AtomicBool>,
+    mut release: Option<CacheRelease>,
 ) {
     loop {
         let stopping = !matches!(stop.recv_timeout(every), Err(RecvTimeoutError::Timeout));
@@ -94,6 +100,9 @@ fn run(
             }
             Ok(_) => {}
             Err(e) => crate::log_limited!(log::Level::Warn, "checkpoint failed: {e}"),
+        }
+        if let Some(release) = release.as_mut() {
+            release.after_checkpoint();
         }
         if stopping {
             return;

@@ -4,7 +4,8 @@
 //! state; `writer` is the one thread that writes (group commit: one
 //! transaction and one fsync per batch); `reader` threads serve backlog pages
 //! on read-only connections; `checkpointer` moves WAL checkpoints off the
-//! commit path; `retention` trims topics from inside the writer;
+//! commit path, and `cache_release` keeps only the database file's newest
+//! pages in the kernel's page cache as it grows; `retention` trims topics from inside the writer;
 //! `high_water` keeps sequences from being reused after a lost WAL tail;
 //! `dir_lock` keeps a second daemon out of the data directory;
 //! `maintenance` backs `sluice check` and `sluice backup`. Everything here
@@ -12,6 +13,7 @@
 //! knows nothing of gRPC or sockets: results go back over channels plus a
 //! wake-up callback.
 
+pub mod cache_release;
 pub mod checkpointer;
 pub mod dir_lock;
 pub mod high_water;
@@ -105,6 +107,7 @@ pub fn open(
         std::time::Duration::from_millis(200),
         262_144, // 1 GiB of WAL: a last resort that blocks the writer
         wal_wrap,
+        cache_release::CacheRelease::open(&data_dir.join(schema::DB_FILE)).ok(),
     )
     .map_err(|e| format!("cannot start checkpointer: {e}"))?;
 
