@@ -75,7 +75,7 @@ pub fn open(
     report_lost_tail(&state, recorded);
 
     let (outcome_tx, outcome_rx) = crossbeam_channel::bounded(cfg.writer_queue * 2);
-    let wal_wrap = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (wal, committed) = checkpointer::WalLink::new();
     let group_commit = writer::GroupCommitConfig {
         max_messages: cfg.commit_max_messages,
         max_bytes: cfg.commit_max_bytes,
@@ -91,7 +91,7 @@ pub fn open(
         outcome_tx,
         wake.clone(),
         telemetry,
-        wal_wrap.clone(),
+        wal.clone(),
         hwm,
     )
     .map_err(|e| format!("cannot start writer: {}", e.message))?;
@@ -106,7 +106,7 @@ pub fn open(
         checkpoint_conn,
         std::time::Duration::from_millis(200),
         262_144, // 1 GiB of WAL: a last resort that blocks the writer
-        wal_wrap,
+        (wal, committed),
         cache_release::CacheRelease::open(&data_dir.join(schema::DB_FILE)).ok(),
     )
     .map_err(|e| format!("cannot start checkpointer: {e}"))?;

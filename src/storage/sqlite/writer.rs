@@ -13,7 +13,6 @@
 //! `telemetry`; speaks `storage::interface` types to the reactor.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,6 +21,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use super::checkpointer::WalLink;
 use super::encode_attributes;
 use super::high_water::HighWaterMark;
 use super::retention::{self, RetentionPolicy};
@@ -232,8 +232,8 @@ struct GroupCommit {
     next_vacuum: Instant,
 
     telemetry: Arc<Telemetry>,
-    /// Set by the checkpointer when the WAL has grown: see `wrap_wal`.
-    wal_wrap: Arc<std::sync::atomic::AtomicBool>,
+    /// To and from the checkpointer: see `wrap_wal`.
+    wal: WalLink,
     /// What was committed since this connection last checkpointed.
     unchecked: WalDebt,
     keys: KeyWindow,
@@ -270,11 +270,11 @@ pub fn spawn(
     outcomes: Sender<WriteOutcome>,
     wake: Wake,
     telemetry: Arc<Telemetry>,
-    wal_wrap: Arc<std::sync::atomic::AtomicBool>,
+    wal: WalLink,
     hwm: HighWaterMark,
 ) -> Result<Writer, StorageError> {
     let (tx, rx) = crossbeam_channel::bounded(config.queue.max(1));
-    let gc = GroupCommit::new(conn, config, telemetry, wal_wrap, hwm)?;
+    let gc = GroupCommit::new(conn, config, telemetry, wal, hwm)?;
     let thread = std::thread::Builder::new()
         .name("sluice-writer".into())
         .spawn(move || {
@@ -293,7 +293,7 @@ impl GroupCommit {
         conn: Connection,
         config: GroupCommitConfig,
         telemetry: Arc<Telemetry>,
-        wal_wrap: Arc<std::sync::atomic::AtomicBool>,
+        wal: WalLink,
         hwm: HighWaterMark,
     ) -> Result<GroupCommit, StorageError> {
         let mut gc = GroupCommit {
@@ -310,7 +310,7 @@ impl GroupCommit {
             next_retention: Instant::now(),
             next_vacuum: Instant::now(),
             telemetry,
-            wal_wrap,
+            wal,
             unchecked: WalDebt::default(),
             keys: KeyWindow::default(),
         };
@@ -470,6 +470,7 @@ impl GroupCommit {
                         .iter()
                         .any(|r| matches!(r, WriteRequest::Append { .. }));
                 out = self.commit_with_carry(&mut batch);
+                self.wal.committed();
                 self.unchecked.commits += 1;
                 self.unchecked.bytes += bytes;
             }
@@ -504,7 +505,7 @@ impl GroupCommit {
     /// beginning again. The checkpointer copied most frames already, so this
     /// is short; it keeps the WAL small and reused in place.
     fn wrap_wal(&mut self) {
-        if self.wal_wrap.swap(false, Ordering::Relaxed) {
+        if self.wal.take_wrap() {
             self.checkpoint();
         }
     }
@@ -1537,7 +1538,7 @@ mod tests {
                 ..GroupCommitConfig::default()
             },
             Arc::new(Telemetry::disabled()),
-            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            super::super::checkpointer::WalLink::new().0,
             hwm,
         )
         .unwrap()
