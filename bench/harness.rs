@@ -18,6 +18,9 @@ pub struct Daemon {
     pub child: Child,
     pub port: u16,
     pub dir: PathBuf,
+    /// From spawning the process to its "listening on" log line (the
+    /// listener is bound by then).
+    pub startup: Duration,
     /// The data dir is the caller's (`start_in`): left in place on drop.
     keep: bool,
 }
@@ -42,6 +45,7 @@ impl Daemon {
         // ships); plain `cargo bench` uses the bench profile's build.
         let bin = std::env::var("SLUICE_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").to_string());
+        let spawned = Instant::now();
         let mut child = Command::new(bin)
             .args([
                 "serve",
@@ -88,6 +92,7 @@ impl Daemon {
         let addr = rx
             .recv_timeout(Duration::from_secs(if keep { 600 } else { 20 }))
             .expect("sluice started");
+        let startup = spawned.elapsed();
         let port = addr
             .rsplit(':')
             .next()
@@ -97,6 +102,7 @@ impl Daemon {
             child,
             port,
             dir,
+            startup,
             keep,
         }
     }

@@ -84,13 +84,23 @@ fn start_daemon(name: &str, extra: &[&str], reuse: bool) -> Daemon {
         Some(dir) => {
             let d = Daemon::start_in(dir, extra);
             println!(
-                "data dir {} (kept): {:.1} MiB at start",
+                "data dir {} (kept): {:.1} MiB at start; started in {:.1} ms, RSS {:.1} MiB",
                 d.dir.display(),
-                d.data_bytes() as f64 / (1 << 20) as f64
+                d.data_bytes() as f64 / (1 << 20) as f64,
+                d.startup.as_secs_f64() * 1e3,
+                d.rss_kb() as f64 / 1024.0
             );
             d
         }
-        None => Daemon::start(name, extra),
+        None => {
+            let d = Daemon::start(name, extra);
+            println!(
+                "fresh data dir: started in {:.1} ms, RSS {:.1} MiB",
+                d.startup.as_secs_f64() * 1e3,
+                d.rss_kb() as f64 / 1024.0
+            );
+            d
+        }
     }
 }
 
