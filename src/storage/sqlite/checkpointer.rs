@@ -2,9 +2,10 @@
 //! thread and connection while publishing never pauses (the writer runs
 //! with `wal_autocheckpoint=0` and checkpoints by itself only when it has
 //! nothing queued). Passive checkpoints never block the writer. The writer
-//! signals each commit (`WalLink::committed`), and a pass follows at most
-//! `PACE` after the previous one began, so each pass copies only a few
-//! milliseconds of frames; with no commits it looks only every `every`. Once the WAL
+//! signals every 512 KiB of commits (`WalLink::committed`), and a pass
+//! follows at most `PACE` after the previous one began, so under heavy load
+//! each pass copies only a few milliseconds of frames; otherwise it looks
+//! every `every`. Once the WAL
 //! has grown past `WAL_WRAP_PAGES` it catches up (passes back to back until
 //! one is short), then asks the writer to finish a checkpoint itself between
 //! batches (it then completes, and the next commit starts the WAL from its
@@ -56,7 +57,7 @@ impl WalLink {
         (link, rx)
     }
 
-    /// Called by the writer after a commit.
+    /// Called by the writer when frames are waiting.
     pub fn committed(&self) {
         let _ = self.committed.try_send(());
     }

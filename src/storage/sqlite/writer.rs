@@ -211,6 +211,12 @@ fn send_outcomes(outcomes: &Sender<WriteOutcome>, out: Vec<WriteOutcome>, wake: 
 const IDLE_CHECKPOINT_COMMITS: u64 = 100;
 const IDLE_CHECKPOINT_BYTES: usize = 256 << 10;
 
+/// The checkpointer is signalled once this many payload bytes were
+/// committed since the last signal: under heavy load every few
+/// milliseconds, at a trickle rarely (a pass per commit would put a database
+/// fsync beside every commit: `bench/RESULTS.md`, session 7).
+const CHECKPOINT_SIGNAL_BYTES: usize = 512 << 10;
+
 struct GroupCommit {
     conn: Connection,
     config: GroupCommitConfig,
@@ -234,6 +240,8 @@ struct GroupCommit {
     telemetry: Arc<Telemetry>,
     /// To and from the checkpointer: see `wrap_wal`.
     wal: WalLink,
+    /// Payload bytes committed since the checkpointer was last signalled.
+    since_kick: usize,
     /// What was committed since this connection last checkpointed.
     unchecked: WalDebt,
     keys: KeyWindow,
@@ -311,6 +319,7 @@ impl GroupCommit {
             next_vacuum: Instant::now(),
             telemetry,
             wal,
+            since_kick: 0,
             unchecked: WalDebt::default(),
             keys: KeyWindow::default(),
         };
@@ -470,7 +479,11 @@ impl GroupCommit {
                         .iter()
                         .any(|r| matches!(r, WriteRequest::Append { .. }));
                 out = self.commit_with_carry(&mut batch);
-                self.wal.committed();
+                self.since_kick += bytes;
+                if self.since_kick >= CHECKPOINT_SIGNAL_BYTES {
+                    self.since_kick = 0;
+                    self.wal.committed();
+                }
                 self.unchecked.commits += 1;
                 self.unchecked.bytes += bytes;
             }
