@@ -5,16 +5,15 @@
 //! signals every 512 KiB of commits (`WalLink::committed`), and a pass
 //! follows at most `PACE` after the previous one began, so under heavy load
 //! each pass copies only a few milliseconds of frames; otherwise it looks
-//! every `every`. Once the WAL
-//! has grown past `WAL_WRAP_PAGES` it catches up (passes back to back until
-//! one is short), then asks the writer to finish a checkpoint itself between
-//! batches (it then completes, and the next commit starts the WAL from its
-//! beginning again, reusing the file in place). Only past `restart_pages`
-//! does it force a RESTART checkpoint, which blocks the writer while it
-//! runs: a last resort against unbounded disk use.
-//! After each pass it lets `CacheRelease` hand older database pages' cache
-//! back to the kernel.
-//! Owns its own connection; shares only the `wal_wrap` flag with the writer.
+//! every `every`. Once the WAL has grown past `WAL_WRAP_PAGES` it catches
+//! up (passes back to back until one is short), then asks the writer to
+//! finish a checkpoint itself between batches (it then completes, and the
+//! next commit starts the WAL from its beginning again, reusing the file in
+//! place). Only past `restart_pages` does it force a RESTART checkpoint,
+//! which blocks the writer while it runs: a last resort against unbounded
+//! disk use. After each pass it lets `CacheRelease` hand the cache of older
+//! database pages back to the kernel.
+//! Owns its own connection; shares only a `WalLink` with the writer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

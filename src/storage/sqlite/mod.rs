@@ -5,7 +5,8 @@
 //! transaction and one fsync per batch); `reader` threads serve backlog pages
 //! on read-only connections; `checkpointer` moves WAL checkpoints off the
 //! commit path, and `cache_release` keeps only the database file's newest
-//! pages in the kernel's page cache as it grows; `retention` trims topics from inside the writer;
+//! pages in the kernel's page cache as it grows; `retention` trims topics
+//! from inside the writer;
 //! `high_water` keeps sequences from being reused after a lost WAL tail;
 //! `dir_lock` keeps a second daemon out of the data directory;
 //! `maintenance` backs `sluice check` and `sluice backup`. Everything here
