@@ -413,16 +413,21 @@ async fn close<T>(conns: T) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-fn batch_body() -> Bytes {
+/// A framed BatchPublish of `n` messages of `MSG` bytes of `fill` to `topic`.
+fn batch_of(topic: &str, n: u64, fill: u8) -> Bytes {
     frame(&proto::BatchPublishRequest {
-        topic: "sustained-batch".into(),
-        messages: (0..100)
+        topic: topic.into(),
+        messages: (0..n)
             .map(|_| proto::BatchMessage {
-                payload: vec![b'y'; MSG].into(),
+                payload: vec![fill; MSG].into(),
                 ..Default::default()
             })
             .collect(),
     })
+}
+
+fn batch_body() -> Bytes {
+    batch_of("sustained-batch", 100, b'y')
 }
 
 fn unary_body() -> Bytes {
@@ -947,15 +952,7 @@ fn run_fill(rt: &tokio::runtime::Runtime) {
             let mut conn = connect(port).await;
             let next = next.clone();
             tasks.push(tokio::spawn(async move {
-                let full = frame(&proto::BatchPublishRequest {
-                    topic: "fill".into(),
-                    messages: (0..1000)
-                        .map(|_| proto::BatchMessage {
-                            payload: vec![b'f'; MSG].into(),
-                            ..Default::default()
-                        })
-                        .collect(),
-                });
+                let full = batch_of("fill", 1000, b'f');
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= calls {
@@ -965,15 +962,7 @@ fn run_fill(rt: &tokio::runtime::Runtime) {
                     let body = if n == 1000 {
                         full.clone()
                     } else {
-                        frame(&proto::BatchPublishRequest {
-                            topic: "fill".into(),
-                            messages: (0..n)
-                                .map(|_| proto::BatchMessage {
-                                    payload: vec![b'f'; MSG].into(),
-                                    ..Default::default()
-                                })
-                                .collect(),
-                        })
+                        batch_of("fill", n, b'f')
                     };
                     conn.unary("BatchPublish", body).await.expect("fill");
                     if i > 0 && i.is_multiple_of(5_000) {

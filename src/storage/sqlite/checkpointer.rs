@@ -155,8 +155,10 @@ fn run(
     wrap_wanted: Arc<AtomicBool>,
     mut release: Option<CacheRelease>,
 ) {
+    // Set by a stop that arrived while pacing: one last pass, then out.
+    let mut stop_seen = false;
     loop {
-        let stopping = wait(&stop, &mut committed, every);
+        let stopping = stop_seen || wait(&stop, &mut committed, every);
         let started = Instant::now();
         match checkpoint(&conn, "PASSIVE") {
             Ok((_, log, _)) if log > restart_pages => {
@@ -180,13 +182,7 @@ fn run(
         // Let frames gather for a few milliseconds: a pass per commit would
         // add an fsync of the database to every commit.
         if let Some(rest) = PACE.checked_sub(started.elapsed()) {
-            match stop.recv_timeout(rest) {
-                Err(RecvTimeoutError::Timeout) => {}
-                _ => {
-                    let _ = checkpoint(&conn, "PASSIVE");
-                    return;
-                }
-            }
+            stop_seen = !matches!(stop.recv_timeout(rest), Err(RecvTimeoutError::Timeout));
         }
     }
 }
