@@ -9,7 +9,7 @@
 //! retention a chunk at a time, so neither ever stalls publishing, and when
 //! nothing is queued a short checkpoint that keeps the WAL small.
 //!
-//! May call `schema`, `retention`, `high_water`, `broker` types and
+//! May call `schema`, `retention`, `high_water`, `key_window`, `broker` types and
 //! `telemetry`; speaks `storage::interface` types to the reactor.
 
 use std::collections::{HashMap, VecDeque};
@@ -24,11 +24,12 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use super::checkpointer::WalLink;
 use super::encode_attributes;
 use super::high_water::HighWaterMark;
+use super::key_window::KeyWindow;
 use super::retention::{self, RetentionPolicy};
 use super::topic_row::TopicRow;
 use crate::broker::{MessageId, StoredMessage};
 use crate::storage::{
-    Appended, Duplicate, NewMessage, StorageError, Wake, WakeOnExit, WriteOutcome, WriteRequest,
+    Appended, NewMessage, StorageError, Wake, WakeOnExit, WriteOutcome, WriteRequest,
 };
 use crate::telemetry::Telemetry;
 
@@ -39,10 +40,6 @@ const RETENTION_CHUNK: i64 = 500;
 
 /// Rows per multi-row INSERT.
 const ROWS_PER_INSERT: usize = 16;
-/// Idempotency key rows deleted per commit once expired or forgotten:
-/// more than a commit inserts, so the table keeps up.
-const KEY_PURGE_CHUNK: i64 = 4_096;
-
 /// How long the writer keeps polling for the next request after answering a
 /// small batch, before it sleeps. Waking a sleeping thread costs ≈ 25 µs on
 /// the VMs we measure on, a sixth of a durable round trip, and a lone
@@ -107,41 +104,6 @@ impl WriteRequest {
             _ => (0, 0),
         }
     }
-}
-
-/// The idempotency keys within the window. Their rows (`idempotency_keys`,
-/// appended in sequence order, no index) make them durable; an in-memory
-/// index finds them: a 64-bit hash of (topic, key) -> the sequence of the
-/// message stored under it, checked against the row on a hit (so an entry
-/// whose row is gone is harmless). The index is two generations: keys go
-/// into the current one; when it holds half of `--dedup-max-keys` it
-/// becomes the previous one and the previous one is dropped, the oldest
-/// keys first, in one step (no per-key bookkeeping); its rows are deleted a
-/// chunk per commit. Rows whose window passed are deleted as it passes
-/// (`marks`). At most `--dedup-max-keys` entries, about 50 bytes each with
-/// the hash tables' slack (measured: 1,000,000 keys, 51 MB).
-#[derive(Debug, Default)]
-struct KeyWindow {
-    current: HashMap<u64, u64>,
-    previous: HashMap<u64, u64>,
-    /// The highest sequence in `current` and in `previous`.
-    current_last: u64,
-    previous_last: u64,
-    /// Rows at or below this belong to a dropped generation: deleted a
-    /// chunk per commit.
-    purge_upto: u64,
-    /// (stored at, highest sequence stored then), oldest first, one per
-    /// second with keys.
-    marks: VecDeque<(i64, u64)>,
-}
-
-/// The index's hash of a key in a topic.
-fn key_hash(topic_id: i64, key: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    topic_id.hash(&mut h);
-    key.hash(&mut h);
-    h.finish()
 }
 
 /// Batch limits: a batch takes what is queued, up to these.
@@ -374,25 +336,11 @@ impl GroupCommit {
             .query_map([], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         drop(stmt);
-        // Keys stored before now expire one window from now at the latest
-        // (a lookup also checks each key's own time).
-        self.keys = KeyWindow::default();
-        let mut stmt = self
-            .conn
-            .prepare("SELECT seq, topic_id, key FROM idempotency_keys ORDER BY seq")?;
-        let mut rows = stmt.query([])?;
-        let mut newest = None;
-        while let Some(r) = rows.next()? {
-            let seq = r.get::<_, i64>(0)? as u64;
-            let h = key_hash(r.get(1)?, r.get_ref(2)?.as_str().unwrap_or(""));
-            self.keys.insert(h, seq);
-            newest = Some(seq);
-        }
-        if let Some(newest) = newest {
-            self.keys
-                .marks
-                .push_back((crate::storage::wall_ms(), newest));
-        }
+        self.keys = KeyWindow::load(
+            &self.conn,
+            crate::storage::wall_ms(),
+            self.config.dedup_max_keys,
+        )?;
         Ok(())
     }
 
@@ -951,36 +899,28 @@ impl GroupCommit {
                     // duplicate leaves its sequence unused.
                     let base = self.next_seq;
                     let mut duplicates = Vec::new();
-                    let fresh: Vec<(u64, &NewMessage)> =
-                        if messages.iter().any(|m| m.idempotency_key.is_some()) {
-                            let cutoff =
-                                ts.saturating_sub(self.config.dedup_window.as_millis() as i64);
-                            let (claimed, dups) = claim_keys(
-                                &tx,
-                                &mut self.keys,
-                                (row_id, topic),
-                                messages,
-                                base,
-                                (ts, cutoff),
-                            )?;
-                            if let Some(last) = claimed {
-                                self.keys.stored(last.0, ts, last.1);
-                            }
-                            duplicates = dups;
-                            let mut d = duplicates.iter().map(|d| d.index).peekable();
-                            messages
-                                .iter()
-                                .enumerate()
-                                .filter(|(i, _)| d.next_if_eq(i).is_none())
-                                .map(|(i, m)| (base + i as u64, m))
-                                .collect()
-                        } else {
-                            messages
-                                .iter()
-                                .enumerate()
-                                .map(|(i, m)| (base + i as u64, m))
-                                .collect()
-                        };
+                    let fresh: Vec<(u64, &NewMessage)> = if messages
+                        .iter()
+                        .any(|m| m.idempotency_key.is_some())
+                    {
+                        let cutoff = ts.saturating_sub(self.config.dedup_window.as_millis() as i64);
+                        duplicates =
+                            self.keys
+                                .claim(&tx, (row_id, topic), messages, base, (ts, cutoff))?;
+                        let mut d = duplicates.iter().map(|d| d.index).peekable();
+                        messages
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| d.next_if_eq(i).is_none())
+                            .map(|(i, m)| (base + i as u64, m))
+                            .collect()
+                    } else {
+                        messages
+                            .iter()
+                            .enumerate()
+                            .map(|(i, m)| (base + i as u64, m))
+                            .collect()
+                    };
                     let (created_at_ms, stored) =
                         insert_messages(&tx, &mut self.topics, topic, ts, &fresh)?;
                     // Trailing duplicates give their sequences back.
@@ -1235,201 +1175,15 @@ impl GroupCommit {
                 }
             }
         }
-        self.keys.expire(&tx, ts, &self.config)?;
+        self.keys.expire(
+            &tx,
+            ts,
+            self.config.dedup_window,
+            self.config.dedup_max_keys,
+        )?;
         tx.commit()?;
         Ok(appended)
     }
-}
-
-impl KeyWindow {
-    fn get(&self, h: u64) -> Option<u64> {
-        self.current
-            .get(&h)
-            .or_else(|| self.previous.get(&h))
-            .copied()
-    }
-
-    fn insert(&mut self, h: u64, seq: u64) {
-        self.current.insert(h, seq);
-        self.current_last = self.current_last.max(seq);
-    }
-
-    /// Notes `n` keys stored at `ts`, the last with sequence `last` (the
-    /// index already has them).
-    fn stored(&mut self, _n: u64, ts: i64, last: u64) {
-        match self.marks.back_mut() {
-            Some((at, seq)) if *at / 1000 == ts / 1000 => {
-                // The mark's time is its newest key's: none expires early.
-                *at = ts;
-                *seq = last;
-            }
-            _ => self.marks.push_back((ts, last)),
-        }
-    }
-
-    /// Deletes the keys whose window has passed; when the current
-    /// generation is full, drops the previous one (the oldest keys, which
-    /// are then forgotten before their window ends, with a warning) and
-    /// deletes its rows a chunk per commit.
-    fn expire(
-        &mut self,
-        tx: &Connection,
-        ts: i64,
-        config: &GroupCommitConfig,
-    ) -> rusqlite::Result<()> {
-        let cutoff = ts.saturating_sub(config.dedup_window.as_millis() as i64);
-        let mut upto = None;
-        while let Some(&(at, seq)) = self.marks.front() {
-            if at >= cutoff {
-                break;
-            }
-            upto = Some(seq);
-            self.marks.pop_front();
-        }
-        if let Some(seq) = upto {
-            self.purge_upto = self.purge_upto.max(seq);
-            // Generations whose keys all expired go too (memory).
-            if self.previous_last <= seq {
-                self.previous = HashMap::new();
-            }
-            if self.current_last <= seq {
-                self.current = HashMap::new();
-            }
-        }
-        let half = (config.dedup_max_keys / 2).max(1) as usize;
-        if self.current.len() >= half {
-            let dropped = std::mem::take(&mut self.previous).len();
-            self.previous = std::mem::take(&mut self.current);
-            if dropped > 0 {
-                self.purge_upto = self.purge_upto.max(self.previous_last);
-                crate::log_limited!(
-                    log::Level::Warn,
-                    "writer: more than --dedup-max-keys={} idempotency keys within the \
-                     window: the oldest {dropped} were forgotten early",
-                    config.dedup_max_keys
-                );
-            }
-            self.previous_last = self.current_last;
-        }
-        if self.purge_upto > 0 {
-            let n = tx
-                .prepare_cached(
-                    "DELETE FROM idempotency_keys WHERE seq IN \
-                     (SELECT seq FROM idempotency_keys WHERE seq <= ?1 ORDER BY seq LIMIT ?2)",
-                )?
-                .execute(params![self.purge_upto as i64, KEY_PURGE_CHUNK])?;
-            if (n as i64) < KEY_PURGE_CHUNK {
-                self.purge_upto = 0;
-            }
-        }
-        Ok(())
-    }
-
-    /// Deletes a deleted topic's key rows (its id may be given to a new
-    /// topic; their index entries then find no row).
-    fn forget_topic(&mut self, tx: &Connection, topic_id: i64) -> rusqlite::Result<()> {
-        tx.prepare_cached("DELETE FROM idempotency_keys WHERE topic_id = ?1")?
-            .execute([topic_id])?;
-        Ok(())
-    }
-}
-
-/// Claims the idempotency keys of an append's messages (message i would be
-/// stored as sequence `base + i`): a key not stored within the window
-/// (`ts`, `cutoff`) gets a row, in this transaction, and its message is
-/// fresh; else the message is a duplicate of the original, of an earlier
-/// call or of an earlier message of this one. Lookups go to the in-memory
-/// index (a hit is checked against its row); rows go in many per
-/// statement. On a failed commit the writer rebuilds the index from the
-/// table. Returns how many keys were claimed and the highest sequence
-/// among them (None: none), and the duplicates by ascending index.
-fn claim_keys(
-    tx: &Connection,
-    keys: &mut KeyWindow,
-    (topic_id, topic): (i64, &str),
-    messages: &[NewMessage],
-    base: u64,
-    (ts, cutoff): (i64, i64),
-) -> rusqlite::Result<ClaimedKeys> {
-    let mut fresh: Vec<(u64, &str)> = Vec::new();
-    let mut in_call: HashMap<&str, u64> = HashMap::new();
-    let mut duplicates = Vec::new();
-    for (i, m) in messages.iter().enumerate() {
-        let Some(key) = m.idempotency_key.as_deref() else {
-            continue;
-        };
-        let seq = base + i as u64;
-        // An earlier message of this call (its row is not written yet).
-        if let Some(&first) = in_call.get(key) {
-            duplicates.push(Duplicate {
-                index: i,
-                sequence: first,
-                id: MessageId::new(ts, first, topic),
-                timestamp_ms: ts,
-            });
-            continue;
-        }
-        let h = key_hash(topic_id, key);
-        if let Some(original) = keys.get(h) {
-            // This transaction's own rows are visible to it.
-            let row: Option<(i64, String, i64)> = tx
-                .prepare_cached("SELECT topic_id, key, ts FROM idempotency_keys WHERE seq = ?1")?
-                .query_row([original as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .optional()?;
-            if let Some((t, k, stored_at)) = row {
-                if t == topic_id && k == key && stored_at >= cutoff {
-                    duplicates.push(Duplicate {
-                        index: i,
-                        sequence: original,
-                        id: MessageId::new(stored_at, original, topic),
-                        timestamp_ms: stored_at,
-                    });
-                    continue;
-                }
-            }
-        }
-        keys.insert(h, seq);
-        in_call.insert(key, seq);
-        fresh.push((seq, key));
-    }
-    for chunk in fresh.chunks(ROWS_PER_INSERT) {
-        let mut insert = tx.prepare_cached(claim_keys_sql(chunk.len()))?;
-        for (k, (seq, key)) in chunk.iter().enumerate() {
-            insert.raw_bind_parameter(k * 4 + 1, *seq as i64)?;
-            insert.raw_bind_parameter(k * 4 + 2, topic_id)?;
-            insert.raw_bind_parameter(k * 4 + 3, *key)?;
-            insert.raw_bind_parameter(k * 4 + 4, ts)?;
-        }
-        insert.raw_execute()?;
-    }
-    let last = fresh.last().map(|&(seq, _)| (fresh.len() as u64, seq));
-    Ok((last, duplicates))
-}
-
-/// What `claim_keys` found: (keys claimed, the highest sequence among
-/// them) when any were, and the duplicates by ascending index.
-type ClaimedKeys = (Option<(u64, u64)>, Vec<Duplicate>);
-
-/// `INSERT … VALUES (…), …` for `n` idempotency keys.
-fn claim_keys_sql(n: usize) -> &'static str {
-    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let all = SQL.get_or_init(|| {
-        (0..=ROWS_PER_INSERT)
-            .map(|n| {
-                let rows: Vec<String> = (0..n)
-                    .map(|k| {
-                        let b = k * 4;
-                        format!("(?{}, ?{}, ?{}, ?{})", b + 1, b + 2, b + 3, b + 4)
-                    })
-                    .collect();
-                format!(
-                    "INSERT INTO idempotency_keys (seq, topic_id, key, ts) VALUES {}",
-                    rows.join(", ")
-                )
-            })
-            .collect()
-    });
-    &all[n.min(ROWS_PER_INSERT)]
 }
 
 /// Inserts `messages` (each with its sequence, ascending) as the newest of
