@@ -1,8 +1,11 @@
 //! `KeyWindow`: the idempotency keys stored within the dedup window, for
 //! the writer thread only.
 //!
-//! Their rows (`idempotency_keys`, appended in sequence order, no index)
-//! make them durable; an in-memory index finds them: a hash of (topic, key)
+//! Their rows make them durable: one row per call that claimed keys
+//! (`idempotency_key_sets`, keyed by the highest sequence among them,
+//! appended in sequence order, no index) holding its keys packed in a blob:
+//! a row per key was about a third of what keys added to a BatchPublish's
+//! cost in the writer. An in-memory index finds them: a hash of (topic, key)
 //! -> the sequence of the message stored under it, checked against its row
 //! on a hit (so a collision, or an entry whose row is gone, is harmless).
 //! The hash is keyed per process (`RandomState`), so a client cannot choose
@@ -17,57 +20,35 @@
 //! nothing after it first fills (fresh pages and rehashing while growing
 //! cost the writer more than the lookups). Rows whose window passed are
 //! deleted as it passes (`marks`). At most `--dedup-max-keys` entries,
-//! about 50 bytes each with the tables' slack (measured: 1,000,000 keys,
-//! 51 MB).
+//! in tables of 16-byte slots at most half full: 32 to 64 bytes a key
+//! (measured: a full 1,000,000 keys, 48 MB more peak RSS than no keys).
 //!
 //! Calls only SQLite, on the writer's connection and inside its
 //! transaction.
 
-use std::collections::hash_map::{Entry, RandomState};
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 
+use super::key_index::KeyIndex;
 use crate::broker::MessageId;
 use crate::storage::{Duplicate, NewMessage};
 
-/// Key rows deleted per commit once expired or forgotten: more than a
-/// commit inserts, so the table keeps up.
-const PURGE_CHUNK: i64 = 4_096;
-/// Key rows per multi-row INSERT.
-const ROWS_PER_INSERT: usize = 16;
-
-/// Hashes nothing: the index's keys are already keyed hashes.
-#[derive(Debug, Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used (the keys are u64); kept correct anyway.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-/// Key hash -> the sequence of the message stored under it.
-type Index = HashMap<u64, u64, BuildHasherDefault<Prehashed>>;
+/// Key set rows deleted per commit once expired or forgotten: twice what
+/// the commit inserted, so the table keeps up, and at least this many.
+/// (Deleting a fixed few hundred rows after each generation was dropped
+/// made those commits the slowest by far: a keyed BatchPublish p999 of
+/// 27 ms.)
+const PURGE_MIN: i64 = 64;
 
 #[derive(Debug, Default)]
 pub struct KeyWindow {
     hasher: RandomState,
-    current: Index,
-    previous: Index,
+    current: KeyIndex,
+    previous: KeyIndex,
     /// The highest sequence in `current` and in `previous`.
     current_last: u64,
     previous_last: u64,
@@ -77,6 +58,11 @@ pub struct KeyWindow {
     /// (stored at, highest sequence stored then), oldest first, one per
     /// second with keys.
     marks: VecDeque<(i64, u64)>,
+    /// Key set rows inserted since the last `expire`.
+    inserted: i64,
+    /// Where a call's keys are packed (kept: a big allocation per call
+    /// made the allocator consolidate its free lists every time).
+    blob: Vec<u8>,
 }
 
 impl KeyWindow {
@@ -86,16 +72,19 @@ impl KeyWindow {
     pub fn load(conn: &Connection, now_ms: i64, max_keys: u64) -> rusqlite::Result<KeyWindow> {
         let mut keys = KeyWindow::default();
         let mut stmt =
-            conn.prepare("SELECT seq, topic_id, key FROM idempotency_keys ORDER BY seq")?;
+            conn.prepare("SELECT seq, topic_id, keys FROM idempotency_key_sets ORDER BY seq")?;
         let mut rows = stmt.query([])?;
         let mut newest = None;
         while let Some(r) = rows.next()? {
-            let seq = r.get::<_, i64>(0)? as u64;
-            let h = keys.hash(r.get(1)?, r.get_ref(2)?.as_str().unwrap_or(""));
-            keys.current.insert(h, seq);
-            keys.current_last = seq;
+            let last = r.get::<_, i64>(0)? as u64;
+            let topic_id = r.get(1)?;
+            for (seq, key) in unpack(last, r.get_ref(2)?.as_blob().unwrap_or_default()) {
+                let h = keys.hash(topic_id, key);
+                keys.current.insert(h, seq);
+            }
+            keys.current_last = last;
             keys.rotate_if_full(max_keys);
-            newest = Some(seq);
+            newest = Some(last);
         }
         if let Some(newest) = newest {
             keys.marks.push_back((now_ms, newest));
@@ -128,6 +117,21 @@ impl KeyWindow {
         base: u64,
         (ts, cutoff): (i64, i64),
     ) -> rusqlite::Result<Vec<Duplicate>> {
+        let hashes: Vec<u64> = messages
+            .iter()
+            .map(|m| {
+                m.idempotency_key
+                    .as_deref()
+                    .map_or(0, |k| self.hash(topic_id, k))
+            })
+            .collect();
+        // The lookups below wait on memory (the tables are megabytes):
+        // start every key's fetch first so that they overlap.
+        let mut sink = 0;
+        for &h in &hashes {
+            sink ^= self.current.touch(h) ^ self.previous.touch(h);
+        }
+        std::hint::black_box(sink);
         let mut fresh: Vec<(u64, &str)> = Vec::with_capacity(messages.len());
         let mut duplicates = Vec::new();
         for (i, m) in messages.iter().enumerate() {
@@ -135,7 +139,7 @@ impl KeyWindow {
                 continue;
             };
             let seq = base + i as u64;
-            let h = self.hash(topic_id, key);
+            let h = hashes[i];
             let original = |original: u64| -> rusqlite::Result<Option<Duplicate>> {
                 let stored_at = if original >= base {
                     // An earlier message of this call (its row is not
@@ -155,36 +159,23 @@ impl KeyWindow {
                     timestamp_ms: stored_at,
                 }))
             };
-            match self.current.entry(h) {
-                Entry::Occupied(mut e) => {
-                    if let Some(d) = original(*e.get())? {
-                        duplicates.push(d);
-                        continue;
-                    }
-                    e.insert(seq);
-                }
-                Entry::Vacant(e) => {
-                    if let Some(&older) = self.previous.get(&h) {
-                        if let Some(d) = original(older)? {
-                            duplicates.push(d);
-                            continue;
-                        }
-                    }
-                    e.insert(seq);
+            if let Some(found) = self.current.get(h).or_else(|| self.previous.get(h)) {
+                if let Some(d) = original(found)? {
+                    duplicates.push(d);
+                    continue;
                 }
             }
+            self.current.insert(h, seq);
             self.current_last = self.current_last.max(seq);
             fresh.push((seq, key));
         }
-        for chunk in fresh.chunks(ROWS_PER_INSERT) {
-            let mut insert = tx.prepare_cached(insert_sql(chunk.len()))?;
-            for (k, (seq, key)) in chunk.iter().enumerate() {
-                insert.raw_bind_parameter(k * 4 + 1, *seq as i64)?;
-                insert.raw_bind_parameter(k * 4 + 2, topic_id)?;
-                insert.raw_bind_parameter(k * 4 + 3, *key)?;
-                insert.raw_bind_parameter(k * 4 + 4, ts)?;
-            }
-            insert.raw_execute()?;
+        if let Some(&(last, _)) = fresh.last() {
+            pack(&mut self.blob, last, &fresh);
+            tx.prepare_cached(
+                "INSERT INTO idempotency_key_sets (seq, topic_id, ts, keys) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![last as i64, topic_id, ts, &self.blob[..]])?;
+            self.inserted += 1;
         }
         if let Some(&(last, _)) = fresh.last() {
             match self.marks.back_mut() {
@@ -223,10 +214,10 @@ impl KeyWindow {
             self.purge_upto = self.purge_upto.max(seq);
             // Generations whose keys all expired go too, memory with them.
             if self.previous_last <= seq {
-                self.previous = Index::default();
+                self.previous = KeyIndex::default();
             }
             if self.current_last <= seq {
-                self.current = Index::default();
+                self.current = KeyIndex::default();
             }
         }
         let dropped = self.rotate_if_full(max_keys);
@@ -237,14 +228,17 @@ impl KeyWindow {
                  window: the oldest {dropped} were forgotten early"
             );
         }
+        let chunk = (2 * std::mem::take(&mut self.inserted)).max(PURGE_MIN);
         if self.purge_upto > 0 {
             let n = tx
                 .prepare_cached(
-                    "DELETE FROM idempotency_keys WHERE seq IN \
-                     (SELECT seq FROM idempotency_keys WHERE seq <= ?1 ORDER BY seq LIMIT ?2)",
+                    // A range of rowids (an IN list of them cost a
+                    // temporary table per commit).
+                    "DELETE FROM idempotency_key_sets WHERE seq <= min(?1, coalesce( \
+                     (SELECT seq FROM idempotency_key_sets ORDER BY seq LIMIT 1 OFFSET ?2 - 1), ?1))",
                 )?
-                .execute(params![self.purge_upto as i64, PURGE_CHUNK])?;
-            if (n as i64) < PURGE_CHUNK {
+                .execute(params![self.purge_upto as i64, chunk])?;
+            if (n as i64) < chunk {
                 self.purge_upto = 0;
             }
         }
@@ -261,7 +255,7 @@ impl KeyWindow {
         }
         let mut recycled = std::mem::take(&mut self.previous);
         let dropped = recycled.len();
-        recycled.clear();
+        recycled.recycle(self.previous_last);
         self.previous = std::mem::replace(&mut self.current, recycled);
         if dropped > 0 {
             self.purge_upto = self.purge_upto.max(self.previous_last);
@@ -273,13 +267,13 @@ impl KeyWindow {
     /// Deletes a deleted topic's key rows (its id may be given to a new
     /// topic; their index entries then find no row).
     pub fn forget_topic(&mut self, tx: &Connection, topic_id: i64) -> rusqlite::Result<()> {
-        tx.prepare_cached("DELETE FROM idempotency_keys WHERE topic_id = ?1")?
+        tx.prepare_cached("DELETE FROM idempotency_key_sets WHERE topic_id = ?1")?
             .execute([topic_id])?;
         Ok(())
     }
 }
 
-/// When the row of `seq` is key `key` of topic `topic_id` stored at or
+/// When key `key` of topic `topic_id` was stored as sequence `seq` at or
 /// after `cutoff`: the time it was stored. (This transaction's own rows are
 /// visible to it.)
 fn stored_at(
@@ -289,33 +283,48 @@ fn stored_at(
     key: &str,
     cutoff: i64,
 ) -> rusqlite::Result<Option<i64>> {
-    let row: Option<(i64, String, i64)> = tx
-        .prepare_cached("SELECT topic_id, key, ts FROM idempotency_keys WHERE seq = ?1")?
-        .query_row([seq as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
-    Ok(row.and_then(|(t, k, at)| (t == topic_id && k == key && at >= cutoff).then_some(at)))
+    let mut stmt = tx.prepare_cached(
+        "SELECT seq, topic_id, ts, keys FROM idempotency_key_sets \
+         WHERE seq >= ?1 ORDER BY seq LIMIT 1",
+    )?;
+    let mut rows = stmt.query([seq as i64])?;
+    let Some(r) = rows.next()? else {
+        return Ok(None);
+    };
+    let (last, t, at) = (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)?, r.get(2)?);
+    if t != topic_id || at < cutoff {
+        return Ok(None);
+    }
+    let found = unpack(last, r.get_ref(3)?.as_blob().unwrap_or_default())
+        .any(|(s, k)| s == seq && k == key);
+    Ok(found.then_some(at))
 }
 
-/// `INSERT … VALUES (…), …` for `n` idempotency keys.
-fn insert_sql(n: usize) -> &'static str {
-    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let all = SQL.get_or_init(|| {
-        (0..=ROWS_PER_INSERT)
-            .map(|n| {
-                let rows: Vec<String> = (0..n)
-                    .map(|k| {
-                        let b = k * 4;
-                        format!("(?{}, ?{}, ?{}, ?{})", b + 1, b + 2, b + 3, b + 4)
-                    })
-                    .collect();
-                format!(
-                    "INSERT INTO idempotency_keys (seq, topic_id, key, ts) VALUES {}",
-                    rows.join(", ")
-                )
-            })
-            .collect()
-    });
-    &all[n.min(ROWS_PER_INSERT)]
+/// A call's claimed keys (ascending sequences, the last `last`) as one
+/// blob, into `blob`: per key, how far its sequence is below `last` (u32, little
+/// endian), its length (u8) and its bytes (1 to 128).
+fn pack(blob: &mut Vec<u8>, last: u64, keys: &[(u64, &str)]) {
+    blob.clear();
+    for &(seq, key) in keys {
+        blob.extend_from_slice(&((last - seq) as u32).to_le_bytes());
+        blob.push(key.len() as u8);
+        blob.extend_from_slice(key.as_bytes());
+    }
+}
+
+/// The (sequence, key) pairs of a blob `pack` made; stops at the first
+/// entry that does not parse (a damaged row loses only its own keys).
+fn unpack(last: u64, blob: &[u8]) -> impl Iterator<Item = (u64, &str)> {
+    let mut rest = blob;
+    std::iter::from_fn(move || {
+        let (head, tail) = rest.split_first_chunk::<5>()?;
+        let [a, b, c, d, len] = *head;
+        let below = u64::from(u32::from_le_bytes([a, b, c, d]));
+        let (key, tail) = tail.split_at_checked(usize::from(len))?;
+        rest = tail;
+        let key = std::str::from_utf8(key).ok()?;
+        Some((last.checked_sub(below)?, key))
+    })
 }
 
 #[cfg(test)]
@@ -325,9 +334,9 @@ mod tests {
     fn db() -> Connection {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch(
-            "CREATE TABLE idempotency_keys (
+            "CREATE TABLE idempotency_key_sets (
                 seq INTEGER PRIMARY KEY, topic_id INTEGER NOT NULL,
-                key TEXT NOT NULL, ts INTEGER NOT NULL)",
+                ts INTEGER NOT NULL, keys BLOB NOT NULL)",
         )
         .unwrap();
         conn
@@ -359,14 +368,19 @@ mod tests {
             .collect()
     }
 
+    /// The stored keys: (sequence, key), ascending.
     fn rows(conn: &Connection) -> Vec<(u64, String)> {
         let mut stmt = conn
-            .prepare("SELECT seq, key FROM idempotency_keys ORDER BY seq")
+            .prepare("SELECT seq, keys FROM idempotency_key_sets ORDER BY seq")
             .unwrap();
-        stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+        let sets: Vec<(u64, Vec<u8>)> = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
             .unwrap()
             .collect::<Result<_, _>>()
-            .unwrap()
+            .unwrap();
+        sets.iter()
+            .flat_map(|(last, blob)| unpack(*last, blob).map(|(s, k)| (s, k.to_string())))
+            .collect()
     }
 
     #[test]
@@ -458,7 +472,9 @@ mod tests {
     fn load_reads_the_keys_back_within_the_bound() {
         let conn = db();
         let mut w = KeyWindow::default();
-        claim(&mut w, &conn, 1, &["a", "b", "c", "d", "e"], 1, 8_500);
+        claim(&mut w, &conn, 1, &["a", "b"], 1, 8_500);
+        claim(&mut w, &conn, 1, &["c", "d"], 3, 8_500);
+        claim(&mut w, &conn, 1, &["e"], 5, 8_500);
         let mut w = KeyWindow::load(&conn, 9_000, 4).unwrap();
         // Two full generations; "e" in the current one, "a" and "b" dropped
         // (their rows purged by the next expire).
@@ -469,5 +485,32 @@ mod tests {
             claim(&mut w, &conn, 1, &["c", "a"], 6, 9_000),
             [(0, 3, 8_500)]
         );
+    }
+}
+
+#[cfg(test)]
+mod packing {
+    use super::*;
+
+    #[test]
+    fn keys_pack_and_unpack_to_the_same_pairs() {
+        let long = "k".repeat(128);
+        let keys = [(7, "a"), (9, long.as_str()), (1_000_007, "~!")];
+        let mut blob = vec![9; 3];
+        pack(&mut blob, 1_000_007, &keys);
+        assert_eq!(unpack(1_000_007, &blob).collect::<Vec<_>>(), keys);
+    }
+
+    #[test]
+    fn a_damaged_blob_yields_its_whole_entries_only() {
+        let mut blob = Vec::new();
+        pack(&mut blob, 10, &[(9, "abc"), (10, "de")]);
+        for cut in 0..blob.len() {
+            let got: Vec<_> = unpack(10, &blob[..cut]).collect();
+            let whole = if cut >= 8 { 1 } else { 0 };
+            assert_eq!(got, [(9, "abc")][..whole], "cut at {cut}");
+        }
+        // An offset below sequence 0 ends the entries too.
+        assert_eq!(unpack(0, &blob).count(), 0);
     }
 }

@@ -18,6 +18,7 @@ pub mod cache_release;
 pub mod checkpointer;
 pub mod dir_lock;
 pub mod high_water;
+pub mod key_index;
 pub mod key_window;
 pub mod maintenance;
 pub mod reader;

@@ -73,6 +73,20 @@ const MIGRATIONS: &[&str] = &[
     // 4: the writer indexes idempotency keys in memory (a hash of topic and
     // key); the table is only appended to and read back at start-up.
     "DROP INDEX IF EXISTS idempotency_keys_by_key;",
+    // 5: idempotency keys packed a call per row (`key_window::pack`: per
+    // key, 4 bytes of how far below the row's seq its sequence is, 1 of
+    // length, then the key); the single-key rows convert as they are.
+    "CREATE TABLE idempotency_key_sets (
+        seq INTEGER PRIMARY KEY,
+        topic_id INTEGER NOT NULL,
+        ts INTEGER NOT NULL,
+        keys BLOB NOT NULL
+     );
+     INSERT INTO idempotency_key_sets (seq, topic_id, ts, keys)
+        SELECT seq, topic_id, ts,
+               CAST(unhex(printf('00000000%02X', length(CAST(key AS BLOB)))) || key AS BLOB)
+        FROM idempotency_keys;
+     DROP TABLE idempotency_keys;",
 ];
 
 pub const DB_FILE: &str = "sluice.db";
@@ -286,4 +300,47 @@ fn load_deliveries(
         ));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_5_packs_the_single_key_rows() {
+        let dir = std::env::temp_dir().join(format!("sluice-schema-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conn = Connection::open(dir.join(DB_FILE)).unwrap();
+        for sql in &MIGRATIONS[..4] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 4).unwrap();
+        let long = "x".repeat(128);
+        for (seq, key) in [(3, "a"), (8, long.as_str())] {
+            conn.execute(
+                "INSERT INTO idempotency_keys (seq, topic_id, key, ts) VALUES (?1, 1, ?2, 5)",
+                rusqlite::params![seq, key],
+            )
+            .unwrap();
+        }
+        drop(conn);
+        let conn = open_writer(&dir, None).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT seq, topic_id, ts, keys FROM idempotency_key_sets ORDER BY seq")
+            .unwrap();
+        let rows: Vec<(i64, i64, i64, Vec<u8>)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let mut want_long = vec![0, 0, 0, 0, 128];
+        want_long.extend_from_slice(long.as_bytes());
+        assert_eq!(
+            rows,
+            [(3, 1, 5, vec![0, 0, 0, 0, 1, b'a']), (8, 1, 5, want_long)]
+        );
+        drop(stmt);
+        drop(conn);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
