@@ -13,7 +13,15 @@ use bytes::Bytes;
 use harness::*;
 use sluice::proto;
 
-const RUN: Duration = Duration::from_secs(5);
+/// How long each run lasts: 5 s, or `SLUICE_BENCH_SECS` (longer runs
+/// average out this VM's swings when comparing two builds).
+fn run_for() -> Duration {
+    let secs = std::env::var("SLUICE_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    Duration::from_secs(secs)
+}
 
 fn publish_body(size: usize) -> Bytes {
     frame(&proto::PublishRequest {
@@ -71,7 +79,7 @@ fn built_batch(keyed: bool) -> BodyFn {
     })
 }
 
-/// `conns` connections × `per_conn` calls in flight, for `RUN`.
+/// `conns` connections × `per_conn` calls in flight, for `run_for()`.
 async fn closed_loop(
     port: u16,
     conns: usize,
@@ -81,7 +89,7 @@ async fn closed_loop(
     msgs_per_call: u64,
 ) -> Summary {
     let start = now();
-    let deadline = start + RUN;
+    let deadline = start + run_for();
     let mut tasks = Vec::new();
     for c in 0..conns {
         let conn = connect(port).await;
@@ -122,7 +130,7 @@ async fn open_loop(port: u16, rate: u64) -> Summary {
     let conn = connect(port).await;
     let body = publish_body(256);
     let start = now();
-    let total = rate * RUN.as_secs();
+    let total = rate * run_for().as_secs();
     let mut tasks = Vec::with_capacity(total as usize);
     let mut ticks = pace(rate, total);
     while let Some(due) = ticks.recv().await {
