@@ -37,11 +37,15 @@ use super::key_index::KeyIndex;
 use crate::broker::MessageId;
 use crate::storage::{Duplicate, NewMessage};
 
-/// Key set rows deleted per commit once expired or forgotten: twice what
-/// the commit inserted, so the table keeps up, and at least this many.
-/// (Deleting a fixed few hundred rows after each generation was dropped
-/// made those commits the slowest by far: a keyed BatchPublish p999 of
-/// 27 ms.)
+/// Once keys are expired or forgotten, their rows are deleted a chunk at a
+/// time: twice as many as were inserted since the last chunk, so the table
+/// keeps up, after every `PURGE_EVERY` rows inserted (or in any commit
+/// that inserts none), and at least `PURGE_MIN`. Each chunk rewrites the
+/// pages at the table's head whatever its size, so chunks in every commit
+/// cost 5 % of the writer's time with a fresh key per message; a fixed few
+/// hundred rows at a time after each generation was dropped made those
+/// commits the slowest by far (a keyed BatchPublish p999 of 27 ms).
+const PURGE_EVERY: i64 = 32;
 const PURGE_MIN: i64 = 64;
 
 #[derive(Debug, Default)]
@@ -58,10 +62,16 @@ pub struct KeyWindow {
     /// (stored at, highest sequence stored then), oldest first, one per
     /// second with keys.
     marks: VecDeque<(i64, u64)>,
-    /// Key set rows inserted since the last `expire`.
+    /// Key set rows inserted since the last chunk was purged, and in this
+    /// commit.
     inserted: i64,
-    /// Where a call's keys are packed (kept: a big allocation per call
-    /// made the allocator consolidate its free lists every time).
+    inserted_now: bool,
+    /// A call's scratch, kept from call to call (allocations of this size
+    /// per call made the allocator consolidate its free lists every
+    /// time): its key hashes, the keys it claimed (sequence, message
+    /// index), and those keys packed.
+    hashes: Vec<u64>,
+    fresh: Vec<(u64, usize)>,
     blob: Vec<u8>,
 }
 
@@ -117,29 +127,28 @@ impl KeyWindow {
         base: u64,
         (ts, cutoff): (i64, i64),
     ) -> rusqlite::Result<Vec<Duplicate>> {
-        let hashes: Vec<u64> = messages
-            .iter()
-            .map(|m| {
-                m.idempotency_key
-                    .as_deref()
-                    .map_or(0, |k| self.hash(topic_id, k))
-            })
-            .collect();
+        self.hashes.clear();
+        for m in messages {
+            let key = m.idempotency_key.as_deref();
+            let h = key.map_or(0, |k| self.hasher.hash_one((topic_id, k)));
+            self.hashes.push(h);
+        }
         // The lookups below wait on memory (the tables are megabytes):
         // start every key's fetch first so that they overlap.
         let mut sink = 0;
-        for &h in &hashes {
+        for &h in &self.hashes {
             sink ^= self.current.touch(h) ^ self.previous.touch(h);
         }
         std::hint::black_box(sink);
-        let mut fresh: Vec<(u64, &str)> = Vec::with_capacity(messages.len());
+        // (sequence, message index) of the keys claimed.
+        self.fresh.clear();
         let mut duplicates = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             let Some(key) = m.idempotency_key.as_deref() else {
                 continue;
             };
             let seq = base + i as u64;
-            let h = hashes[i];
+            let h = self.hashes[i];
             let original = |original: u64| -> rusqlite::Result<Option<Duplicate>> {
                 let stored_at = if original >= base {
                     // An earlier message of this call (its row is not
@@ -167,17 +176,22 @@ impl KeyWindow {
             }
             self.current.insert(h, seq);
             self.current_last = self.current_last.max(seq);
-            fresh.push((seq, key));
+            self.fresh.push((seq, i));
         }
-        if let Some(&(last, _)) = fresh.last() {
-            pack(&mut self.blob, last, &fresh);
+        if let Some(&(last, _)) = self.fresh.last() {
+            let keys = self.fresh.iter().map(|&(seq, i)| {
+                let key = messages[i].idempotency_key.as_deref();
+                (seq, key.unwrap_or_default())
+            });
+            pack(&mut self.blob, last, keys);
             tx.prepare_cached(
                 "INSERT INTO idempotency_key_sets (seq, topic_id, ts, keys) VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![last as i64, topic_id, ts, &self.blob[..]])?;
             self.inserted += 1;
+            self.inserted_now = true;
         }
-        if let Some(&(last, _)) = fresh.last() {
+        if let Some(&(last, _)) = self.fresh.last() {
             match self.marks.back_mut() {
                 Some((at, seq)) if *at / 1000 == ts / 1000 => {
                     // The mark's time is its newest key's: none expires early.
@@ -228,8 +242,11 @@ impl KeyWindow {
                  window: the oldest {dropped} were forgotten early"
             );
         }
-        let chunk = (2 * std::mem::take(&mut self.inserted)).max(PURGE_MIN);
-        if self.purge_upto > 0 {
+        let inserted_now = std::mem::take(&mut self.inserted_now);
+        if self.purge_upto == 0 {
+            self.inserted = 0;
+        } else if self.inserted >= PURGE_EVERY || !inserted_now {
+            let chunk = (2 * std::mem::take(&mut self.inserted)).max(PURGE_MIN);
             let n = tx
                 .prepare_cached(
                     // A range of rowids (an IN list of them cost a
@@ -303,9 +320,9 @@ fn stored_at(
 /// A call's claimed keys (ascending sequences, the last `last`) as one
 /// blob, into `blob`: per key, how far its sequence is below `last` (u32, little
 /// endian), its length (u8) and its bytes (1 to 128).
-fn pack(blob: &mut Vec<u8>, last: u64, keys: &[(u64, &str)]) {
+fn pack<'a>(blob: &mut Vec<u8>, last: u64, keys: impl Iterator<Item = (u64, &'a str)>) {
     blob.clear();
-    for &(seq, key) in keys {
+    for (seq, key) in keys {
         blob.extend_from_slice(&((last - seq) as u32).to_le_bytes());
         blob.push(key.len() as u8);
         blob.extend_from_slice(key.as_bytes());
@@ -441,6 +458,8 @@ mod tests {
         claim(&mut w, &conn, 1, &["c", "d"], 3, 5_000);
         let table = w.previous.capacity();
         w.expire(&conn, 5_000, window, 4).unwrap();
+        // A commit without keys purges.
+        w.expire(&conn, 5_000, window, 4).unwrap();
         // "a" and "b" are forgotten, rows too; "c" and "d" still answer.
         assert_eq!((w.current.len(), w.previous.len()), (0, 2));
         assert_eq!(w.current.capacity(), table);
@@ -457,6 +476,7 @@ mod tests {
         claim(&mut w, &conn, 1, &["a", "b"], 1, 5_000);
         claim(&mut w, &conn, 1, &["c"], 3, 6_500);
         w.expire(&conn, 6_200, window, 100).unwrap();
+        w.expire(&conn, 6_200, window, 100).unwrap();
         assert_eq!(rows(&conn), [(3, "c".into())]);
         assert_eq!(
             w.len(),
@@ -466,6 +486,23 @@ mod tests {
         w.expire(&conn, 7_600, window, 100).unwrap();
         assert!(rows(&conn).is_empty());
         assert_eq!((w.len(), w.current.capacity()), (0, 0));
+    }
+
+    #[test]
+    fn under_steady_keyed_commits_the_rows_stay_bounded() {
+        let conn = db();
+        let mut w = KeyWindow::default();
+        let window = Duration::from_secs(60);
+        let mut most = 0;
+        for n in 1..=2_000u64 {
+            claim(&mut w, &conn, 1, &[&format!("k{n}")], n, 5_000);
+            w.expire(&conn, 5_000, window, 20).unwrap();
+            most = most.max(rows(&conn).len());
+        }
+        assert!(w.len() <= 20);
+        // At most the keys remembered, plus what awaits the next chunk.
+        assert!(most <= 20 + 2 * PURGE_EVERY as usize, "{most} rows");
+        assert_eq!(claim(&mut w, &conn, 1, &["k2000"], 2_001, 5_000).len(), 1);
     }
 
     #[test]
@@ -497,14 +534,14 @@ mod packing {
         let long = "k".repeat(128);
         let keys = [(7, "a"), (9, long.as_str()), (1_000_007, "~!")];
         let mut blob = vec![9; 3];
-        pack(&mut blob, 1_000_007, &keys);
+        pack(&mut blob, 1_000_007, keys.into_iter());
         assert_eq!(unpack(1_000_007, &blob).collect::<Vec<_>>(), keys);
     }
 
     #[test]
     fn a_damaged_blob_yields_its_whole_entries_only() {
         let mut blob = Vec::new();
-        pack(&mut blob, 10, &[(9, "abc"), (10, "de")]);
+        pack(&mut blob, 10, [(9, "abc"), (10, "de")].into_iter());
         for cut in 0..blob.len() {
             let got: Vec<_> = unpack(10, &blob[..cut]).collect();
             let whole = if cut >= 8 { 1 } else { 0 };
