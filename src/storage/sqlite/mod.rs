@@ -6,8 +6,9 @@
 //! on read-only connections; `checkpointer` moves WAL checkpoints off the
 //! commit path, and `cache_release` keeps only the database file's newest
 //! pages in the kernel's page cache as it grows; `retention` trims topics
-//! from inside the writer;
-//! `high_water` keeps sequences from being reused after a lost WAL tail;
+//! from inside the writer; `key_window` remembers the idempotency keys
+//! within the dedup window for the writer, indexed in memory by
+//! `key_index`; `high_water` keeps sequences from being reused after a lost WAL tail;
 //! `dir_lock` keeps a second daemon out of the data directory;
 //! `maintenance` backs `sluice check` and `sluice backup`. Everything here
 //! speaks the neutral types of `storage::interface` to the outside and
