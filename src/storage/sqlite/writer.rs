@@ -106,6 +106,10 @@ impl WriteRequest {
     }
 }
 
+/// Commits at least this slow are logged at debug level (with how much
+/// of it the COMMIT itself took), to line them up with latency spikes.
+const SLOW_COMMIT: Duration = Duration::from_millis(1);
+
 /// Batch limits: a batch takes what is queued, up to these.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupCommitConfig {
@@ -207,6 +211,8 @@ struct GroupCommit {
     /// What was committed since this connection last checkpointed.
     unchecked: WalDebt,
     keys: KeyWindow,
+    /// How long the last batch's COMMIT took (its WAL writes and fsync).
+    commit_wait: Duration,
 }
 
 /// Commits and payload bytes written to the WAL since the writer last
@@ -283,6 +289,7 @@ impl GroupCommit {
             wal,
             since_kick: 0,
             unchecked: WalDebt::default(),
+            commit_wait: Duration::ZERO,
             keys: KeyWindow::default(),
         };
         gc.reload().map_err(|e| StorageError::from_sqlite(&e))?;
@@ -688,6 +695,15 @@ impl GroupCommit {
                 self.last_committed = self.next_seq - 1;
                 if messages > 0 {
                     self.telemetry.metrics().committed(messages, elapsed);
+                }
+                if elapsed >= SLOW_COMMIT {
+                    log::debug!(
+                        "writer: slow commit: {} requests, {messages} messages in {:.2} ms, \
+                         {:.2} ms of it in COMMIT (WAL writes and fsync)",
+                        batch.len(),
+                        elapsed.as_secs_f64() * 1e3,
+                        self.commit_wait.as_secs_f64() * 1e3
+                    );
                 }
                 batch.clear();
                 outcomes
@@ -1181,7 +1197,9 @@ impl GroupCommit {
             self.config.dedup_window,
             self.config.dedup_max_keys,
         )?;
+        let committing = Instant::now();
         tx.commit()?;
+        self.commit_wait = committing.elapsed();
         Ok(appended)
     }
 }
