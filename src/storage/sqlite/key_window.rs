@@ -150,9 +150,11 @@ impl KeyWindow {
             let seq = base + i as u64;
             let h = self.hashes[i];
             let original = |original: u64| -> rusqlite::Result<Option<Duplicate>> {
-                let stored_at = if original >= base {
+                let stored_at = if (base..seq).contains(&original) {
                     // An earlier message of this call (its row is not
-                    // written yet).
+                    // written yet). Anything else is checked against its
+                    // row (the writer loads the window again after a
+                    // failed commit, so no entry of one is left).
                     let same = messages
                         .get((original - base) as usize)
                         .and_then(|m| m.idempotency_key.as_deref())
@@ -318,13 +320,16 @@ fn stored_at(
 }
 
 /// A call's claimed keys (ascending sequences, the last `last`) as one
-/// blob, into `blob`: per key, how far its sequence is below `last` (u32, little
-/// endian), its length (u8) and its bytes (1 to 128).
+/// blob, into `blob`: per key, how far its sequence is below `last` (u32,
+/// little endian), its length (u16, little endian) and its bytes (1 to 128
+/// as published; checked before they get here).
 fn pack<'a>(blob: &mut Vec<u8>, last: u64, keys: impl Iterator<Item = (u64, &'a str)>) {
     blob.clear();
     for (seq, key) in keys {
         blob.extend_from_slice(&((last - seq) as u32).to_le_bytes());
-        blob.push(key.len() as u8);
+        debug_assert!(key.len() <= usize::from(u16::MAX));
+        let len = u16::try_from(key.len()).unwrap_or(u16::MAX);
+        blob.extend_from_slice(&len.to_le_bytes());
         blob.extend_from_slice(key.as_bytes());
     }
 }
@@ -334,8 +339,9 @@ fn pack<'a>(blob: &mut Vec<u8>, last: u64, keys: impl Iterator<Item = (u64, &'a 
 fn unpack(last: u64, blob: &[u8]) -> impl Iterator<Item = (u64, &str)> {
     let mut rest = blob;
     std::iter::from_fn(move || {
-        let (head, tail) = rest.split_first_chunk::<5>()?;
-        let [a, b, c, d, len] = *head;
+        let (head, tail) = rest.split_first_chunk::<6>()?;
+        let [a, b, c, d, len_lo, len_hi] = *head;
+        let len = u16::from_le_bytes([len_lo, len_hi]);
         let below = u64::from(u32::from_le_bytes([a, b, c, d]));
         let (key, tail) = tail.split_at_checked(usize::from(len))?;
         rest = tail;
@@ -448,6 +454,23 @@ mod tests {
     }
 
     #[test]
+    fn entries_of_a_rolled_back_claim_are_not_taken_for_duplicates() {
+        let mut conn = db();
+        let mut w = KeyWindow::default();
+        let tx = conn.transaction().unwrap();
+        claim(&mut w, &tx, 1, &["a", "b"], 10, 5_000);
+        tx.rollback().unwrap();
+        // The same sequences come again (the writer would load the window
+        // again first; this checks the index does not trust them anyway).
+        assert!(claim(&mut w, &conn, 1, &["a", "b", "a"], 10, 5_000) == [(2, 10, 5_000)]);
+        assert!(claim(&mut w, &conn, 1, &["x", "b"], 12, 5_000) == [(1, 11, 5_000)]);
+        assert_eq!(
+            rows(&conn),
+            [(10, "a".into()), (11, "b".into()), (12, "x".into())]
+        );
+    }
+
+    #[test]
     fn past_the_bound_the_oldest_generation_goes_and_its_table_is_reused() {
         let conn = db();
         let mut w = KeyWindow::default();
@@ -544,7 +567,7 @@ mod packing {
         pack(&mut blob, 10, [(9, "abc"), (10, "de")].into_iter());
         for cut in 0..blob.len() {
             let got: Vec<_> = unpack(10, &blob[..cut]).collect();
-            let whole = if cut >= 8 { 1 } else { 0 };
+            let whole = if cut >= 9 { 1 } else { 0 };
             assert_eq!(got, [(9, "abc")][..whole], "cut at {cut}");
         }
         // An offset below sequence 0 ends the entries too.

@@ -74,8 +74,9 @@ const MIGRATIONS: &[&str] = &[
     // key); the table is only appended to and read back at start-up.
     "DROP INDEX IF EXISTS idempotency_keys_by_key;",
     // 5: idempotency keys packed a call per row (`key_window::pack`: per
-    // key, 4 bytes of how far below the row's seq its sequence is, 1 of
-    // length, then the key); the single-key rows convert as they are.
+    // key, 4 bytes of how far below the row's seq its sequence is, 2 of
+    // length, both little endian, then the key); the single-key rows
+    // convert as they are.
     "CREATE TABLE idempotency_key_sets (
         seq INTEGER PRIMARY KEY,
         topic_id INTEGER NOT NULL,
@@ -84,7 +85,8 @@ const MIGRATIONS: &[&str] = &[
      );
      INSERT INTO idempotency_key_sets (seq, topic_id, ts, keys)
         SELECT seq, topic_id, ts,
-               CAST(unhex(printf('00000000%02X', length(CAST(key AS BLOB)))) || key AS BLOB)
+               CAST(unhex(printf('00000000%02X%02X', length(CAST(key AS BLOB)) & 255,
+                                 length(CAST(key AS BLOB)) >> 8)) || key AS BLOB)
         FROM idempotency_keys;
      DROP TABLE idempotency_keys;",
 ];
@@ -333,11 +335,14 @@ mod tests {
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        let mut want_long = vec![0, 0, 0, 0, 128];
+        let mut want_long = vec![0, 0, 0, 0, 128, 0];
         want_long.extend_from_slice(long.as_bytes());
         assert_eq!(
             rows,
-            [(3, 1, 5, vec![0, 0, 0, 0, 1, b'a']), (8, 1, 5, want_long)]
+            [
+                (3, 1, 5, vec![0, 0, 0, 0, 1, 0, b'a']),
+                (8, 1, 5, want_long)
+            ]
         );
         drop(stmt);
         drop(conn);

@@ -211,6 +211,9 @@ struct GroupCommit {
     /// What was committed since this connection last checkpointed.
     unchecked: WalDebt,
     keys: KeyWindow,
+    /// Set while `keys` may not match the database (a failed commit whose
+    /// `reload` failed too): the next commit loads them first.
+    keys_stale: bool,
     /// How long the last batch's COMMIT took (its WAL writes and fsync).
     commit_wait: Duration,
 }
@@ -291,6 +294,7 @@ impl GroupCommit {
             unchecked: WalDebt::default(),
             commit_wait: Duration::ZERO,
             keys: KeyWindow::default(),
+            keys_stale: true,
         };
         gc.reload().map_err(|e| StorageError::from_sqlite(&e))?;
         gc.last_committed =
@@ -300,6 +304,9 @@ impl GroupCommit {
 
     /// (Re)reads counters and topic rows from the database.
     fn reload(&mut self) -> rusqlite::Result<()> {
+        // Until the keys are read back, the next commit reads them first:
+        // the index may hold keys of the transaction that failed.
+        self.keys_stale = true;
         self.next_seq = (super::schema::last_sequence(&self.conn)? + 1).max(self.min_next_seq);
         self.topics.clear();
         let track_bytes = self.config.retention.max_bytes.is_some();
@@ -348,6 +355,7 @@ impl GroupCommit {
             crate::storage::wall_ms(),
             self.config.dedup_max_keys,
         )?;
+        self.keys_stale = false;
         Ok(())
     }
 
@@ -901,6 +909,10 @@ impl GroupCommit {
                 &mut self.next_retention,
                 out,
             )?;
+        }
+        if self.keys_stale {
+            self.keys = KeyWindow::load(&tx, ts, self.config.dedup_max_keys)?;
+            self.keys_stale = false;
         }
         let mut appended = 0u64;
         for req in batch {
