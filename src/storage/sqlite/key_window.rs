@@ -109,7 +109,7 @@ impl KeyWindow {
     }
 
     fn hash(&self, topic_id: i64, key: &str) -> u64 {
-        self.hasher.hash_one((topic_id, key))
+        key_hash(&self.hasher, topic_id, key)
     }
 
     /// Claims the idempotency keys of an append's messages (message i would
@@ -130,7 +130,7 @@ impl KeyWindow {
         self.hashes.clear();
         for m in messages {
             let key = m.idempotency_key.as_deref();
-            let h = key.map_or(0, |k| self.hasher.hash_one((topic_id, k)));
+            let h = key.map_or(0, |k| key_hash(&self.hasher, topic_id, k));
             self.hashes.push(h);
         }
         // The lookups below wait on memory (the tables are megabytes):
@@ -177,7 +177,6 @@ impl KeyWindow {
                 }
             }
             self.current.insert(h, seq);
-            self.current_last = self.current_last.max(seq);
             self.fresh.push((seq, i));
         }
         if let Some(&(last, _)) = self.fresh.last() {
@@ -192,8 +191,8 @@ impl KeyWindow {
             .execute(params![last as i64, topic_id, ts, &self.blob[..]])?;
             self.inserted += 1;
             self.inserted_now = true;
-        }
-        if let Some(&(last, _)) = self.fresh.last() {
+            // Sequences only grow: this call's last is the newest.
+            self.current_last = last;
             match self.marks.back_mut() {
                 Some((at, seq)) if *at / 1000 == ts / 1000 => {
                     // The mark's time is its newest key's: none expires early.
@@ -290,6 +289,11 @@ impl KeyWindow {
             .execute([topic_id])?;
         Ok(())
     }
+}
+
+/// The index's hash of a key in a topic.
+fn key_hash(hasher: &RandomState, topic_id: i64, key: &str) -> u64 {
+    hasher.hash_one((topic_id, key))
 }
 
 /// When key `key` of topic `topic_id` was stored as sequence `seq` at or

@@ -927,28 +927,19 @@ impl GroupCommit {
                     // duplicate leaves its sequence unused.
                     let base = self.next_seq;
                     let mut duplicates = Vec::new();
-                    let fresh: Vec<(u64, &NewMessage)> = if messages
-                        .iter()
-                        .any(|m| m.idempotency_key.is_some())
-                    {
+                    if messages.iter().any(|m| m.idempotency_key.is_some()) {
                         let cutoff = ts.saturating_sub(self.config.dedup_window.as_millis() as i64);
                         duplicates =
                             self.keys
                                 .claim(&tx, (row_id, topic), messages, base, (ts, cutoff))?;
-                        let mut d = duplicates.iter().map(|d| d.index).peekable();
-                        messages
-                            .iter()
-                            .enumerate()
-                            .filter(|(i, _)| d.next_if_eq(i).is_none())
-                            .map(|(i, m)| (base + i as u64, m))
-                            .collect()
-                    } else {
-                        messages
-                            .iter()
-                            .enumerate()
-                            .map(|(i, m)| (base + i as u64, m))
-                            .collect()
-                    };
+                    }
+                    let mut d = duplicates.iter().map(|d| d.index).peekable();
+                    let fresh: Vec<(u64, &NewMessage)> = messages
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| d.next_if_eq(i).is_none())
+                        .map(|(i, m)| (base + i as u64, m))
+                        .collect();
                     let (created_at_ms, stored) =
                         insert_messages(&tx, &mut self.topics, topic, ts, &fresh)?;
                     // Trailing duplicates give their sequences back.
